@@ -1,0 +1,209 @@
+"""Adapters on disk in peft's format, written atomically; resume state for training runs.
+
+An adapter folder holds `adapter_config.json` (peft's fields) and `adapter_model.safetensors`
+(peft's keys), so peft, vLLM and anything else that reads peft adapters reads ours, and back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from peftrun.errors import PeftrunError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_WEIGHTS = "adapter_model.bin"
+RECIPE_COPY = "peftrun_recipe.yaml"
+# peft config fields that change what the adapter computes and that peftrun does not implement.
+UNSUPPORTED_WHEN_SET = ("layer_replication", "target_parameters", "trainable_token_indices", "use_qalora", "lora_bias")
+# keys that never reach a saved file: credentials a user may have put in the environment or a recipe.
+SECRET_KEYS = ("token", "hf_token", "use_auth_token", "api_key", "password")
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
+
+    A crash before the rename leaves `final` as it was; the temporary folder is removed on errors.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_files(folder: str | os.PathLike[str], write) -> None:
+    """Write files with `write(tmp_folder)`, then move each into `folder`, adapter_config.json last.
+
+    Used where `folder` holds other things (checkpoints/, metrics) and cannot be swapped whole: the
+    config appears only once the weights beside it are complete.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".write-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        names = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == ADAPTER_CONFIG)
+        for name in names:
+            target = folder / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(tmp / name, target)
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def scrub(data: Any) -> Any:
+    """Drop credential-like keys from anything about to be written."""
+    if isinstance(data, dict):
+        return {k: scrub(v) for k, v in data.items() if str(k).lower() not in SECRET_KEYS}
+    if isinstance(data, list):
+        return [scrub(v) for v in data]
+    return data
+
+
+# ------------------------------------------------------------------ adapter files
+
+
+def adapter_config_dict(peft_model, name: str, base_model: str, revision: str | None = None) -> dict[str, Any]:
+    method = peft_model.methods[name]
+    body = peft_model.configs[name].peft_fields()
+    if isinstance(body.get("target_modules"), list):
+        body["target_modules"] = sorted(set(body["target_modules"]))
+    return {
+        **body,
+        "peft_type": method.peft_type,
+        "task_type": peft_model.task_type,
+        "base_model_name_or_path": base_model,
+        "revision": revision,
+        "inference_mode": True,
+    }
+
+
+def write_adapter(tmp: Path, peft_model, name: str, base_model: str, tokenizer=None, recipe=None) -> None:
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in peft_model.adapter_state_dict(name).items()}
+    save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = adapter_config_dict(peft_model, name, base_model)
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(scrub(config), indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if recipe is not None:
+        (tmp / RECIPE_COPY).write_text(yaml.safe_dump(scrub(recipe.to_dict()), sort_keys=False))
+
+
+def save_adapter(
+    peft_model, folder: str | os.PathLike[str], *, name: str | None = None, base_model: str,
+    tokenizer=None, recipe=None, whole_folder: bool = True,
+) -> Path:
+    """Save adapter `name` in peft's format. whole_folder: `folder` is the adapter alone (atomic swap)."""
+    name = name or peft_model.active_adapter
+
+    def write(tmp: Path) -> None:
+        write_adapter(tmp, peft_model, name, base_model, tokenizer, recipe)
+
+    if whole_folder:
+        with atomic_dir(folder) as tmp:
+            write(tmp)
+    else:
+        atomic_files(folder, write)
+    return Path(folder)
+
+
+def read_adapter(folder: str | os.PathLike[str], *, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config, state dict) from a peft-format folder, with clear errors for what is wrong."""
+    folder = Path(folder)
+    config_file = folder / ADAPTER_CONFIG
+    if not folder.is_dir():
+        raise PeftrunError("adapter folder not found", where=str(folder))
+    if not config_file.is_file():
+        raise PeftrunError(f"no {ADAPTER_CONFIG} here: not an adapter folder", where=str(folder))
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise PeftrunError(f"{ADAPTER_CONFIG} is not valid JSON: {exc.msg} at line {exc.lineno}", where=str(config_file)) from None
+    weights = folder / ADAPTER_WEIGHTS
+    if weights.is_file():
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise PeftrunError(
+                f"the weights file is truncated or corrupt ({str(exc).splitlines()[0][:120]})", where=str(weights),
+                hint="restore it from a checkpoint under <output_dir>/checkpoints",
+            ) from None
+    elif (folder / PICKLE_WEIGHTS).is_file():
+        if not allow_pickle:
+            raise PeftrunError(
+                f"only a pickle file ({PICKLE_WEIGHTS}) is here; pickle can run code when loaded",
+                where=str(folder), hint="pass --allow-pickle if you trust this file",
+            )
+        state = torch.load(folder / PICKLE_WEIGHTS, map_location="cpu", weights_only=True)
+    else:
+        raise PeftrunError(f"no {ADAPTER_WEIGHTS} here", where=str(folder))
+    return config, state
+
+
+def config_from_peft(method, data: dict[str, Any], where: str = ADAPTER_CONFIG):
+    """Our method config from peft's adapter_config.json; refuses features peftrun does not compute."""
+    for key in UNSUPPORTED_WHEN_SET:
+        if data.get(key) not in (None, False, {}, [], ""):
+            raise PeftrunError(f"this adapter uses '{key}', which peftrun does not support", where=where)
+    known = {k: v for k, v in data.items() if k in method.Config.model_fields}
+    known["inference_mode"] = False
+    from pydantic import ValidationError
+
+    try:
+        return method.Config.model_validate(known)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise PeftrunError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}", where=where) from None
+
+
+def read_recipe_copy(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    file = Path(folder) / RECIPE_COPY
+    return yaml.safe_load(file.read_text()) if file.is_file() else None

@@ -1,0 +1,126 @@
+"""The `peftrun` command: each subcommand parses, calls one function, and turns user mistakes into exit 2."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from peftrun.errors import PeftrunError
+
+app = typer.Typer(
+    name="peftrun",
+    help="Parameter-efficient fine-tuning from a YAML recipe.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+STATE = {"debug": os.environ.get("PEFTRUN_DEBUG") == "1"}
+
+RecipeArg = Annotated[Path, typer.Argument(help="the recipe YAML file", show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: --set training.learning_rate=1e-4")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn):
+    """Known mistakes print one line and exit 2; --debug shows the traceback instead."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PeftrunError as exc:
+            if STATE["debug"]:
+                raise
+            fail(exc.render(), exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False,
+) -> None:
+    if debug:
+        STATE["debug"] = True
+
+
+@app.command()
+@user_errors
+def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check a recipe (keys, types, values, method parameters) without loading any model."""
+    from peftrun.recipe import load_recipe
+
+    r = load_recipe(recipe, set_)
+    typer.echo(f"{recipe}: ok ({r.method.name} on {r.model.name_or_path}, {r.model.task_type})")
+
+
+@app.command()
+@user_errors
+def params(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Print the trainable-parameter line, building the model on the meta device (no weights)."""
+    from peftrun.adapted import wrap
+    from peftrun.models import build_from_config
+    from peftrun.recipe import load_recipe
+
+    r = load_recipe(recipe, set_)
+    num_labels = r.model.num_labels or (len(r.data.label_names) if r.data.label_names else 2)
+    model = build_from_config(
+        r.model.name_or_path, r.model.task_type, meta=True, num_labels=num_labels,
+        overrides=r.model.config_overrides, trust_remote_code=r.model.trust_remote_code,
+    )
+    typer.echo(wrap(model, r.model.task_type, r.method.name, r.method_config).trainable_report())
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the newest complete checkpoint")] = False,
+) -> None:
+    """Train the recipe's adapter and save it in peft's format in output_dir."""
+    from peftrun.recipe import load_recipe
+    from peftrun.train import train as run
+
+    run(load_recipe(recipe, set_), resume=resume)
+
+
+@app.command()
+@user_errors
+def merge(
+    adapter: Annotated[Path, typer.Option("--adapter", help="the adapter folder")],
+    output: Annotated[Path | None, typer.Option("--output", help="where the merged model goes")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="base model, if not the one the adapter names")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="accept .bin adapter weights")] = False,
+) -> None:
+    """Fold an adapter into its base model and write a plain transformers model folder."""
+    from peftrun.merge import merge as run
+
+    folder, diff = run(adapter, output, base=base, allow_pickle=allow_pickle)
+    typer.echo(f"merged model written to {folder} (max |merged - unmerged| on a probe input: {diff:.2e})")
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit:
+        raise
+    except Exception:
+        if STATE["debug"] or "--debug" in sys.argv:
+            raise
+        import traceback
+
+        typer.echo("error: peftrun hit an unexpected problem (a bug); run again with --debug for the traceback:", err=True)
+        typer.echo("  " + traceback.format_exc().strip().splitlines()[-1], err=True)
+        sys.exit(1)

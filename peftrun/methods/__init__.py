@@ -1,0 +1,113 @@
+"""The adapter core: the registry of methods and the contract each fulfils.
+
+A method is one module exposing `METHOD = Method(...)`:
+  - `Config`: a pydantic model with peft's field names (so a config moves across), extra keys refused;
+  - `apply(peft_model, config, adapter_name)`: wraps target layers or registers a prompt encoder;
+  - for soft-prompt methods, `forward` (and `generate`) taking over the base model's call;
+  - `state` / `load_state` where the checkpoint layout is not the generic per-layer one.
+Adding a method = one file plus one line in `_MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from peftrun.errors import PeftrunError, did_you_mean
+
+TASK_TYPES: tuple[str, ...] = ("SEQ_2_SEQ_LM", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
+
+
+class MethodConfig(BaseModel):
+    """Fields every method has. Subclasses add theirs with peft's names and defaults."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    inference_mode: bool = False
+
+    def peft_fields(self) -> dict[str, Any]:
+        """The adapter_config.json body (peft_type, task_type and base model are added by checkpoint.py)."""
+        return self.model_dump(mode="json")
+
+
+class TunerConfig(MethodConfig):
+    """Methods that wrap existing layers share how the layers are chosen."""
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+
+
+class PromptConfig(MethodConfig):
+    """Soft-prompt methods share the virtual-token geometry (filled in from the model where left out)."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1)
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    modules_to_save: list[str] | None = None
+
+
+Kind = Literal["reparameterisation", "additive", "soft prompt", "selective/hybrid"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    peft_type: str
+    kind: Kind
+    summary: str
+    mergeable: bool
+    Config: type[MethodConfig]
+    apply: Callable[..., None]
+    task_types: tuple[str, ...] = TASK_TYPES
+    forward: Callable[..., Any] | None = None
+    generate: Callable[..., Any] | None = None
+    state: Callable[..., dict] | None = None
+    load_state: Callable[..., None] | None = None
+    check: Callable[[str, Any], str | None] | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return self.kind == "soft prompt"
+
+    def unsupported_reason(self, task_type: str, config: Any) -> str | None:
+        if task_type not in self.task_types:
+            return f"it supports {', '.join(self.task_types)}"
+        return self.check(task_type, config) if self.check else None
+
+
+# method name -> module path; imported lazily so `peftrun validate` stays fast.
+_MODULES: dict[str, str] = {
+    "lora": "peftrun.methods.lora",
+}
+
+
+def method_names() -> list[str]:
+    return list(_MODULES)
+
+
+def get_method(name: str) -> Method:
+    module = _MODULES.get(str(name).lower())
+    if module is None:
+        raise PeftrunError(
+            f"unknown method '{name}'",
+            where="method.name",
+            hint=did_you_mean(str(name), _MODULES) or f"choose one of {', '.join(_MODULES)}",
+        )
+    return importlib.import_module(module).METHOD
+
+
+def method_for_peft_type(peft_type: str) -> Method:
+    for name in _MODULES:
+        method = get_method(name)
+        if method.peft_type == peft_type:
+            return method
+    raise PeftrunError(f"peft_type '{peft_type}' is not a method peftrun knows")

@@ -1,0 +1,215 @@
+"""What every weight-wrapping method shares: a frozen base layer holding named adapters.
+
+A method subclasses `AdapterLayer`, registers its per-adapter tensors in ModuleDict/ParameterDict
+attributes listed in `adapter_attrs`, and writes `add_adapter`, `adapter_output` and (where the maths
+allows) `delta_weight`. Merge, unmerge, switching, deleting and state I/O live here, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftrun.errors import PeftrunError
+
+
+def base_weight_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear, a GPT-2 Conv1D or an Embedding (num, dim)."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    if isinstance(layer, Conv1D):
+        in_features, out_features = layer.weight.shape
+        return out_features, in_features
+    if isinstance(layer, nn.Embedding):
+        return layer.num_embeddings, layer.embedding_dim
+    raise PeftrunError(f"cannot adapt a {type(layer).__name__}: only Linear and Conv1D layers are supported")
+
+
+class AdapterLayer(nn.Module):
+    """A frozen `base_layer` plus adapters keyed by name; subclasses add the maths."""
+
+    adapter_attrs: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.out_features, self.in_features = base_weight_shape(base_layer)
+        # GPT-2's Conv1D stores its weight as (in, out): a "fan_in_fan_out" layer.
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        # Set by PeftrunModel for mixed-adapter batches: the adapter (or None) of each row.
+        self.row_adapters: list[str | None] | None = None
+
+    # -- the method's part -------------------------------------------------------------------
+    def add_adapter(self, name: str, config) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        """The adapted output given the input and the base output so far (additive by default)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The (out, in) weight update of adapter `name`; methods that cannot merge keep this error."""
+        raise PeftrunError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    # -- shared plumbing ---------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), whatever the layer stores."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_attrs:
+            for key in getattr(self, attr).keys():
+                if key not in names:
+                    names.append(key)
+        return names
+
+    def set_active(self, names: Iterable[str]) -> None:
+        own = set(self.adapter_names())
+        self.active_adapters = [n for n in names if n in own]
+
+    def merge(self, names: Iterable[str] | None = None, *, keep_original: bool = True) -> None:
+        """Fold adapters into the base weight. With keep_original, unmerge restores it bit for bit."""
+        todo = [n for n in (list(names) if names is not None else self.active_adapters) if n not in self.merged_adapters]
+        if not todo:
+            return
+        weight = self.base_layer.weight
+        if keep_original and not self.merged_adapters:
+            self._original_weight = weight.detach().clone()
+        with torch.no_grad():
+            for name in todo:
+                delta = self.delta_weight(name).to(weight.dtype)
+                weight.add_(delta.T if self.fan_in_fan_out else delta)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            return
+        original = getattr(self, "_original_weight", None)
+        with torch.no_grad():
+            if original is not None:
+                self.base_layer.weight.copy_(original)
+                self.merged_adapters.clear()
+                del self._original_weight
+                return
+            while self.merged_adapters:
+                delta = self.delta_weight(self.merged_adapters.pop()).to(self.base_layer.weight.dtype)
+                self.base_layer.weight.sub_(delta.T if self.fan_in_fan_out else delta)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise PeftrunError(f"adapter '{name}' is merged; unmerge before deleting it")
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """This adapter's tensors keyed by their peft suffix (`lora_A.weight`, `ia3_l`, ...)."""
+        state: dict[str, torch.Tensor] = {}
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if name not in container:
+                continue
+            item = container[name]
+            if isinstance(item, nn.Parameter):
+                state[attr] = item
+            else:
+                for key, value in item.state_dict(keep_vars=True).items():
+                    state[f"{attr}.{key}"] = value
+        return state
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled and self.merged_adapters:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged_adapters:
+            return result
+        if self.row_adapters is not None:
+            return self._mixed_batch_forward(x, result)
+        for name in self.active_adapters:
+            result = self.adapter_output(x, result, name)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Each row of the batch goes through its own adapter (None: the base alone)."""
+        out = result.clone()
+        rows = self.row_adapters or []
+        for name in dict.fromkeys(rows):
+            if name is None or name not in self.adapter_names():
+                continue
+            idx = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
+            out[idx] = self.adapter_output(x[idx], result[idx], name)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names()}, active={self.active_adapters}"
+
+
+class ModulesToSave(nn.Module):
+    """A module trained whole (e.g. a new classifier head): a frozen original and a trainable copy per adapter.
+
+    peft saves the copy under the original module's own path, so `adapter_state` gives plain names.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: list[str | None] | None = None
+        for p in original.parameters():
+            p.requires_grad_(False)
+
+    def add_adapter(self, name: str, config=None) -> None:
+        import copy
+
+        copy_ = copy.deepcopy(self.original_module)
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.modules_to_save]
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self.modules_to_save:
+            return {}
+        return dict(self.modules_to_save[name].state_dict(keep_vars=True))
+
+    def forward(self, *args, **kwargs):
+        if self.disabled or not self.active_adapters:
+            return self.original_module(*args, **kwargs)
+        if self.row_adapters is not None:
+            outs = []
+            for i, name in enumerate(self.row_adapters):
+                module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+                row_args = [a[i : i + 1] if torch.is_tensor(a) else a for a in args]
+                outs.append(module(*row_args, **kwargs))
+            return torch.cat(outs, dim=0)
+        return self.modules_to_save[self.active_adapters[-1]](*args, **kwargs)

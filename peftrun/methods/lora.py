@@ -1,0 +1,145 @@
+r"""LoRA (Hu et al., 2021), with rsLoRA (Kalajdzievski, 2023) and DoRA (Liu et al., 2024).
+
+For a frozen layer y = W x + b, LoRA learns a low-rank update
+
+    y = W x + b + s · B A dropout(x),     A ∈ R^{r×in}, B ∈ R^{out×r},  B = 0 at init,
+
+with s = lora_alpha / r, or s = lora_alpha / sqrt(r) with use_rslora. DoRA splits the adapted weight
+into a learned magnitude m (one per output feature) and a direction:
+
+    W' = m · (W + s B A) / ||W + s B A||_row,   the norm detached as in the paper (sec. 4.3).
+
+Merge: W <- W + s B A (LoRA) or W <- W' (DoRA).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from peftrun.methods import Method, TunerConfig
+from peftrun.methods.inject import add_modules_to_save, freeze_base, resolve_targets, wrap_layers
+from peftrun.methods.layers import AdapterLayer
+from peftrun.methods.targets import LORA_TARGETS
+
+
+class LoraConfig(TunerConfig):
+    r: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=8, gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | Literal["gaussian"] = True
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """peft's rank_pattern/alpha_pattern: a key matches a module path by regex on its tail."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+class LoraLayer(AdapterLayer):
+    adapter_attrs = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module, name: str = ""):
+        super().__init__(base_layer)
+        self.module_name = name
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.r: dict[str, int] = {}
+
+    def add_adapter(self, name: str, config: LoraConfig) -> None:
+        r = pattern_value(config.rank_pattern, self.module_name, config.r)
+        alpha = pattern_value(config.alpha_pattern, self.module_name, config.lora_alpha)
+        self.r[name] = r
+        self.scaling[name] = lora_scaling(alpha, r, config.use_rslora)
+        device = self.base_layer.weight.device
+        dtype = self.base_layer.weight.dtype if self.base_layer.weight.is_floating_point() else torch.float32
+        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # adapters train in fp32
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.reset(name, config.init_lora_weights)
+        if config.use_dora:
+            with torch.no_grad():
+                norm = self._weight_norm(name).to(dtype)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm)
+        self.active_adapters = [name]
+
+    def reset(self, name: str, init: bool | str) -> None:
+        if init is False:
+            return  # nn.Linear's own random init for both: a non-identity start, for tests
+        if self.lora_A[name].weight.is_meta:
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+        if name in self.lora_magnitude_vector:
+            w = self.base_weight().to(delta.dtype)
+            scale = (self.lora_magnitude_vector[name] / self._weight_norm(name)).unsqueeze(1)
+            return scale * (w + delta) - w
+        return delta
+
+    def _weight_norm(self, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        w = self.base_weight().to(a.dtype)
+        return torch.linalg.norm(w + (b @ a) * self.scaling[name], dim=1).detach()
+
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        xd = self.lora_dropout[name](x.to(a.weight.dtype))
+        update = b(a(xd)) * self.scaling[name]
+        if name in self.lora_magnitude_vector:
+            # m/||W+sBA|| rescales the whole adapted weight; the base output already holds W x + b.
+            scale = self.lora_magnitude_vector[name] / self._weight_norm(name)
+            base = nn.functional.linear(xd, self.base_weight().to(xd.dtype))
+            update = (scale - 1) * base + scale * update
+        return result + update.to(result.dtype)
+
+
+def apply(peft_model, config: LoraConfig, adapter_name: str) -> None:
+    model = peft_model.model
+    names = resolve_targets(model, config, LORA_TARGETS, "lora", peft_model.task_type)
+    wrap_layers(model, names, adapter_name, config, LoraLayer, LoraLayer)
+    add_modules_to_save(model, config, adapter_name, peft_model.task_type)
+    freeze_base(model)
+    if config.bias != "none":
+        for name, module in model.named_modules():
+            if config.bias == "all" or isinstance(module, LoraLayer):
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, nn.Parameter):
+                    bias.requires_grad_(True)
+
+
+METHOD = Method(
+    name="lora",
+    peft_type="LORA",
+    kind="reparameterisation",
+    summary="low-rank update B·A added to frozen weights (rsLoRA scaling and DoRA magnitude/direction options)",
+    mergeable=True,
+    Config=LoraConfig,
+    apply=apply,
+)

