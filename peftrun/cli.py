@@ -111,6 +111,31 @@ def merge(
     typer.echo(f"merged model written to {folder} (max |merged - unmerged| on a probe input: {diff:.2e})")
 
 
+@app.command()
+@user_errors
+def methods(
+    verbose: Annotated[bool, typer.Option("--params", help="also list each method's parameters")] = True,
+) -> None:
+    """List every PEFT method: kind, whether it merges, a summary and its parameters with defaults."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from peftrun.methods import get_method, method_names
+
+    table = Table(title="peftrun methods", show_lines=True)
+    for column in ("method", "kind", "merges", "summary", "parameters (defaults)"):
+        table.add_column(column, overflow="fold")
+    for name in method_names():
+        m = get_method(name)
+        fields = [
+            f"{k}={f.default!r}" if not f.is_required() else f"{k} (required)"
+            for k, f in m.Config.model_fields.items()
+            if k != "inference_mode"
+        ]
+        table.add_row(m.name, m.kind, "yes" if m.mergeable else "no", m.summary, ", ".join(fields) if verbose else "")
+    Console(width=160).print(table)
+
+
 def main() -> None:
     try:
         app()

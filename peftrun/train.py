@@ -121,6 +121,8 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
+    peft_model = accelerator.unwrap_model(model)
+    adapter, method = peft_model.active_adapter, peft_model.method
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -146,6 +148,8 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
                 for i, batch in enumerate(train_loader):
                     with accelerator.accumulate(model):
                         loss = model(**model_inputs(batch)).loss
+                        if method.extra_loss is not None:
+                            loss = loss + method.extra_loss(peft_model, adapter)
                         if not torch.isfinite(loss):
                             raise PeftrunError(
                                 f"the loss became {loss.item()} at step {step} (epoch {epoch}, batch {i})",
@@ -155,6 +159,8 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
                         if accelerator.sync_gradients and cfg.max_grad_norm:
                             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                         optimizer.step()
+                        if method.after_step is not None and accelerator.sync_gradients:
+                            method.after_step(peft_model, adapter, step + 1, total_steps)
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                     total_loss += loss.detach().double().cpu()

@@ -4,7 +4,8 @@ A method is one module exposing `METHOD = Method(...)`:
   - `Config`: a pydantic model with peft's field names (so a config moves across), extra keys refused;
   - `apply(peft_model, config, adapter_name)`: wraps target layers or registers a prompt encoder;
   - for soft-prompt methods, `forward` (and `generate`) taking over the base model's call;
-  - `state` / `load_state` where the checkpoint layout is not the generic per-layer one.
+  - `state` / `load_state` where the checkpoint layout is not the generic per-layer one;
+  - `extra_loss` / `after_step` where training needs more than the task loss (AdaLoRA).
 Adding a method = one file plus one line in `_MODULES`.
 """
 
@@ -72,6 +73,10 @@ class Method:
     state: Callable[..., dict] | None = None
     load_state: Callable[..., None] | None = None
     check: Callable[[str, Any], str | None] | None = None
+    # Training hooks for methods whose update depends on the loop (AdaLoRA's rank allocator):
+    # extra_loss(peft_model, name) -> tensor added to the loss; after_step(peft_model, name, step, total_steps).
+    extra_loss: Callable[..., Any] | None = None
+    after_step: Callable[..., None] | None = None
     notes: dict[str, str] = field(default_factory=dict)
 
     @property
