@@ -128,7 +128,7 @@ def methods(
     for name in method_names():
         m = get_method(name)
         fields = [
-            f"{k}={f.default!r}" if not f.is_required() else f"{k} (required)"
+            f"{k}={f.get_default(call_default_factory=True)!r}" if not f.is_required() else f"{k} (required)"
             for k, f in m.Config.model_fields.items()
             if k != "inference_mode"
         ]
