@@ -30,12 +30,14 @@ def generate_texts(model, batch: dict[str, Any], tokenizer, task_type: str, max_
         ids, mask = batch["prompt_ids"], batch["prompt_attention_mask"]
     else:
         ids, mask = batch["input_ids"], batch["attention_mask"]
+    extra = {"task_ids": batch["task_ids"]} if "task_ids" in batch else {}  # multitask prompts
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
     if task_type == "CAUSAL_LM":
         out = out[:, ids.shape[1] :]

@@ -132,7 +132,9 @@ def greedy_reference(model, task: str, ids, mask, steps: int, start_id: int = 0,
         return ids
     out = torch.full((ids.shape[0], 1), start_id, dtype=torch.long)
     for _ in range(steps):
-        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=out, **extra).logits
+        # labels the model shifts right into exactly `out` (peft's multitask seq2seq reads no decoder_input_ids)
+        labels = torch.cat((out[:, 1:], torch.zeros_like(out[:, :1])), 1)
+        logits = model(input_ids=ids, attention_mask=mask, labels=labels, **extra).logits
         out = torch.cat((out, logits[:, -1].argmax(-1, keepdim=True)), 1)
     return out
 

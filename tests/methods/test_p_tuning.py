@@ -14,7 +14,9 @@ from peftrun.methods import get_method
 
 METHOD = "p_tuning"
 MLP = dict(num_virtual_tokens=5, encoder_hidden_size=16)
-LSTM = dict(num_virtual_tokens=5, encoder_reparameterization_type="LSTM", encoder_hidden_size=8, encoder_num_layers=2)
+LSTM = dict(
+    num_virtual_tokens=5, encoder_reparameterization_type="LSTM", encoder_hidden_size=8, encoder_num_layers=2
+)
 
 
 @pytest.mark.parametrize(("arch", "task"), FAMILIES)
@@ -51,7 +53,9 @@ def test_peftrun_adapter_loads_in_peft(tmp_path, tiny_dir, arch, task, kw):
     assert diff <= 1e-5
 
 
-@pytest.mark.parametrize(("arch", "task"), [("llama", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM"), ("bert", "SEQ_CLS")])
+@pytest.mark.parametrize(
+    ("arch", "task"), [("llama", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM"), ("bert", "SEQ_CLS")]
+)
 def test_peft_adapter_loads_in_peftrun(tmp_path, tiny_dir, arch, task):
     assert peft_to_ours(tmp_path, tiny_dir(arch, task), task, METHOD, **MLP) <= 1e-5
 
@@ -64,16 +68,22 @@ def test_saved_table_is_the_encoder_output_and_reloads_without_a_head(tmp_path, 
     assert not torch.allclose(expected, encoder.embedding.weight)  # the LSTM+MLP really reparameterises
     save_adapter(model, tmp_path / "a", base_model=str(path))
     config, state = read_adapter(tmp_path / "a")
-    assert config["peft_type"] == "P_TUNING" and config["encoder_hidden_size"] == 8 and config["token_dim"] == 32
+    assert (
+        config["peft_type"] == "P_TUNING" and config["encoder_hidden_size"] == 8 and config["token_dim"] == 32
+    )
     assert torch.allclose(state["prompt_embeddings"], expected, atol=0, rtol=0)
-    loaded = wrap(tiny_model("gpt2", "CAUSAL_LM"), "CAUSAL_LM", METHOD, config_from_peft(get_method(METHOD), config))
+    loaded = wrap(
+        tiny_model("gpt2", "CAUSAL_LM"), "CAUSAL_LM", METHOD, config_from_peft(get_method(METHOD), config)
+    )
     loaded.load_adapter_state_dict(state)
     assert loaded.prompt_encoders["default"].mlp_head is None
     assert loaded.parameter_counts()[0] == 5 * 32  # only the table remains
     assert torch.equal(loaded.prompt_encoders["default"](1)[0], expected)
 
 
-@pytest.mark.parametrize(("arch", "task"), [("llama", "CAUSAL_LM"), ("bloom", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM")])
+@pytest.mark.parametrize(
+    ("arch", "task"), [("llama", "CAUSAL_LM"), ("bloom", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM")]
+)
 def test_greedy_generation_matches_peft(tmp_path, tiny_dir, arch, task):
     mine, oracle, reference, _ = generations(tmp_path, tiny_dir(arch, task), task, METHOD, **MLP)
     assert torch.equal(mine, reference)
@@ -81,7 +91,9 @@ def test_greedy_generation_matches_peft(tmp_path, tiny_dir, arch, task):
         assert torch.equal(mine, oracle)
 
 
-@pytest.mark.parametrize(("arch", "task"), [("llama", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM"), ("bert", "SEQ_CLS")])
+@pytest.mark.parametrize(
+    ("arch", "task"), [("llama", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM"), ("bert", "SEQ_CLS")]
+)
 @pytest.mark.parametrize("kw", [MLP, LSTM], ids=["mlp", "lstm"])
 def test_training_lowers_loss_and_leaves_base_untouched(arch, task, kw):
     losses, changed = train_steps(arch, task, METHOD, **kw)
@@ -113,7 +125,9 @@ def test_validate_refuses_what_makes_no_sense(tmp_path, task, extra, message):
 def test_lstm_depth_is_accepted(tmp_path):
     recipe = write_recipe(
         tmp_path,
-        RECIPE.format(task="SEQ_2_SEQ_LM", extra="encoder_reparameterization_type: LSTM, encoder_num_layers: 3"),
+        RECIPE.format(
+            task="SEQ_2_SEQ_LM", extra="encoder_reparameterization_type: LSTM, encoder_num_layers: 3"
+        ),
     )
     result = run_cli("validate", str(recipe))
     assert result.returncode == 0, result.stderr
