@@ -202,3 +202,26 @@ def write_recipe(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
     return path
+
+
+def params_line(recipe: str | Path) -> str:
+    """`peftrun params` in process: the recipe's model on the meta device, the method applied."""
+    from peftrun.models import build_from_config
+    from peftrun.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    num_labels = r.model.num_labels or 2
+    model = build_from_config(r.model.name_or_path, r.model.task_type, meta=True, num_labels=num_labels)
+    return wrap(model, r.model.task_type, r.method.name, r.method_config).trainable_report()
+
+
+def recipe_paths(method: str) -> list[Path]:
+    """Every recipe (real and offline) that uses `method`."""
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    return [
+        p
+        for p in sorted(root.rglob("*.yaml"))
+        if (yaml.safe_load(p.read_text()).get("method") or {}).get("name") == method
+    ]

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import REPO, run_cli
 from soft_prompts import (
     FAMILIES,
     counts,
@@ -15,7 +15,9 @@ from soft_prompts import (
     oracle_batch,
     ours_config,
     ours_to_peft,
+    params_line,
     peft_to_ours,
+    recipe_paths,
     train_steps,
     write_recipe,
 )
@@ -24,6 +26,7 @@ from tiny import tiny_model
 from peftrun.adapted import wrap
 from peftrun.checkpoint import save_adapter
 from peftrun.errors import PeftrunError
+from peftrun.recipe import load_recipe
 
 METHOD = "multitask_prompt_tuning"
 KW = dict(num_virtual_tokens=4, num_tasks=3, num_ranks=2)
@@ -240,3 +243,90 @@ def test_validate_refuses_what_makes_no_sense(tmp_path, method, extra, data, mes
     result = run_cli("validate", str(recipe))
     assert result.returncode == 2, result.stdout
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("recipe", "line"),
+    [
+        (
+            "bloomz_560m_multitask_prompt_source.yaml",  # P* 16 x 1024 + 2 tasks x (16 x 1 + 1 x 1024)
+            "trainable params: 18,464 || all params: 559,233,056 || trainable%: 0.0033",
+        ),
+        (
+            "bloomz_560m_multitask_prompt_target.yaml",
+            "trainable params: 17,424 || all params: 559,232,016 || trainable%: 0.0031",
+        ),
+    ],
+)
+def test_recipe_params_lines(recipe, line):
+    assert params_line(REPO / "recipes" / recipe) == line
+
+
+@pytest.mark.parametrize("recipe", recipe_paths(METHOD), ids=lambda p: p.name)
+def test_recipes_validate(recipe):
+    assert load_recipe(recipe).method.name == METHOD
+
+
+STAGE = """
+model: {{name_or_path: "{model}", task_type: SEQ_2_SEQ_LM, tokenizer: byt5}}
+method:
+  name: multitask_prompt_tuning
+  num_virtual_tokens: 4
+  num_transformer_submodules: 1
+  num_ranks: 2
+  {method}
+data:
+  {data}
+  max_length: 128
+  target_max_length: 8
+  max_train_samples: 16
+  max_eval_samples: 4
+training: {{num_epochs: 1, batch_size: 8, learning_rate: 0.05, progress_bar: false}}
+output_dir: "{out}"
+"""
+
+
+def test_source_then_target_through_the_cli(tmp_path, tiny_dir):
+    """Stage 1 trains two tasks named in a column; stage 2 starts a new task from stage 1's adapter."""
+    from safetensors.torch import load_file
+
+    model = tiny_dir("t5", "SEQ_2_SEQ_LM")
+    source = tmp_path / "source"
+    recipe = tmp_path / "source.yaml"
+    recipe.write_text(
+        STAGE.format(
+            model=model,
+            out=source,
+            method="num_tasks: 2",
+            data="path: data/multitask_reviews\n  template: '{question} {text}'\n  label_column: answer\n"
+            "  task_column: task\n  task_names: [sentiment, subject]",
+        )
+    )
+    result = run_cli("train", str(recipe))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "eval_loss=" in result.stdout and "accuracy=" in result.stdout  # eval generates with task ids
+    weights = load_file(str(source / "adapter_model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        "prompt_embeddings": (4, 32),
+        "prefix_task_cols": (2, 4, 2),
+        "prefix_task_rows": (2, 2, 32),
+    }
+
+    target = tmp_path / "target"
+    recipe = tmp_path / "target.yaml"
+    recipe.write_text(
+        STAGE.format(
+            model=model,
+            out=target,
+            method=f"num_tasks: 1\n  prompt_tuning_init: AVERAGE_SOURCE_TASKS\n"
+            f"  prompt_tuning_init_state_dict_path: '{source}'",
+            data="path: data/quickstart",
+        )
+    )
+    result = run_cli("train", str(recipe))
+    assert result.returncode == 0, result.stderr[-2000:]
+    tuned = load_file(str(target / "adapter_model.safetensors"))
+    assert tuned["prefix_task_rows"].shape == (1, 2, 32)
+    # started from the source's shared prompt, then trained: near it, not equal to it
+    moved = (tuned["prompt_embeddings"] - weights["prompt_embeddings"]).abs().max().item()
+    assert 0 < moved < 1.0

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_cli
-from soft_prompts import FAMILIES, counts, generations, ours_to_peft, peft_to_ours, train_steps, write_recipe
+from conftest import REPO, run_cli
+from soft_prompts import (
+    FAMILIES,
+    counts,
+    generations,
+    ours_to_peft,
+    params_line,
+    peft_to_ours,
+    recipe_paths,
+    train_steps,
+    write_recipe,
+)
 from tiny import tiny_model
 
 from peftrun.adapted import wrap
 from peftrun.checkpoint import config_from_peft, read_adapter, save_adapter
 from peftrun.methods import get_method
+from peftrun.recipe import load_recipe
 
 METHOD = "p_tuning"
 MLP = dict(num_virtual_tokens=5, encoder_hidden_size=16)
@@ -41,6 +52,28 @@ def test_seed_scale_count_on_bloomz_560m():
     config = get_method(METHOD).Config(num_virtual_tokens=20, encoder_hidden_size=128)
     line = wrap(model, "CAUSAL_LM", METHOD, config).trainable_report()
     assert line == "trainable params: 300,288 || all params: 559,514,880 || trainable%: 0.0537"
+
+
+@pytest.mark.parametrize(
+    ("recipe", "line"),
+    [
+        (
+            "roberta_large_mrpc_p_tuning.yaml",  # peft's p-tuning guide: roberta-large on MRPC
+            "trainable params: 1,351,938 || all params: 356,713,732 || trainable%: 0.3790",
+        ),
+        (
+            "mt0_large_p_tuning_twitter.yaml",  # 2 x 20 x 1024 table + MLP 1024 -> 128 -> 128 -> 1024
+            "trainable params: 320,768 || all params: 1,229,902,080 || trainable%: 0.0261",
+        ),
+    ],
+)
+def test_recipe_params_lines(recipe, line):
+    assert params_line(REPO / "recipes" / recipe) == line
+
+
+@pytest.mark.parametrize("recipe", recipe_paths(METHOD), ids=lambda p: p.name)
+def test_recipes_validate(recipe):
+    assert load_recipe(recipe).method.name == METHOD
 
 
 @pytest.mark.parametrize(("arch", "task"), FAMILIES)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import REPO, run_cli
 from soft_prompts import (
     FAMILIES,
     counts,
     generations,
     ours_to_peft,
+    params_line,
     peft_to_ours,
+    recipe_paths,
     train_steps,
     write_recipe,
 )
@@ -19,6 +21,7 @@ from tiny import tiny_model
 from peftrun.adapted import wrap
 from peftrun.checkpoint import save_adapter
 from peftrun.methods import get_method
+from peftrun.recipe import load_recipe
 
 METHOD = "prompt_tuning"
 
@@ -32,17 +35,15 @@ def test_parameter_counts_equal_peft(arch, task):
     assert ours[0] == 7 * 32 * (2 if task == "SEQ_2_SEQ_LM" else 1) + head
 
 
-def test_seed_scale_count_on_bloomz_560m():
-    """The seed's bloomz-560m prompt-tuning example: 8 virtual tokens of width 1024."""
-    peft = pytest.importorskip("peft")
-    from peftrun.models import build_from_config
-
-    model = build_from_config("bigscience/bloomz-560m", "CAUSAL_LM", meta=True)
-    line = wrap(
-        model, "CAUSAL_LM", METHOD, get_method(METHOD).Config(num_virtual_tokens=8)
-    ).trainable_report()
+def test_recipe_params_line_is_peft_figure():
+    """The seed's bloomz-560m example: 8 virtual tokens of width 1024, as peft prints it."""
+    line = params_line(REPO / "recipes" / "bloomz_560m_prompt_tuning_twitter.yaml")
     assert line == "trainable params: 8,192 || all params: 559,222,784 || trainable%: 0.0015"
-    assert peft is not None
+
+
+@pytest.mark.parametrize("recipe", recipe_paths(METHOD), ids=lambda p: p.name)
+def test_recipes_validate(recipe):
+    assert load_recipe(recipe).method.name == METHOD
 
 
 @pytest.mark.parametrize(("arch", "task"), FAMILIES)
