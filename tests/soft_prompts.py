@@ -225,3 +225,27 @@ def recipe_paths(method: str) -> list[Path]:
         for p in sorted(root.rglob("*.yaml"))
         if (yaml.safe_load(p.read_text()).get("method") or {}).get("name") == method
     ]
+
+
+def run_twin(recipe: str, out: Path, *sets: str) -> list[dict]:
+    """Train an offline twin recipe through the CLI into `out`; the per-epoch records of metrics.jsonl."""
+    import json
+
+    from conftest import run_cli
+
+    args = [
+        "train",
+        recipe,
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "overwrite=true",
+        "--set",
+        "training.progress_bar=false",
+    ]
+    for item in sets:
+        args += ["--set", item]
+    result = run_cli(*args, timeout=3600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "eval_loss" in r]

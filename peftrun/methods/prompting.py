@@ -16,6 +16,7 @@ call, and the checkpoint state (`prompt_embeddings`, peft's key). Each method fi
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ def fill_geometry(config: PromptConfig, model: nn.Module, task_type: str) -> Non
         config.num_transformer_submodules = 2 if task_type == "SEQ_2_SEQ_LM" else 1
     if config.token_dim is None:
         raise PeftrunError("cannot tell the model's hidden size", where="method.token_dim", hint="set it")
-    width = model.get_input_embeddings().weight.shape[-1]
+    weight = model.get_input_embeddings().weight
+    width = tuple(getattr(weight, "ds_shape", weight.shape))[-1]  # ZeRO-3 keeps the full shape aside
     if config.token_dim != width:
         raise PeftrunError(
             f"token_dim {config.token_dim} differs from the model's embedding width {width}",
@@ -178,8 +180,15 @@ def text_init_ids(text: str, tokenizer, total: int) -> list[int]:
 
 @torch.no_grad()
 def embed_ids(embeddings: nn.Module, ids: list[int] | torch.Tensor) -> torch.Tensor:
+    """Rows of the frozen word embeddings, in fp32 (gathered first where ZeRO-3 has partitioned them)."""
     ids = torch.as_tensor(ids, dtype=torch.long, device=embeddings.weight.device)
-    return embeddings(ids).detach().clone().float()
+    gather = contextlib.nullcontext()
+    if hasattr(embeddings.weight, "ds_id"):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([embeddings.weight])
+    with gather:
+        return embeddings(ids).detach().clone().float()
 
 
 def adapter_weights_file(path: str | Path, where: str) -> Path:

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, shared_data
 from soft_prompts import (
     FAMILIES,
     counts,
@@ -18,13 +18,14 @@ from soft_prompts import (
     params_line,
     peft_to_ours,
     recipe_paths,
+    run_twin,
     train_steps,
     write_recipe,
 )
 from tiny import tiny_model
 
 from peftrun.adapted import wrap
-from peftrun.checkpoint import save_adapter
+from peftrun.checkpoint import read_adapter, save_adapter
 from peftrun.errors import PeftrunError
 from peftrun.recipe import load_recipe
 
@@ -330,3 +331,20 @@ def test_source_then_target_through_the_cli(tmp_path, tiny_dir):
     # started from the source's shared prompt, then trained: near it, not equal to it
     moved = (tuned["prompt_embeddings"] - weights["prompt_embeddings"]).abs().max().item()
     assert 0 < moved < 1.0
+
+
+@pytest.mark.slow
+def test_offline_twins_source_then_target_on_smollm2(tmp_path):
+    """Two review tasks (source), then twitter_complaints initialised from the source's average."""
+    train = shared_data("raft_twitter_complaints", "train.csv")
+    source = tmp_path / "source"
+    first = run_twin("recipes/offline/multitask_prompt_smollm2_source.yaml", source)
+    assert len(first) == 1 and first[0]["eval_loss"] < first[0]["train_epoch_loss"]
+    epochs = run_twin(
+        "recipes/offline/multitask_prompt_smollm2_target.yaml",
+        tmp_path / "target",
+        f"data.train_file={train}",
+        f"method.prompt_tuning_init_state_dict_path={source}",
+    )
+    assert len(epochs) == 2 and epochs[1]["eval_loss"] < epochs[0]["eval_loss"]
+    assert read_adapter(tmp_path / "target")[1]["prefix_task_rows"].shape == (1, 1, 576)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, shared_data
 from soft_prompts import (
     FAMILIES,
     counts,
@@ -13,6 +13,7 @@ from soft_prompts import (
     params_line,
     peft_to_ours,
     recipe_paths,
+    run_twin,
     train_steps,
     write_recipe,
 )
@@ -164,3 +165,14 @@ def test_lstm_depth_is_accepted(tmp_path):
     )
     result = run_cli("validate", str(recipe))
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_offline_twin_learns_on_t5_small(tmp_path):
+    """Random-init t5-small (byte tokenizer) on the twitter_complaints rows, MLP encoder, 4 epochs."""
+    train = shared_data("raft_twitter_complaints", "train.csv")
+    epochs = run_twin(
+        "recipes/offline/p_tuning_t5_small_twitter.yaml", tmp_path / "out", f"data.train_file={train}"
+    )
+    assert len(epochs) == 4 and epochs[-1]["eval_loss"] < epochs[0]["eval_loss"]
+    assert read_adapter(tmp_path / "out")[1]["prompt_embeddings"].shape == (40, 512)

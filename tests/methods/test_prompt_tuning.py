@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, shared_data
 from soft_prompts import (
     FAMILIES,
     counts,
@@ -13,13 +13,14 @@ from soft_prompts import (
     params_line,
     peft_to_ours,
     recipe_paths,
+    run_twin,
     train_steps,
     write_recipe,
 )
 from tiny import tiny_model
 
 from peftrun.adapted import wrap
-from peftrun.checkpoint import save_adapter
+from peftrun.checkpoint import read_adapter, save_adapter
 from peftrun.methods import get_method
 from peftrun.recipe import load_recipe
 
@@ -186,3 +187,15 @@ def test_validate_refuses_what_makes_no_sense(tmp_path, task, extra, data, messa
     result = run_cli("validate", str(recipe))
     assert result.returncode == 2, result.stdout
     assert message in result.stderr
+
+
+@pytest.mark.slow
+def test_offline_twin_learns_on_smollm2(tmp_path):
+    """SmolLM2-135M on 16 twitter_complaints rows, 8 text-initialised virtual tokens, 2 epochs."""
+    train = shared_data("raft_twitter_complaints", "train.csv")
+    epochs = run_twin(
+        "recipes/offline/prompt_tuning_smollm2_twitter.yaml", tmp_path / "out", f"data.train_file={train}"
+    )
+    assert len(epochs) == 2 and epochs[1]["eval_loss"] < epochs[0]["eval_loss"]
+    assert epochs[1]["train_epoch_loss"] < epochs[0]["train_epoch_loss"]
+    assert read_adapter(tmp_path / "out")[1]["prompt_embeddings"].shape == (8, 576)
