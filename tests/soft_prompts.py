@@ -249,3 +249,34 @@ def run_twin(recipe: str, out: Path, *sets: str) -> list[dict]:
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "eval_loss" in r]
+
+
+# adapter_config.json keys that legitimately differ: paths, versions, peft-only bookkeeping
+CONFIG_SKIP = {
+    "base_model_name_or_path",
+    "revision",
+    "peft_version",
+    "auto_mapping",
+    "modules_to_save",
+    "inference_mode",
+}
+
+
+def config_differences(tmp_path: Path, arch: str, task: str, method: str, **kw) -> tuple[dict, set]:
+    """adapter_config.json as peftrun and peft write it: (differing values, keys only peftrun writes)."""
+    import json
+
+    peft = pytest.importorskip("peft")
+    ours = wrap(tiny_model(arch, task), task, method, ours_config(method, **kw))
+    save_adapter(ours, tmp_path / "ours", base_model="tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(tiny_model(arch, task), peft_config(method, task, **kw)).save_pretrained(
+            tmp_path / "peft"
+        )
+    mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    differ = {
+        k: (mine[k], theirs[k]) for k in mine.keys() & theirs.keys() - CONFIG_SKIP if mine[k] != theirs[k]
+    }
+    return differ, set(mine) - set(theirs)

@@ -10,6 +10,7 @@ import torch
 from conftest import REPO, run_cli, shared_data
 from soft_prompts import (
     FAMILIES,
+    config_differences,
     counts,
     generations,
     oracle_batch,
@@ -348,3 +349,14 @@ def test_offline_twins_source_then_target_on_smollm2(tmp_path):
     )
     assert len(epochs) == 2 and epochs[1]["eval_loss"] < epochs[0]["eval_loss"]
     assert read_adapter(tmp_path / "target")[1]["prefix_task_rows"].shape == (1, 1, 576)
+
+
+@pytest.mark.parametrize(
+    ("arch", "task"), [("t5", "SEQ_2_SEQ_LM"), ("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS")]
+)
+def test_adapter_config_matches_peft(tmp_path, arch, task):
+    differ, extra = config_differences(
+        tmp_path, arch, task, METHOD, **dict(num_virtual_tokens=6, num_tasks=2, num_ranks=3)
+    )
+    assert differ == {}
+    assert extra == set()

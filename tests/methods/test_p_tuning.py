@@ -7,6 +7,7 @@ import torch
 from conftest import REPO, run_cli, shared_data
 from soft_prompts import (
     FAMILIES,
+    config_differences,
     counts,
     generations,
     ours_to_peft,
@@ -176,3 +177,18 @@ def test_offline_twin_learns_on_t5_small(tmp_path):
     )
     assert len(epochs) == 4 and epochs[-1]["eval_loss"] < epochs[0]["eval_loss"]
     assert read_adapter(tmp_path / "out")[1]["prompt_embeddings"].shape == (40, 512)
+
+
+@pytest.mark.parametrize(
+    ("arch", "task"), [("t5", "SEQ_2_SEQ_LM"), ("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS")]
+)
+def test_adapter_config_matches_peft(tmp_path, arch, task):
+    differ, extra = config_differences(
+        tmp_path,
+        arch,
+        task,
+        METHOD,
+        **dict(num_virtual_tokens=6, encoder_reparameterization_type="LSTM", encoder_hidden_size=8),
+    )
+    assert differ == {}
+    assert extra == set()

@@ -7,6 +7,7 @@ import torch
 from conftest import REPO, run_cli, shared_data
 from soft_prompts import (
     FAMILIES,
+    config_differences,
     counts,
     generations,
     ours_to_peft,
@@ -45,6 +46,15 @@ def test_recipe_params_line_is_peft_figure():
 @pytest.mark.parametrize("recipe", recipe_paths(METHOD), ids=lambda p: p.name)
 def test_recipes_validate(recipe):
     assert load_recipe(recipe).method.name == METHOD
+
+
+@pytest.mark.parametrize(
+    ("arch", "task"), [("t5", "SEQ_2_SEQ_LM"), ("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS")]
+)
+def test_adapter_config_matches_peft(tmp_path, arch, task):
+    differ, extra = config_differences(tmp_path, arch, task, METHOD, **dict(num_virtual_tokens=6))
+    assert differ == {}
+    assert extra == set()
 
 
 @pytest.mark.parametrize(("arch", "task"), FAMILIES)
