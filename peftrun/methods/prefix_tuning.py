@@ -147,7 +147,14 @@ class PrefixEncoder(nn.Module):
 def cache_argument(model: nn.Module) -> str:
     """The keyword the model's forward takes its key/value cache under (`cache` since transformers 5.x)."""
     params = inspect.signature(model.base_model.forward).parameters
-    return "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise PeftrunError(
+        f"prefix tuning needs attention layers that take a key/value cache, and {type(model.base_model).__name__} has none",
+        where="method.name", hint="use prompt_tuning or lora for this architecture",
+    )
 
 
 def prefix_cache(peft_model, name: str, batch_size: int):
@@ -175,6 +182,7 @@ def _ones(batch: int, n: int, like: torch.Tensor) -> torch.Tensor:
 
 def apply(peft_model, config: PrefixTuningConfig, adapter_name: str) -> None:
     model = peft_model.model
+    cache_argument(model)  # refuses architectures without a key/value cache
     fill_geometry(config, model, peft_model.task_type)
     device = next(model.parameters()).device
     peft_model.prompt_encoders[adapter_name] = PrefixEncoder(config, device=device)
