@@ -70,7 +70,9 @@ class AdaptedAttention(AdapterLayer):
         self.adaption_gate[name] = nn.Parameter(torch.zeros(1, device=weight.device, dtype=dtype))
         self.active_adapters = [name]
 
-    def adaption(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], name: str) -> torch.Tensor:
+    def adaption(
+        self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], name: str
+    ) -> torch.Tensor:
         """W_o · g · softmax(q Kᵀ / sqrt(d_h)) V over adapter `name`'s prompt."""
         attn = self.base_layer
         batch, length, _ = hidden.shape
@@ -87,7 +89,9 @@ class AdaptedAttention(AdapterLayer):
         k = k.repeat_interleave(heads // kv_heads, dim=1)
         v = v.repeat_interleave(heads // kv_heads, dim=1)
         scores = q @ k.transpose(2, 3) / math.sqrt(head_dim)
-        weights = self.adaption_gate[name].to(q.dtype) * torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        weights = self.adaption_gate[name].to(q.dtype) * torch.softmax(
+            scores, dim=-1, dtype=torch.float32
+        ).to(q.dtype)
         out = (weights @ v).transpose(1, 2).reshape(batch, length, heads * head_dim)
         return attn.o_proj(out)
 
@@ -105,7 +109,9 @@ class AdaptedAttention(AdapterLayer):
         for name in dict.fromkeys(self.row_adapters):
             if name not in self.adapter_names():
                 continue
-            idx = torch.tensor([i for i, r in enumerate(self.row_adapters) if r == name], device=output.device)
+            idx = torch.tensor(
+                [i for i, r in enumerate(self.row_adapters) if r == name], device=output.device
+            )
             rows = tuple(t[idx] if t.shape[0] == output.shape[0] else t for t in rotary)
             extra[idx] = self.adaption(hidden[idx], rows, name).to(output.dtype)
         return (output + extra, *rest)
@@ -124,7 +130,8 @@ def apply(peft_model, config: AdaptionPromptConfig, adapter_name: str) -> None:
     if len(blocks) < config.adapter_layers:
         raise PeftrunError(
             f"adapter_layers is {config.adapter_layers} but the model has {len(blocks)} '{config.target_modules}' blocks",
-            where="method.adapter_layers", hint=f"choose at most {len(blocks)}",
+            where="method.adapter_layers",
+            hint=f"choose at most {len(blocks)}",
         )
     for name in blocks[len(blocks) - config.adapter_layers :]:  # the top layers
         block = model.get_submodule(name)

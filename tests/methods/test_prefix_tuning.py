@@ -56,8 +56,11 @@ def _ids(case):
 
 def _peft_config(task: str, projection: bool, **extra):
     return peft.PrefixTuningConfig(
-        task_type=task, num_virtual_tokens=N, prefix_projection=projection,
-        encoder_hidden_size=16 if projection else None, **extra,
+        task_type=task,
+        num_virtual_tokens=N,
+        prefix_projection=projection,
+        encoder_hidden_size=16 if projection else None,
+        **extra,
     )
 
 
@@ -106,7 +109,13 @@ def test_trainable_parameters_equal_peft(case, projection):
     if expected is not None:
         assert ours.parameter_counts()[0] == expected
     # the geometry peft fills in from the model, field for field
-    for field in ("num_layers", "token_dim", "num_attention_heads", "num_transformer_submodules", "encoder_hidden_size"):
+    for field in (
+        "num_layers",
+        "token_dim",
+        "num_attention_heads",
+        "num_transformer_submodules",
+        "encoder_hidden_size",
+    ):
         assert getattr(ours.config, field) == getattr(theirs.peft_config["default"], field), field
 
 
@@ -134,7 +143,8 @@ def test_peftrun_adapter_loads_in_peft(case, projection, tmp_path):
             base = ours(**batch).logits
         diff = (mine - _peft_logits(theirs, task, batch)).abs().max().item()
     assert diff <= 1e-5
-    assert (mine - base).abs().max().item() > 1e-4  # the prefixes change the output: the comparison means something
+    # the prefixes change the output, so the comparison means something
+    assert (mine - base).abs().max().item() > 1e-4
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -161,15 +171,29 @@ def test_a_table_of_the_wrong_shape_is_refused(tmp_path):
     theirs.save_pretrained(tmp_path)
     _, state = read_adapter(tmp_path)
     # a 3-layer base needs a longer table than the 2-layer one saved
-    ours = wrap(tiny_model("gpt2", "CAUSAL_LM", n_layer=3), "CAUSAL_LM", "prefix_tuning", PrefixTuningConfig(num_virtual_tokens=N))
-    with pytest.raises(PeftrunError, match=r"prompt_embeddings has shape \(3, 128\), this model's prefixes need \(3, 192\)"):
+    ours = wrap(
+        tiny_model("gpt2", "CAUSAL_LM", n_layer=3),
+        "CAUSAL_LM",
+        "prefix_tuning",
+        PrefixTuningConfig(num_virtual_tokens=N),
+    )
+    with pytest.raises(
+        PeftrunError, match=r"prompt_embeddings has shape \(3, 128\), this model's prefixes need \(3, 192\)"
+    ):
         ours.load_adapter_state_dict(state)
 
 
 def test_prefixes_that_do_not_fit_the_keys_are_refused():
     # the tiny llama shares 2 key/value heads of 8 between its 4 query heads: prefixes are 2 x 8 wide
-    with pytest.raises(PeftrunError, match=r"4 heads x 8 do not fit this model's keys and values \(2 heads x 8\)"):
-        _ = wrap(tiny_model("llama", "CAUSAL_LM"), "CAUSAL_LM", "prefix_tuning", PrefixTuningConfig(token_dim=32, num_attention_heads=4))
+    with pytest.raises(
+        PeftrunError, match=r"4 heads x 8 do not fit this model's keys and values \(2 heads x 8\)"
+    ):
+        _ = wrap(
+            tiny_model("llama", "CAUSAL_LM"),
+            "CAUSAL_LM",
+            "prefix_tuning",
+            PrefixTuningConfig(token_dim=32, num_attention_heads=4),
+        )
 
 
 # ------------------------------------------------------------------ generation
@@ -207,7 +231,9 @@ def test_greedy_generation_equals_peft(arch, task, sharp, tmp_path):
     batch.pop("decoder_input_ids", None)
     steps = 6
     out = ours.generate(**batch, max_new_tokens=steps, do_sample=False)
-    expected = _peft_greedy(theirs, task, batch, steps, getattr(ours.model.config, "decoder_start_token_id", None))
+    expected = _peft_greedy(
+        theirs, task, batch, steps, getattr(ours.model.config, "decoder_start_token_id", None)
+    )
     assert torch.equal(out, expected)
     with ours.disable_adapters():
         base = ours.generate(**batch, max_new_tokens=steps, do_sample=False)
@@ -221,7 +247,8 @@ def test_greedy_generation_equals_peft(arch, task, sharp, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "arch,task,projection", [("llama", "CAUSAL_LM", True), ("t5", "SEQ_2_SEQ_LM", False), ("roberta", "SEQ_CLS", False)]
+    "arch,task,projection",
+    [("llama", "CAUSAL_LM", True), ("t5", "SEQ_2_SEQ_LM", False), ("roberta", "SEQ_CLS", False)],
 )
 def test_training_lowers_the_loss_and_leaves_the_base_alone(arch, task, projection):
     torch.manual_seed(0)
@@ -234,7 +261,9 @@ def test_training_lowers_the_loss_and_leaves_the_base_alone(arch, task, projecti
         batch["labels"] = batch.pop("decoder_input_ids", batch["input_ids"]).clone()
     trainable = [p for p in ours.parameters() if p.requires_grad]
     assert trainable and all(
-        n.startswith("prompt_encoders.") or ".modules_to_save." in n for n, p in ours.named_parameters() if p.requires_grad
+        n.startswith("prompt_encoders.") or ".modules_to_save." in n
+        for n, p in ours.named_parameters()
+        if p.requires_grad
     )
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     ours.train()
@@ -262,7 +291,10 @@ def _recipe(task: str, **method):
 
 
 def test_validate_refuses_a_submodule_count_that_does_not_fit_the_task():
-    assert recipe_from_dict(_recipe("SEQ_2_SEQ_LM", num_virtual_tokens=20)).method_config.num_virtual_tokens == 20
+    assert (
+        recipe_from_dict(_recipe("SEQ_2_SEQ_LM", num_virtual_tokens=20)).method_config.num_virtual_tokens
+        == 20
+    )
     with pytest.raises(PeftrunError, match="num_transformer_submodules is 2 for SEQ_2_SEQ_LM"):
         recipe_from_dict(_recipe("SEQ_2_SEQ_LM", num_transformer_submodules=1))
     with pytest.raises(PeftrunError, match="unknown key 'num_virtual_token'"):
@@ -272,15 +304,24 @@ def test_validate_refuses_a_submodule_count_that_does_not_fit_the_task():
 def test_an_architecture_without_a_cache_is_refused():
     import transformers
 
-    config = transformers.AutoConfig.for_model("distilbert", vocab_size=128, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
+    config = transformers.AutoConfig.for_model(
+        "distilbert", vocab_size=128, dim=32, n_layers=2, n_heads=4, hidden_dim=64
+    )
     model = transformers.AutoModelForSequenceClassification.from_config(config)
-    with pytest.raises(PeftrunError, match="needs attention layers that take a key/value cache, and DistilBertModel"):
+    with pytest.raises(
+        PeftrunError, match="needs attention layers that take a key/value cache, and DistilBertModel"
+    ):
         wrap(model, "SEQ_CLS", "prefix_tuning", PrefixTuningConfig(num_virtual_tokens=N))
 
 
 def test_merge_is_refused_with_exit_2(tmp_path, tiny_dir):
     base = tiny_dir("gpt2", "CAUSAL_LM")
-    ours = wrap(tiny_model("gpt2", "CAUSAL_LM"), "CAUSAL_LM", "prefix_tuning", PrefixTuningConfig(num_virtual_tokens=N))
+    ours = wrap(
+        tiny_model("gpt2", "CAUSAL_LM"),
+        "CAUSAL_LM",
+        "prefix_tuning",
+        PrefixTuningConfig(num_virtual_tokens=N),
+    )
     adapter = tmp_path / "adapter"
     save_adapter(ours, adapter, base_model=str(base))
     (adapter / "peftrun_recipe.yaml").write_text(
@@ -290,3 +331,22 @@ def test_merge_is_refused_with_exit_2(tmp_path, tiny_dir):
     assert result.returncode == 2, result.stderr
     assert "cannot be folded into the base weights" in result.stderr
     assert not (tmp_path / "merged").exists()
+
+
+def test_recipes_validate_and_count():
+    from conftest import REPO
+
+    from peftrun.models import build_from_config
+    from peftrun.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "mt0_large_prefix_tuning.yaml")
+    model = build_from_config(recipe.model.name_or_path, recipe.model.task_type, meta=True)
+    ours = wrap(model, recipe.model.task_type, recipe.method.name, recipe.method_config)
+    # mt0-large's 1,229,581,312 base parameters plus 20 tokens x 24 decoder layers x (key + value) x 1024
+    assert ours.parameter_counts() == (983_040, 1_229_581_312 + 983_040)
+    twin = load_recipe(REPO / "recipes" / "offline" / "prefix_tuning_t5_small.yaml")
+    assert (twin.method.name, twin.model.task_type, twin.model.random_init) == (
+        "prefix_tuning",
+        "SEQ_2_SEQ_LM",
+        True,
+    )
