@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -29,7 +30,11 @@ RECIPE_COPY = "peftrun_recipe.yaml"
 # peft config fields that change what the adapter computes and that peftrun does not implement.
 UNSUPPORTED_WHEN_SET = ("layer_replication", "target_parameters", "trainable_token_indices", "use_qalora", "lora_bias")
 # keys that never reach a saved file: credentials a user may have put in the environment or a recipe.
-SECRET_KEYS = ("token", "hf_token", "use_auth_token", "api_key", "password")
+SECRET_KEYS = (
+    "token", "hf_token", "hub_token", "use_auth_token", "auth_token", "access_token", "api_key", "password", "secret",
+)
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_API_TOKEN")
+TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,15 +55,17 @@ def _fsync_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike[str], *, tmp: Path | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
 
     A crash before the rename leaves `final` as it was; the temporary folder is removed on errors.
+    `tmp`: a hidden folder beside `final` that the caller made (several processes write into it).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    if tmp is None:
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -99,12 +106,23 @@ def atomic_files(folder: str | os.PathLike[str], write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _env_secrets() -> set[str]:
+    return {v for k in SECRET_ENV if (v := os.environ.get(k)) and len(v) >= 8}
+
+
+def looks_secret(value: str) -> bool:
+    """A hub token by its shape, or the value of a credential in the environment."""
+    return bool(TOKEN_SHAPE.search(value)) or any(s in value for s in _env_secrets())
+
+
 def scrub(data: Any) -> Any:
-    """Drop credential-like keys from anything about to be written."""
+    """Drop credential-like keys and token-like values from anything about to be written."""
     if isinstance(data, dict):
         return {k: scrub(v) for k, v in data.items() if str(k).lower() not in SECRET_KEYS}
     if isinstance(data, list):
         return [scrub(v) for v in data]
+    if isinstance(data, str) and looks_secret(data):
+        return "<redacted>"
     return data
 
 
