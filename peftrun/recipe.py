@@ -385,13 +385,13 @@ def check_output_dir_value(output_dir: str, *, where: str) -> None:
         raise PeftrunError("output_dir is empty", where=where)
     out = Path(output_dir).expanduser().resolve()
     repo = Path(__file__).resolve().parent.parent
-    protected = {
-        Path(out.anchor): "the filesystem root",
-        Path.home().resolve(): "your home folder",
-        Path.cwd().resolve(): "the current folder",
-        repo: "the peftrun source folder",
-    }
-    for folder, what in protected.items():
+    protected = (
+        (Path(out.anchor), "the filesystem root"),
+        (Path.home().resolve(), "your home folder"),
+        (Path.cwd().resolve(), "the current folder"),
+        (repo, "the peftrun source folder"),
+    )
+    for folder, what in protected:
         if out == folder or out in folder.parents:
             raise PeftrunError(
                 f"output_dir '{output_dir}' is {what} or a folder above it; a run writes and prunes files there",
