@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -228,11 +229,20 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
             }
             line = f"epoch={epoch}: train_ppl={train_ppl:.6f} train_epoch_loss={train_epoch_loss:.6f}"
             if cfg.eval_each_epoch or epoch == cfg.num_epochs - 1 or done():
-                with MemoryTracker("eval") as emem:
-                    result = evaluate(
-                        model, eval_loader, task_type=recipe.model.task_type, tokenizer=tokenizer,
-                        label_names=label_names, data_cfg=recipe.data, accelerator=accelerator,
+                try:
+                    if fault("eval", pos.step) == "fail":
+                        raise RuntimeError("injected evaluation failure")
+                    with MemoryTracker("eval") as emem:
+                        result = evaluate(
+                            model, eval_loader, task_type=recipe.model.task_type, tokenizer=tokenizer,
+                            label_names=label_names, data_cfg=recipe.data, accelerator=accelerator,
+                        )
+                except Exception:
+                    accelerator.print(
+                        f"evaluation failed after epoch {epoch}; {checkpoints.describe_last()} "
+                        f"(to retry from there: {resume_command(recipe)})", file=sys.stderr,
                     )
+                    raise
                 for mline in emem.lines():
                     accelerator.print(mline)
                 record.update(result.metrics)
