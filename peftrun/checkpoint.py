@@ -173,6 +173,17 @@ def save_adapter(
     return Path(folder)
 
 
+def safe_torch_load(path: str | os.PathLike[str]) -> Any:
+    """torch.load restricted to tensors and plain containers: a pickle that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError... all mean the same to a user
+        raise PeftrunError(
+            f"cannot be read safely as tensors ({str(exc).splitlines()[0][:160]})", where=str(path),
+            hint="a file that needs full pickle may run code when loaded; peftrun will not load it",
+        ) from None
+
+
 def read_adapter(folder: str | os.PathLike[str], *, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config, state dict) from a peft-format folder, with clear errors for what is wrong."""
     folder = Path(folder)
@@ -200,7 +211,7 @@ def read_adapter(folder: str | os.PathLike[str], *, allow_pickle: bool = False) 
                 f"only a pickle file ({PICKLE_WEIGHTS}) is here; pickle can run code when loaded",
                 where=str(folder), hint="pass --allow-pickle if you trust this file",
             )
-        state = torch.load(folder / PICKLE_WEIGHTS, map_location="cpu", weights_only=True)
+        state = safe_torch_load(folder / PICKLE_WEIGHTS)
     else:
         raise PeftrunError(f"no {ADAPTER_WEIGHTS} here", where=str(folder))
     return config, state

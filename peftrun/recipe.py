@@ -363,7 +363,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
 
 def refuse_secrets(data: Any, *, source: str | None, lines: dict[tuple[str, ...], int], path: tuple = ()) -> None:
     """Credentials belong in the environment (HF_TOKEN), never in a recipe that gets copied beside adapters."""
-    from peftrun.checkpoint import SECRET_KEYS
+    from peftrun.checkpoint import SECRET_KEYS, looks_secret
 
     if isinstance(data, dict):
         for key, value in data.items():
@@ -377,6 +377,12 @@ def refuse_secrets(data: Any, *, source: str | None, lines: dict[tuple[str, ...]
     elif isinstance(data, list):
         for i, value in enumerate(data):
             refuse_secrets(value, source=source, lines=lines, path=(*path, str(i)))
+    elif isinstance(data, str) and looks_secret(data):
+        raise PeftrunError(
+            "this value looks like a hub token; peftrun does not take secrets from recipes",
+            where=_where(source, lines, path),
+            hint="export HF_TOKEN in the environment instead; the value is not shown here",
+        )
 
 
 def check_output_dir_value(output_dir: str, *, where: str) -> None:

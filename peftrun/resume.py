@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftrun.checkpoint import atomic_dir, read_adapter, read_recipe_copy, write_adapter
+from peftrun.checkpoint import atomic_dir, read_adapter, read_recipe_copy, safe_torch_load, write_adapter
 from peftrun.errors import PeftrunError
 
 CHECKPOINTS = "checkpoints"
@@ -302,8 +302,8 @@ class Checkpointer:
             if folder is None:
                 self.metrics_path.unlink(missing_ok=True)
                 root = checkpoint_root(self.out)
-                if root.is_dir() and not root.is_symlink():
-                    remove_inside(root, self.out)
+                if root.exists() or root.is_symlink():
+                    remove_inside(root, self.out)  # a symlink: only the link goes
         acc.wait_for_everyone()
         if folder is None:
             return Position(world_size=acc.num_processes, total_steps=total_steps)
@@ -337,8 +337,8 @@ class Checkpointer:
                 str(folder / ENGINE_DIR), tag="state", load_module_strict=False, load_lr_scheduler_states=False
             )
         else:
-            self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-        self.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+            self.optimizer.load_state_dict(safe_torch_load(folder / OPTIMIZER_FILE))
+        self.scheduler.load_state_dict(safe_torch_load(folder / SCHEDULER_FILE))
         self._pending_rng = read_rng(folder, acc.process_index)
         self.last = folder
         return position
