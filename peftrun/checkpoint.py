@@ -28,10 +28,24 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 RECIPE_COPY = "peftrun_recipe.yaml"
 # peft config fields that change what the adapter computes and that peftrun does not implement.
-UNSUPPORTED_WHEN_SET = ("layer_replication", "target_parameters", "trainable_token_indices", "use_qalora", "lora_bias")
+UNSUPPORTED_WHEN_SET = (
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_qalora",
+    "lora_bias",
+)
 # keys that never reach a saved file: credentials a user may have put in the environment or a recipe.
 SECRET_KEYS = (
-    "token", "hf_token", "hub_token", "use_auth_token", "auth_token", "access_token", "api_key", "password", "secret",
+    "token",
+    "hf_token",
+    "hub_token",
+    "use_auth_token",
+    "auth_token",
+    "access_token",
+    "api_key",
+    "password",
+    "secret",
 )
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_API_TOKEN")
 TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
@@ -129,7 +143,9 @@ def scrub(data: Any) -> Any:
 # ------------------------------------------------------------------ adapter files
 
 
-def adapter_config_dict(peft_model, name: str, base_model: str, revision: str | None = None) -> dict[str, Any]:
+def adapter_config_dict(
+    peft_model, name: str, base_model: str, revision: str | None = None
+) -> dict[str, Any]:
     method = peft_model.methods[name]
     body = peft_model.configs[name].peft_fields()
     if isinstance(body.get("target_modules"), list):
@@ -145,7 +161,9 @@ def adapter_config_dict(peft_model, name: str, base_model: str, revision: str | 
 
 
 def write_adapter(tmp: Path, peft_model, name: str, base_model: str, tokenizer=None, recipe=None) -> None:
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in peft_model.adapter_state_dict(name).items()}
+    state = {
+        k: v.detach().to("cpu").contiguous().clone() for k, v in peft_model.adapter_state_dict(name).items()
+    }
     save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = adapter_config_dict(peft_model, name, base_model)
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(scrub(config), indent=2, sort_keys=True) + "\n")
@@ -156,8 +174,14 @@ def write_adapter(tmp: Path, peft_model, name: str, base_model: str, tokenizer=N
 
 
 def save_adapter(
-    peft_model, folder: str | os.PathLike[str], *, name: str | None = None, base_model: str,
-    tokenizer=None, recipe=None, whole_folder: bool = True,
+    peft_model,
+    folder: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    base_model: str,
+    tokenizer=None,
+    recipe=None,
+    whole_folder: bool = True,
 ) -> Path:
     """Save adapter `name` in peft's format. whole_folder: `folder` is the adapter alone (atomic swap)."""
     name = name or peft_model.active_adapter
@@ -179,12 +203,15 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError... all mean the same to a user
         raise PeftrunError(
-            f"cannot be read safely as tensors ({str(exc).splitlines()[0][:160]})", where=str(path),
+            f"cannot be read safely as tensors ({str(exc).splitlines()[0][:160]})",
+            where=str(path),
             hint="a file that needs full pickle may run code when loaded; peftrun will not load it",
         ) from None
 
 
-def read_adapter(folder: str | os.PathLike[str], *, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter(
+    folder: str | os.PathLike[str], *, allow_pickle: bool = False
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config, state dict) from a peft-format folder, with clear errors for what is wrong."""
     folder = Path(folder)
     config_file = folder / ADAPTER_CONFIG
@@ -195,21 +222,25 @@ def read_adapter(folder: str | os.PathLike[str], *, allow_pickle: bool = False) 
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
-        raise PeftrunError(f"{ADAPTER_CONFIG} is not valid JSON: {exc.msg} at line {exc.lineno}", where=str(config_file)) from None
+        raise PeftrunError(
+            f"{ADAPTER_CONFIG} is not valid JSON: {exc.msg} at line {exc.lineno}", where=str(config_file)
+        ) from None
     weights = folder / ADAPTER_WEIGHTS
     if weights.is_file():
         try:
             state = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as exc:
             raise PeftrunError(
-                f"the weights file is truncated or corrupt ({str(exc).splitlines()[0][:120]})", where=str(weights),
+                f"the weights file is truncated or corrupt ({str(exc).splitlines()[0][:120]})",
+                where=str(weights),
                 hint="restore it from a checkpoint under <output_dir>/checkpoints",
             ) from None
     elif (folder / PICKLE_WEIGHTS).is_file():
         if not allow_pickle:
             raise PeftrunError(
                 f"only a pickle file ({PICKLE_WEIGHTS}) is here; pickle can run code when loaded",
-                where=str(folder), hint="pass --allow-pickle if you trust this file",
+                where=str(folder),
+                hint="pass --allow-pickle if you trust this file",
             )
         state = safe_torch_load(folder / PICKLE_WEIGHTS)
     else:

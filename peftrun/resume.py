@@ -40,9 +40,17 @@ METRICS = "metrics.jsonl"
 STEP_DIR = re.compile(r"step-(\d{6,})")
 # Recipe keys that may change between a run and its resumption: they do not change what is computed.
 RESUME_MAY_CHANGE = (
-    "training.logging_steps", "training.save_steps", "training.save_each_epoch", "training.keep_last_n",
-    "training.auto_resume", "training.progress_bar", "training.num_workers", "training.eval_each_epoch",
-    "training.eval_batch_size", "overwrite", "output_dir",
+    "training.logging_steps",
+    "training.save_steps",
+    "training.save_each_epoch",
+    "training.keep_last_n",
+    "training.auto_resume",
+    "training.progress_bar",
+    "training.num_workers",
+    "training.eval_each_epoch",
+    "training.eval_batch_size",
+    "overwrite",
+    "output_dir",
 )
 FAULT_ENV = "PEFTRUN_TEST_FAULT"
 
@@ -130,11 +138,13 @@ def write_rng(folder: Path, states: list[dict[str, Any]]) -> None:
     for rank, state in enumerate(states):
         version, internal, gauss = state["python"]
         kind, keys, pos, has_gauss, cached = state["numpy"]
-        meta.append({
-            "python": [version, list(internal), gauss],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "cuda_devices": len(state.get("cuda", [])),
-        })
+        meta.append(
+            {
+                "python": [version, list(internal), gauss],
+                "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                "cuda_devices": len(state.get("cuda", [])),
+            }
+        )
         tensors[f"rank{rank}.torch"] = state["torch"].clone()
         for i, cuda in enumerate(state.get("cuda", [])):
             tensors[f"rank{rank}.cuda{i}"] = cuda.clone()
@@ -310,7 +320,9 @@ class Checkpointer:
         position = self.load(folder)
         if acc.is_main_process:
             truncate_metrics(self.metrics_path, position.metrics_lines)
-        acc.print(f"resuming from {folder} (step {position.step}, epoch {position.epoch}, batch {position.batches})")
+        acc.print(
+            f"resuming from {folder} (step {position.step}, epoch {position.epoch}, batch {position.batches})"
+        )
         return position
 
     def load(self, folder: Path) -> Position:
@@ -320,21 +332,26 @@ class Checkpointer:
         if position.world_size != acc.num_processes:
             raise PeftrunError(
                 f"this checkpoint was written by {position.world_size} process(es); {acc.num_processes} run now",
-                where=str(folder), hint="resume with the same number of processes, or start a new run",
+                where=str(folder),
+                hint="resume with the same number of processes, or start a new run",
             )
         saved = read_recipe_copy(folder) or {}
         diffs = recipe_differences(saved, _resolved(self.recipe))
         if diffs:
             raise PeftrunError(
                 "the recipe differs from the one this run started with: " + "; ".join(diffs[:5]),
-                where=str(folder), hint="restore those values to resume, or start a new run in another output_dir",
+                where=str(folder),
+                hint="restore those values to resume, or start a new run in another output_dir",
             )
         peft_model = acc.unwrap_model(self.model)
         _, adapter_state = read_adapter(folder)
         peft_model.load_adapter_state_dict(adapter_state, peft_model.active_adapter)
         if _is_deepspeed(acc):
             self.model.load_checkpoint(
-                str(folder / ENGINE_DIR), tag="state", load_module_strict=False, load_lr_scheduler_states=False
+                str(folder / ENGINE_DIR),
+                tag="state",
+                load_module_strict=False,
+                load_lr_scheduler_states=False,
             )
         else:
             self.optimizer.load_state_dict(safe_torch_load(folder / OPTIMIZER_FILE))
@@ -374,7 +391,10 @@ class Checkpointer:
             with atomic_dir(root / name, tmp=tmp) as folder:
                 peft_model = acc.unwrap_model(self.model)
                 write_adapter(
-                    folder, peft_model, peft_model.active_adapter, self.recipe.model.name_or_path,
+                    folder,
+                    peft_model,
+                    peft_model.active_adapter,
+                    self.recipe.model.name_or_path,
                     recipe=self.recipe,
                 )
                 fault("checkpoint_write", position.step)
@@ -439,7 +459,9 @@ class StopRequest:
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
         print(
             f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
-            "(send it again to stop at once)", file=sys.stderr, flush=True,
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
         )
 
     def requested(self, accelerator) -> int | None:

@@ -63,7 +63,12 @@ def test_unknown_top_level_key_says_did_you_mean(work, tmp_path):
     data = base_recipe(work)
     data["trainig"] = data.pop("training")
     path, text, proc = validate(tmp_path, data)
-    expect_user_error(proc, f"{path}:{line_of(text, 'trainig')}: trainig", "unknown key 'trainig'", "did you mean 'training'")
+    expect_user_error(
+        proc,
+        f"{path}:{line_of(text, 'trainig')}: trainig",
+        "unknown key 'trainig'",
+        "did you mean 'training'",
+    )
 
 
 def test_unknown_nested_key_says_did_you_mean(work, tmp_path):
@@ -100,7 +105,9 @@ def test_unknown_method_says_did_you_mean(work, tmp_path):
     data = base_recipe(work)
     data["method"]["name"] = "lorra"
     path, text, proc = validate(tmp_path, data)
-    expect_user_error(proc, f"{path}:{line_of(text, 'name', after='method')}: method.name", "did you mean 'lora'")
+    expect_user_error(
+        proc, f"{path}:{line_of(text, 'name', after='method')}: method.name", "did you mean 'lora'"
+    )
 
 
 def test_unknown_method_parameter(work, tmp_path):
@@ -152,9 +159,13 @@ def test_deepspeed_config_that_contradicts_the_recipe(work, tmp_path):
 def test_deepspeed_micro_batch_and_precision_contradictions(work, tmp_path):
     data = base_recipe(work)
     data["distributed"] = {"strategy": "deepspeed", "deepspeed": {"train_micro_batch_size_per_gpu": 16}}
-    expect_user_error(validate(tmp_path, data)[2], "train_micro_batch_size_per_gpu=16", "training.batch_size gives 4")
+    expect_user_error(
+        validate(tmp_path, data)[2], "train_micro_batch_size_per_gpu=16", "training.batch_size gives 4"
+    )
     data["distributed"]["deepspeed"] = {"train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": True}}
-    expect_user_error(validate(tmp_path, data)[2], "distributed.deepspeed.bf16.enabled", "mixed_precision is 'no'")
+    expect_user_error(
+        validate(tmp_path, data)[2], "distributed.deepspeed.bf16.enabled", "mixed_precision is 'no'"
+    )
 
 
 def test_output_dir_that_is_not_a_folder_of_its_own(work, tmp_path):
@@ -176,7 +187,9 @@ def test_model_that_cannot_be_found_offline(work, tmp_path):
     data = base_recipe(work)
     data["model"]["name_or_path"] = "no-such-org/no-such-model"
     data["output_dir"] = str(tmp_path / "out")
-    expect_user_error(train(tmp_path, data), "model.name_or_path", "'no-such-org/no-such-model' cannot be loaded")
+    expect_user_error(
+        train(tmp_path, data), "model.name_or_path", "'no-such-org/no-such-model' cannot be loaded"
+    )
 
 
 def test_model_without_a_head_for_the_task(work, tmp_path):
@@ -196,7 +209,9 @@ def test_method_and_task_that_cannot_work(work, tmp_path):
     data = base_recipe(work)
     data["method"] = {"name": name}
     data["model"]["task_type"] = next(t for t in TASK_TYPES if t not in method.task_types)
-    expect_user_error(validate(tmp_path, data)[2], "model.task_type", f"method '{name}' cannot train task_type")
+    expect_user_error(
+        validate(tmp_path, data)[2], "model.task_type", f"method '{name}' cannot train task_type"
+    )
 
 
 def test_data_file_missing(work, tmp_path):
@@ -248,7 +263,8 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(work, tmp_path):
     data["training"]["save_steps"] = 2
     proc = train(tmp_path, data, env={"PEFTRUN_TEST_FAULT": "loss:3:nan"})
     expect_user_error(
-        proc, "the loss became nan at step 3 (epoch 0, batch 2)",
+        proc,
+        "the loss became nan at step 3 (epoch 0, batch 2)",
         f"the last good checkpoint is {out / 'checkpoints' / 'step-000002'}",
     )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
@@ -290,9 +306,13 @@ def test_adapter_for_another_base_model_names_keys_and_shapes(adapter, tmp_path)
 
     other = tmp_path / "wider-bert"
     save_tiny(other, "bert", "SEQ_CLS", vocab_size=384, num_labels=2, hidden_size=48, intermediate_size=96)
-    proc = run_cli("merge", "--adapter", str(adapter), "--base", str(other), "--output", str(tmp_path / "merged"))
+    proc = run_cli(
+        "merge", "--adapter", str(adapter), "--base", str(other), "--output", str(tmp_path / "merged")
+    )
     expect_user_error(
-        proc, "does not fit this base model", "shapes differ",
+        proc,
+        "does not fit this base model",
+        "shapes differ",
         "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight: checkpoint (4, 32) vs model (4, 48)",
     )
     assert not (tmp_path / "merged").exists()
@@ -318,7 +338,24 @@ def test_corrupt_adapter_config_is_named(adapter, tmp_path):
 
 # ------------------------------------------------------------------ property: validation never crashes
 
-VALUES = [None, True, 0, -1, 3, 1e9, -0.5, float("nan"), "", "x", "lora", "SEQ_CLS", [], [1, "a"], {}, {"a": 1}]
+VALUES = [
+    None,
+    True,
+    0,
+    -1,
+    3,
+    1e9,
+    -0.5,
+    float("nan"),
+    "",
+    "x",
+    "lora",
+    "SEQ_CLS",
+    [],
+    [1, "a"],
+    {},
+    {"a": 1},
+]
 
 
 def _paths(node, prefix=()):
@@ -362,10 +399,14 @@ def test_random_mutations_of_valid_recipes_never_crash(work):
     from peftrun.recipe import recipe_from_dict
 
     valid = base_recipe(work)
-    valid["distributed"] = {"deepspeed": {"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}}
+    valid["distributed"] = {
+        "deepspeed": {"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}
+    }
     recipe_from_dict(copy.deepcopy(valid))  # the starting point is valid
     paths = list(_paths(valid))
-    keys = st.one_of(st.sampled_from(["r", "model", "token", "name", "lora_alpha", "num_epochs", "x"]), st.integers(0, 3))
+    keys = st.one_of(
+        st.sampled_from(["r", "model", "token", "name", "lora_alpha", "num_epochs", "x"]), st.integers(0, 3)
+    )
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(
@@ -376,7 +417,8 @@ def test_random_mutations_of_valid_recipes_never_crash(work):
                 st.sampled_from(VALUES),
                 keys,
             ),
-            min_size=1, max_size=4,
+            min_size=1,
+            max_size=4,
         )
     )
     def check(mutations):

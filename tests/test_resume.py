@@ -52,7 +52,9 @@ def work(tmp_path_factory):
 def make_recipe(work, name: str, **training) -> tuple[Path, Path]:
     root, model = work
     out = root / name
-    recipe = write_recipe(root / f"{name}.yaml", tiny_recipe_dict(model, root / "data", out, save_steps=2, **training))
+    recipe = write_recipe(
+        root / f"{name}.yaml", tiny_recipe_dict(model, root / "data", out, save_steps=2, **training)
+    )
     return recipe, out
 
 
@@ -67,8 +69,12 @@ def reference(work):
 def popen_train(recipe: Path, *extra: str, fault_spec: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), FAULT_ENV: fault_spec}
     return subprocess.Popen(
-        [sys.executable, "-m", "peftrun", "train", str(recipe), *extra], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "peftrun", "train", str(recipe), *extra],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -78,7 +84,9 @@ def wait_for_checkpoint(out: Path, proc: subprocess.Popen, step: int, timeout: f
         if any(int(p.name[5:]) >= step for p in complete_checkpoints(out)):
             return
         if proc.poll() is not None:
-            pytest.fail(f"training ended (rc {proc.returncode}) before checkpoint {step}: {proc.stderr.read()[-2000:]}")
+            pytest.fail(
+                f"training ended (rc {proc.returncode}) before checkpoint {step}: {proc.stderr.read()[-2000:]}"
+            )
         time.sleep(0.02)
     proc.kill()
     pytest.fail(f"no checkpoint {step} within {timeout}s")
@@ -170,7 +178,13 @@ def test_resume_refuses_a_changed_recipe(work, reference, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(reference, copy)
     proc = run_cli(
-        "train", str(recipe), "--resume", "--set", f"output_dir={copy}", "--set", "training.learning_rate=0.02"
+        "train",
+        str(recipe),
+        "--resume",
+        "--set",
+        f"output_dir={copy}",
+        "--set",
+        "training.learning_rate=0.02",
     )
     assert proc.returncode == 2
     assert "training.learning_rate: 0.01 in the checkpoint, 0.02 now" in proc.stderr

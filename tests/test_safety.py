@@ -161,7 +161,10 @@ def test_trust_remote_code_is_false_by_default():
 def test_scrub_drops_credential_keys_and_token_values(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "env-secret-123456")
     data = {
-        "model": {"name_or_path": "m", "config_overrides": {"token": "a", "HF_TOKEN": "b", "note": FAKE_TOKEN}},
+        "model": {
+            "name_or_path": "m",
+            "config_overrides": {"token": "a", "HF_TOKEN": "b", "note": FAKE_TOKEN},
+        },
         "list": [{"api_key": "k"}, "prefix env-secret-123456 suffix", "fine"],
     }
     assert scrub(data) == {

@@ -18,7 +18,9 @@ def write_rows(path: Path, n: int = 40) -> Path:
         writer.writerow(["text", "label"])
         for i in range(n):
             words = WORDS_POS if i % 2 == 0 else WORDS_NEG
-            writer.writerow([f"a {words[i % 6]} and {words[(i * 5 + 1) % 6]} day {i}", "pos" if i % 2 == 0 else "neg"])
+            writer.writerow(
+                [f"a {words[i % 6]} and {words[(i * 5 + 1) % 6]} day {i}", "pos" if i % 2 == 0 else "neg"]
+            )
     return path
 
 
@@ -28,8 +30,14 @@ def tiny_recipe_dict(model_dir: Path, data_dir: Path, output_dir: Path, **traini
         "method": {"name": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
         "data": {"path": str(data_dir), "max_length": 32},
         "training": {
-            "num_epochs": 3, "learning_rate": 0.01, "batch_size": 4, "seed": 7, "logging_steps": 1,
-            "progress_bar": False, "eval_each_epoch": True, **training,
+            "num_epochs": 3,
+            "learning_rate": 0.01,
+            "batch_size": 4,
+            "seed": 7,
+            "logging_steps": 1,
+            "progress_bar": False,
+            "eval_each_epoch": True,
+            **training,
         },
         "output_dir": str(output_dir),
     }
