@@ -112,6 +112,7 @@ class PrefixEncoder(nn.Module):
         n, d, hidden = config.num_virtual_tokens, config.token_dim, config.encoder_hidden_size
         self.width = 2 * config.num_layers * d
         self.transform: nn.Sequential | None = None
+        self.projection_dropped = False
         if config.prefix_projection:
             self.embedding = nn.Embedding(n, d, device=device)
             self.transform = nn.Sequential(
@@ -140,6 +141,7 @@ class PrefixEncoder(nn.Module):
         weight = self.embedding.weight
         if self.transform is not None:
             self.transform = None
+            self.projection_dropped = True  # the MLP that trained is gone; see after_step
             self.embedding = nn.Embedding(*table.shape, device=weight.device, dtype=weight.dtype)
             self.embedding.weight.requires_grad_(weight.requires_grad)
         with torch.no_grad():
@@ -301,6 +303,20 @@ def load_state(peft_model, name: str, tensors: dict[str, torch.Tensor]) -> None:
     peft_model.prompt_encoders[name].load_table(tensors.pop("prompt_embeddings"))
 
 
+def after_step(peft_model, name: str, step: int, total_steps: int) -> None:
+    """Refuse to train on after a checkpoint replaced the reparameterisation MLP by its output table.
+
+    The optimizer would keep updating the MLP, which no longer computes anything: training would silently stop.
+    """
+    if peft_model.prompt_encoders[name].projection_dropped:
+        raise PeftrunError(
+            "a prefix_projection checkpoint holds the MLP's output (peft's format), not the MLP, so its training "
+            "cannot be resumed",
+            where="method.prefix_projection",
+            hint="start a new run, or train with prefix_projection: false, whose checkpoints hold all that trains",
+        )
+
+
 def check(task_type: str, config: PrefixTuningConfig) -> str | None:
     expected = 2 if task_type == SEQ2SEQ else 1
     if config.num_transformer_submodules not in (None, expected):
@@ -321,4 +337,5 @@ METHOD = Method(
     state=state,
     load_state=load_state,
     check=check,
+    after_step=after_step,
 )

@@ -183,6 +183,15 @@ def test_a_table_of_the_wrong_shape_is_refused(tmp_path):
         ours.load_adapter_state_dict(state)
 
 
+def test_resuming_a_projection_run_is_refused_not_silently_frozen():
+    ours = _ours("gpt2", "CAUSAL_LM", True)
+    method = get_method("prefix_tuning")
+    method.after_step(ours, "default", 1, 10)  # a fresh run trains its MLP
+    ours.load_adapter_state_dict(ours.adapter_state_dict())  # what a resumed run does first
+    with pytest.raises(PeftrunError, match="cannot be resumed"):
+        method.after_step(ours, "default", 2, 10)
+
+
 def test_prefixes_that_do_not_fit_the_keys_are_refused():
     # the tiny llama shares 2 key/value heads of 8 between its 4 query heads: prefixes are 2 x 8 wide
     with pytest.raises(
