@@ -92,6 +92,8 @@ class Method:
 # method name -> module path; imported lazily so `peftrun validate` stays fast.
 _MODULES: dict[str, str] = {
     "lora": "peftrun.methods.lora",
+    "adalora": "peftrun.methods.adalora",
+    "bottleneck": "peftrun.methods.bottleneck",
 }
 
 
