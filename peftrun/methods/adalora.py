@@ -69,7 +69,9 @@ class AdaLoraConfig(LoraConfig):
         if self.use_rslora:
             raise ValueError("AdaLoRA scales by lora_alpha / init_r; use_rslora does not apply to it")
         if self.alpha_pattern:
-            raise ValueError("AdaLoRA uses one lora_alpha for every layer; alpha_pattern does not apply to it")
+            raise ValueError(
+                "AdaLoRA uses one lora_alpha for every layer; alpha_pattern does not apply to it"
+            )
         if self.target_r > self.init_r:
             raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
         if self.total_step is not None:
@@ -120,9 +122,12 @@ class AdaLoraLayer(AdapterLayer):
         self.lora_A[name] = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
         self.lora_E[name] = nn.Parameter(torch.empty(r, 1, device=device, dtype=dtype))
         self.lora_B[name] = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
-        self.ranknum[name] = nn.Parameter(torch.full((1,), float(config.init_r), device=device, dtype=dtype),
-                                          requires_grad=False)
-        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.ranknum[name] = nn.Parameter(
+            torch.full((1,), float(config.init_r), device=device, dtype=dtype), requires_grad=False
+        )
+        self.lora_dropout[name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
         self.lora_alpha[name] = float(config.lora_alpha)
         self.init_r[name] = config.init_r
         self.loaded_rows[name] = rows
@@ -160,7 +165,9 @@ class AdaLoraLayer(AdapterLayer):
         keep = self.keep.get(name)
         if keep is not None and not bool(keep.all()):
             state = {
-                "lora_A": state["lora_A"][keep], "lora_E": state["lora_E"][keep], "lora_B": state["lora_B"][:, keep]
+                "lora_A": state["lora_A"][keep],
+                "lora_E": state["lora_E"][keep],
+                "lora_B": state["lora_B"][:, keep],
             }
         return state
 
@@ -274,7 +281,9 @@ def after_step(peft_model, name: str, step: int, total_steps: int) -> None:
     try:
         check_schedule(config.tinit, config.tfinal, config.total_step)
     except ValueError as exc:
-        raise PeftrunError(str(exc), where="method.total_step", hint="lower tinit/tfinal or train longer") from None
+        raise PeftrunError(
+            str(exc), where="method.total_step", hint="lower tinit/tfinal or train longer"
+        ) from None
     layers = layers_of(peft_model, name)
     if not layers:
         return
@@ -290,9 +299,13 @@ def after_step(peft_model, name: str, step: int, total_steps: int) -> None:
                 hint="AdaLoRA needs the full gradients in each process (DeepSpeed ZeRO partitions them)",
             )
     budget, mask_now = budget_schedule(
-        step, init_budget=sum(layer.lora_A[name].shape[0] for layer in layers),
-        target_budget=config.target_r * len(layers), tinit=config.tinit, tfinal=config.tfinal,
-        total_step=config.total_step, deltaT=config.deltaT,
+        step,
+        init_budget=sum(layer.lora_A[name].shape[0] for layer in layers),
+        target_budget=config.target_r * len(layers),
+        tinit=config.tinit,
+        tfinal=config.tfinal,
+        total_step=config.total_step,
+        deltaT=config.deltaT,
     )
     if mask_now or step == final_step:
         mask_to_budget(layers, name, budget)
@@ -325,13 +338,16 @@ def extra_loss(peft_model, name: str) -> Any:
 def apply(peft_model, config: AdaLoraConfig, adapter_name: str) -> None:
     model = peft_model.model
     names = resolve_targets(model, config, ADALORA_TARGETS, "adalora", peft_model.task_type)
-    unknown = sorted(set(config.rank_pattern or {}) - {f"{n}.lora_E" for n in names} - {
-        f"{n}.lora_E.{adapter_name}" for n in names
-    })
+    unknown = sorted(
+        set(config.rank_pattern or {})
+        - {f"{n}.lora_E" for n in names}
+        - {f"{n}.lora_E.{adapter_name}" for n in names}
+    )
     if unknown:
         raise PeftrunError(
             f"rank_pattern names {len(unknown)} module(s) that are not adapted, e.g. {unknown[0]}",
-            where="method.rank_pattern", hint="the keys are '<module path>.lora_E' of the adapted modules",
+            where="method.rank_pattern",
+            hint="the keys are '<module path>.lora_E' of the adapted modules",
         )
     wrap_layers(model, names, adapter_name, config, AdaLoraLayer, AdaLoraLayer)
     add_modules_to_save(model, config, adapter_name, peft_model.task_type)

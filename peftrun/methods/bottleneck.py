@@ -40,7 +40,9 @@ class BottleneckConfig(TunerConfig):
     bottleneck_size: int | None = Field(default=None, ge=1)
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     # Which sub-layers get an adapter (ignored when target_modules names the output projections itself).
-    sublayers: list[Literal["attention", "ffn"]] = Field(default_factory=lambda: ["attention", "ffn"], min_length=1)
+    sublayers: list[Literal["attention", "ffn"]] = Field(
+        default_factory=lambda: ["attention", "ffn"], min_length=1
+    )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     init_weights: bool = True
 
