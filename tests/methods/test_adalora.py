@@ -324,30 +324,16 @@ def test_validate_exit_code():
 
 
 @pytest.mark.slow
-def test_offline_recipe_trains_saves_the_rank_pattern_and_loads_in_peft(tmp_path, minilm_path):
+def test_offline_recipe_learns_saves_the_rank_pattern_and_loads_in_peft(tmp_path, minilm_path):
     peft = pytest.importorskip("peft")
     out = tmp_path / "run"
-    res = run_cli(
-        "train",
-        str(REPO / "recipes/offline/quickstart_adalora.yaml"),
-        "--set",
-        f"output_dir={out}",
-        "--set",
-        "training.max_steps=8",
-        "--set",
-        "method.tinit=2",
-        "--set",
-        "method.tfinal=2",
-        "--set",
-        "method.deltaT=2",
-        "--set",
-        "training.progress_bar=false",
-        "--set",
-        "data.max_eval_samples=16",
-    )
+    recipe = str(REPO / "recipes/offline/quickstart_adalora.yaml")
+    res = run_cli("train", recipe, "--set", f"output_dir={out}", "--set", "training.progress_bar=false")
     assert res.returncode == 0, res.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if "accuracy" in r][-1]["accuracy"] >= 0.9
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["total_step"] == 8
+    assert config["total_step"] == 60  # 3 epochs x 20 batches, from the loop
     assert len(config["rank_pattern"]) == 12  # query and value in 6 layers
     assert sum(sum(flags) for flags in config["rank_pattern"].values()) == 4 * 12
     loaded, _ = load_adapted(out)
