@@ -332,6 +332,24 @@ def extra_loss(peft_model, name: str) -> Any:
     return weight * orthogonal_regulariser(peft_model, name) if weight > 0 else 0.0
 
 
+# ------------------------------------------------------------------ loading
+
+
+def load_state(peft_model, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Refuse, with the reason, a pruned checkpoint offered to full-size layers (its rank_pattern was not used)."""
+    prefix = peft_model.key_prefix(name)
+    for layer in layers_of(peft_model, name):
+        saved = state.get(f"{prefix}{layer.module_name}.lora_E")
+        rows = layer.lora_E[name].shape[0]
+        if saved is not None and saved.shape[0] < rows and layer.loaded_rows.get(name) is None:
+            raise PeftrunError(
+                f"this AdaLoRA checkpoint keeps {saved.shape[0]} of {rows} triplets at '{layer.module_name}': it was "
+                "pruned to its rank_pattern, which the model being loaded was not built with",
+                hint="load it with its adapter_config.json (peftrun eval/merge --adapter); an AdaLoRA run cannot "
+                "--resume from a checkpoint written after its first pruning step",
+            )
+
+
 # ------------------------------------------------------------------ applying
 
 
@@ -367,6 +385,7 @@ METHOD = Method(
     mergeable=True,
     Config=AdaLoraConfig,
     apply=apply,
+    load_state=load_state,
     extra_loss=extra_loss,
     after_step=after_step,
 )

@@ -262,6 +262,61 @@ def test_pruned_peft_adapter_loads_in_peftrun(tmp_path, tiny_dir):
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
 
 
+def test_training_loop_fills_total_step_prunes_and_saves_for_peft(tmp_path):
+    """The real loop (tiny BERT, byte tokenizer): after_step/extra_loss hooks, the saved pattern, peft loads it."""
+    peft = pytest.importorskip("peft")
+    from tinyrun import tiny_model_dir, tiny_recipe_dict, write_recipe, write_rows
+
+    from peftrun.train import train
+
+    model_dir = tiny_model_dir(tmp_path)
+    write_rows(tmp_path / "data" / "train.csv")
+    recipe = tiny_recipe_dict(
+        model_dir, tmp_path / "data", tmp_path / "out", num_epochs=2, eval_each_epoch=False
+    )
+    recipe["method"] = {
+        "name": "adalora",
+        "init_r": 4,
+        "target_r": 2,
+        "tinit": 2,
+        "tfinal": 3,
+        "lora_alpha": 16,
+    }
+    train(load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe)))
+    out = tmp_path / "out"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["total_step"] == 18  # 36 training rows / batch 4 = 9 steps, 2 epochs
+    pattern = config["rank_pattern"]
+    assert len(pattern) == 4 and all(len(flags) == 4 for flags in pattern.values())  # query, value x 2 layers
+    assert sum(sum(flags) for flags in pattern.values()) == 2 * 4
+    state = load_file(out / "adapter_model.safetensors")
+    for key, flags in pattern.items():
+        assert state[f"base_model.model.{key}"].shape == (sum(flags), 1)
+
+    loaded, _ = load_adapted(out)
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    theirs = peft.PeftModel.from_pretrained(base, out).eval()
+    loaded.eval()
+    ids = torch.randint(4, 300, (2, 9))
+    with torch.no_grad():
+        out_ours, out_theirs = loaded(input_ids=ids).logits, theirs(input_ids=ids).logits
+        with loaded.disable_adapters():
+            assert (loaded(input_ids=ids).logits - out_ours).abs().max() > 1e-4
+    torch.testing.assert_close(out_ours, out_theirs, atol=1e-5, rtol=0)
+
+    # a full-size model (built without the rank_pattern) refuses the pruned tensors with the reason
+    fresh = wrap(
+        AutoModelForSequenceClassification.from_pretrained(model_dir),
+        "SEQ_CLS",
+        "adalora",
+        AdaLoraConfig(init_r=4, target_r=2, lora_alpha=16),
+    )
+    with pytest.raises(PeftrunError, match="pruned to its rank_pattern"):
+        fresh.load_adapter_state_dict(state)
+
+
 # ------------------------------------------------------------------ learning and merging
 
 
