@@ -52,6 +52,13 @@ class BottleneckConfig(TunerConfig):
             raise ValueError("give reduction_factor or bottleneck_size, not both")
         return self
 
+    def peft_fields(self) -> dict:
+        """Left to defaults, the adapted modules follow from model type and `sublayers`; saved that way."""
+        body = super().peft_fields()
+        if body.get("target_modules") is None:
+            body.pop("target_modules", None)
+        return body
+
     def size_for(self, hidden: int) -> int:
         if self.bottleneck_size is not None:
             return self.bottleneck_size
