@@ -96,6 +96,8 @@ _MODULES: dict[str, str] = {
     "lora": "peftrun.methods.lora",
     "prefix_tuning": "peftrun.methods.prefix_tuning",
     "llama_adapter": "peftrun.methods.llama_adapter",
+    "adalora": "peftrun.methods.adalora",
+    "bottleneck": "peftrun.methods.bottleneck",
 }
 
 

@@ -168,3 +168,46 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+# AdaLoRA: peft's defaults (wider than LoRA's for encoders and T5: every projection of the block).
+ADALORA_TARGETS: dict[str, list[str]] = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "gpt_bigcode": ["c_attn"],
+    "deberta": ["in_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+}
+
+# Bottleneck adapters sit on each sub-layer's output projection: (attention, feed-forward) regexes
+# over full module paths (a regex, because BERT's ffn `output.dense` is a suffix of `attention.output.dense`).
+_BERT_LIKE = (r".*\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense")
+_LLAMA_LIKE = (r".*\.self_attn\.o_proj", r".*\.mlp\.down_proj")
+SUBLAYER_OUTPUTS: dict[str, tuple[str, str]] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "t5": (r".*\.(SelfAttention|EncDecAttention)\.o", r".*\.DenseReluDense\.wo"),
+    "mt5": (r".*\.(SelfAttention|EncDecAttention)\.o", r".*\.DenseReluDense\.wo"),
+    "gpt2": (r".*\.(attn|crossattention)\.c_proj", r".*\.mlp\.c_proj"),
+    "bloom": (r".*\.self_attention\.dense", r".*\.mlp\.dense_4h_to_h"),
+}
