@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from peftrun.errors import PeftrunError
+from peftrun.methods.inject import TASK_HEADS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -116,6 +117,9 @@ def adapter_config_dict(peft_model, name: str, base_model: str, revision: str | 
     body = peft_model.configs[name].peft_fields()
     if isinstance(body.get("target_modules"), list):
         body["target_modules"] = sorted(set(body["target_modules"]))
+    heads = TASK_HEADS.get(peft_model.task_type)
+    if heads and "modules_to_save" in body:  # peft records the task head it trains whole
+        body["modules_to_save"] = list(dict.fromkeys([*(body["modules_to_save"] or []), *heads]))
     return {
         **body,
         "peft_type": method.peft_type,

@@ -92,6 +92,9 @@ class Method:
 # method name -> module path; imported lazily so `peftrun validate` stays fast.
 _MODULES: dict[str, str] = {
     "lora": "peftrun.methods.lora",
+    "ia3": "peftrun.methods.ia3",
+    "loha": "peftrun.methods.loha",
+    "lokr": "peftrun.methods.lokr",
 }
 
 
