@@ -21,6 +21,7 @@ from pydantic import model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftrun.errors import PeftrunError
 from peftrun.methods import Method, TunerConfig
 from peftrun.methods.inject import add_modules_to_save, freeze_base, resolve_targets, wrap_layers
 from peftrun.methods.layers import AdapterLayer
@@ -135,7 +136,13 @@ def apply(peft_model, config: IA3Config, adapter_name: str) -> None:
     if config.target_modules is None:
         config.target_modules = default_targets(IA3_TARGETS, model_type, "ia3")
     if config.feedforward_modules is None:
-        config.feedforward_modules = default_targets(IA3_FEEDFORWARD, model_type, "ia3")
+        if model_type not in IA3_FEEDFORWARD:
+            raise PeftrunError(
+                f"ia3 has no default feedforward_modules for model type '{model_type}'",
+                where="method.feedforward_modules",
+                hint="list the targets whose input ia3 scales (e.g. [down_proj]), or [] for none",
+            )
+        config.feedforward_modules = list(IA3_FEEDFORWARD[model_type])
     names = resolve_targets(model, config, IA3_TARGETS, "ia3", peft_model.task_type)
     ff = config.feedforward_modules
 

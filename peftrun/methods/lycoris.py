@@ -87,7 +87,8 @@ class LycorisLayer(AdapterLayer):
         return delta
 
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
-        if self.training and self.module_dropout[name] > 0 and torch.rand(1).item() <= self.module_dropout[name]:
+        # One draw per training forward whatever p is, as peft does, so seeded runs agree with it.
+        if self.training and torch.rand(1).item() <= self.module_dropout[name]:
             return result
         drop = self.training and self.rank_dropout[name] > 0
         delta = self.delta_weight(name, rank_dropout=drop)
