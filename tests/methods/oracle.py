@@ -33,15 +33,26 @@ def peft_lib():
     return pytest.importorskip("peft")
 
 
-def ours(method: str, arch: str, task: str, config: dict, seed: int = 0) -> PeftrunModel:
+def base(arch: str, task: str) -> nn.Module:
+    """The tiny model with random biases (transformers starts them at zero, which hides bias handling)."""
+    model = tiny_model(arch, task)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def ours(method: str, arch: str, task: str, config: dict) -> PeftrunModel:
     cfg = get_method(method).Config.model_validate(dict(config))
-    return wrap(tiny_model(arch, task, seed=seed), task, method, cfg)
+    return wrap(base(arch, task), task, method, cfg)
 
 
-def theirs(method: str, arch: str, task: str, config: dict, seed: int = 0):
+def theirs(method: str, arch: str, task: str, config: dict):
     peft = peft_lib()
     cfg = getattr(peft, PEFT_CONFIGS[method])(task_type=task, **config)
-    return peft.get_peft_model(tiny_model(arch, task, seed=seed), cfg)
+    return peft.get_peft_model(base(arch, task), cfg)
 
 
 def perturb(model: nn.Module, seed: int = 7) -> None:
@@ -98,23 +109,24 @@ def check_to_peft(tmp_path: Path, method: str, arch: str, task: str, config: dic
     model = ours(method, arch, task, config)
     perturb(model)
     expected = logits(model, arch, task)
-    base = logits(tiny_model(arch, task), arch, task)
-    assert (expected - base).abs().max() > 1e-3, "the adapter must change the output for the test to mean anything"
+    plain = logits(base(arch, task), arch, task)
+    assert (expected - plain).abs().max() > 1e-3, "the adapter must change the output for the test to mean anything"
     save_adapter(model, tmp_path / "adapter", base_model="tiny")
-    loaded = peft.PeftModel.from_pretrained(tiny_model(arch, task), tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(base(arch, task), tmp_path / "adapter")
     diff = (logits(loaded, arch, task) - expected).abs().max().item()
     assert diff <= TOL
     return diff
 
 
-def check_from_peft(tmp_path: Path, tiny_dir, method: str, arch: str, task: str, config: dict) -> float:
+def check_from_peft(tmp_path: Path, method: str, arch: str, task: str, config: dict) -> float:
     """A peft adapter (save_pretrained) loads in peftrun (peftrun.merge.load_adapted) with the same logits."""
+    base(arch, task).save_pretrained(tmp_path / "base")
     model = theirs(method, arch, task, config)
     perturb(model)
     expected = logits(model, arch, task)
     model.save_pretrained(tmp_path / "adapter")
     section = ModelSection(
-        name_or_path=str(tiny_dir(arch, task)), task_type=task, tokenizer="byt5",
+        name_or_path=str(tmp_path / "base"), task_type=task, tokenizer="byt5",
         num_labels=3 if task in ("SEQ_CLS", "TOKEN_CLS") else None,
     )
     loaded, _ = load_adapted(tmp_path / "adapter", model_section=section)
@@ -142,10 +154,10 @@ def check_train_mode(method: str, arch: str, task: str, config: dict, seed: int 
 def check_learns(method: str, arch: str, task: str, config: dict, steps: int = 25, lr: float = 0.1) -> tuple[float, float]:
     """A few AdamW steps lower the loss; the frozen base weights stay bit-identical."""
     torch.manual_seed(0)
-    base = tiny_model(arch, task)
-    frozen = {n: (p, p.detach().clone()) for n, p in base.named_parameters()}
+    plain = tiny_model(arch, task)
+    frozen = {n: (p, p.detach().clone()) for n, p in plain.named_parameters()}
     cfg = get_method(method).Config.model_validate(dict(config))
-    model = wrap(base, task, method, cfg)
+    model = wrap(plain, task, method, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in trainable]
     batch = batch_for(arch, task)
