@@ -81,21 +81,27 @@ class IA3Layer(AdapterLayer):
         return out
 
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
-        l = self.scale([name])
+        vec = self.scale([name])
         if self.is_feedforward:  # the base output does not help here: W must see the scaled input
-            return self.base_layer((x.to(l.dtype) * l).to(x.dtype))
-        return (result * l).to(result.dtype)
+            return self.base_layer((x.to(vec.dtype) * vec).to(x.dtype))
+        return (result * vec).to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        plain = self.disabled or self.merged_adapters or self.row_adapters is not None or not self.active_adapters
+        plain = (
+            self.disabled or self.merged_adapters or self.row_adapters is not None or not self.active_adapters
+        )
         if not self.is_feedforward or plain:
             return super().forward(x, *args, **kwargs)
-        l = self.scale(self.active_adapters)
-        return self.base_layer((x.to(l.dtype) * l).to(x.dtype), *args, **kwargs)
+        vec = self.scale(self.active_adapters)
+        return self.base_layer((x.to(vec.dtype) * vec).to(x.dtype), *args, **kwargs)
 
     # (IA)³ rescales rather than adds, and touches the bias: merge and unmerge are its own.
     def merge(self, names: Iterable[str] | None = None, *, keep_original: bool = True) -> None:
-        todo = [n for n in (list(names) if names is not None else self.active_adapters) if n not in self.merged_adapters]
+        todo = [
+            n
+            for n in (list(names) if names is not None else self.active_adapters)
+            if n not in self.merged_adapters
+        ]
         if not todo:
             return
         weight, bias = self.base_layer.weight, self.bias
@@ -104,10 +110,10 @@ class IA3Layer(AdapterLayer):
             self._original_bias = bias.detach().clone() if bias is not None else None
         with torch.no_grad():
             for name in todo:
-                l = self.ia3_l[name]  # (out, 1) or (1, in): broadcasts over an (out, in) weight
-                weight.mul_((l.T if self.fan_in_fan_out else l).to(weight.dtype))
+                vec = self.ia3_l[name]  # (out, 1) or (1, in): broadcasts over an (out, in) weight
+                weight.mul_((vec.T if self.fan_in_fan_out else vec).to(weight.dtype))
                 if not self.is_feedforward and bias is not None:
-                    bias.mul_(l.flatten().to(bias.dtype))
+                    bias.mul_(vec.flatten().to(bias.dtype))
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -123,10 +129,10 @@ class IA3Layer(AdapterLayer):
                 self.merged_adapters.clear()
                 return
             while self.merged_adapters:  # no copy kept: divide back (exact up to rounding)
-                l = self.ia3_l[self.merged_adapters.pop()]
-                weight.div_((l.T if self.fan_in_fan_out else l).to(weight.dtype))
+                vec = self.ia3_l[self.merged_adapters.pop()]
+                weight.div_((vec.T if self.fan_in_fan_out else vec).to(weight.dtype))
                 if not self.is_feedforward and bias is not None:
-                    bias.div_(l.flatten().to(bias.dtype))
+                    bias.div_(vec.flatten().to(bias.dtype))
 
 
 def apply(peft_model, config: IA3Config, adapter_name: str) -> None:

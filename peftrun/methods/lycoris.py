@@ -95,12 +95,16 @@ class LycorisLayer(AdapterLayer):
         return result + nn.functional.linear(x.to(delta.dtype), delta).to(result.dtype)
 
 
-def apply_lycoris(peft_model, config: LycorisConfig, adapter_name: str, layer_cls: type[LycorisLayer], method: str):
+def apply_lycoris(
+    peft_model, config: LycorisConfig, adapter_name: str, layer_cls: type[LycorisLayer], method: str
+):
     """Wrap the targets (peft's LoRA defaults per architecture), add task heads, freeze the base."""
     model = peft_model.model
     if config.target_modules is None:
         # Resolved now so that adapter_config.json names them, as peft writes them.
-        config.target_modules = default_targets(LORA_TARGETS, getattr(model.config, "model_type", "?"), method)
+        config.target_modules = default_targets(
+            LORA_TARGETS, getattr(model.config, "model_type", "?"), method
+        )
     names = resolve_targets(model, config, LORA_TARGETS, method, peft_model.task_type)
     wrap_layers(model, names, adapter_name, config, layer_cls, layer_cls)
     add_modules_to_save(model, config, adapter_name, peft_model.task_type)

@@ -110,7 +110,9 @@ def check_to_peft(tmp_path: Path, method: str, arch: str, task: str, config: dic
     perturb(model)
     expected = logits(model, arch, task)
     plain = logits(base(arch, task), arch, task)
-    assert (expected - plain).abs().max() > 1e-3, "the adapter must change the output for the test to mean anything"
+    assert (expected - plain).abs().max() > 1e-3, (
+        "the adapter must change the output for the test to mean anything"
+    )
     save_adapter(model, tmp_path / "adapter", base_model="tiny")
     loaded = peft.PeftModel.from_pretrained(base(arch, task), tmp_path / "adapter")
     diff = (logits(loaded, arch, task) - expected).abs().max().item()
@@ -126,7 +128,9 @@ def check_from_peft(tmp_path: Path, method: str, arch: str, task: str, config: d
     expected = logits(model, arch, task)
     model.save_pretrained(tmp_path / "adapter")
     section = ModelSection(
-        name_or_path=str(tmp_path / "base"), task_type=task, tokenizer="byt5",
+        name_or_path=str(tmp_path / "base"),
+        task_type=task,
+        tokenizer="byt5",
         num_labels=3 if task in ("SEQ_CLS", "TOKEN_CLS") else None,
     )
     loaded, _ = load_adapted(tmp_path / "adapter", model_section=section)
@@ -151,7 +155,9 @@ def check_train_mode(method: str, arch: str, task: str, config: dict, seed: int 
     assert (outs[0] - outs[1]).abs().max().item() <= TOL
 
 
-def check_learns(method: str, arch: str, task: str, config: dict, steps: int = 25, lr: float = 0.1) -> tuple[float, float]:
+def check_learns(
+    method: str, arch: str, task: str, config: dict, steps: int = 25, lr: float = 0.1
+) -> tuple[float, float]:
     """A few AdamW steps lower the loss; the frozen base weights stay bit-identical."""
     torch.manual_seed(0)
     plain = tiny_model(arch, task)
@@ -211,3 +217,42 @@ def check_refuses_conv2d(method: str, **config) -> None:
     cfg = get_method(method).Config.model_validate({"target_modules": ["0"], **config})
     with pytest.raises(PeftrunError, match="Conv2d; only Linear and Conv1D"):
         wrap(net, "CAUSAL_LM", method, cfg)
+
+
+def check_recipes(method: str, trainable: int) -> None:
+    """The roberta-large MRPC recipe and its offline twin validate; `peftrun params` gives peft's count."""
+    from conftest import REPO
+    from typer.testing import CliRunner
+
+    from peftrun.cli import app
+    from peftrun.models import build_from_config
+    from peftrun.recipe import load_recipe
+
+    cli = CliRunner()
+    seed_recipe = REPO / "recipes" / f"roberta_large_mrpc_{method}.yaml"
+    for recipe in (seed_recipe, REPO / "recipes" / "offline" / f"quickstart_{method}.yaml"):
+        done = cli.invoke(app, ["validate", str(recipe)])
+        assert done.exit_code == 0 and ": ok (" in done.output, done.output
+    done = cli.invoke(app, ["params", str(seed_recipe)])
+    assert done.exit_code == 0, done.output
+    assert f"trainable params: {trainable:,d} ||" in done.output
+    peft = peft_lib()
+    params = load_recipe(seed_recipe).method.params
+    model = build_from_config("roberta-large", "SEQ_CLS", meta=True, num_labels=2)
+    cfg = getattr(peft, PEFT_CONFIGS[method])(task_type="SEQ_CLS", **params)
+    assert peft.get_peft_model(model, cfg).get_nb_trainable_parameters()[0] == trainable
+
+
+def check_quickstart(tmp_path: Path, method: str, min_accuracy: float) -> float:
+    """The offline twin trains on data/quickstart with MiniLM and reaches `min_accuracy`; the adapter merges."""
+    from conftest import REPO, run_cli
+
+    recipe = REPO / "recipes" / "offline" / f"quickstart_{method}.yaml"
+    out = tmp_path / "out"
+    done = run_cli("train", str(recipe), "--set", f"output_dir={out}", "--set", "training.progress_bar=false")
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["accuracy"] >= min_accuracy
+    done = run_cli("merge", "--adapter", str(out), "--output", str(tmp_path / "merged"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return last["accuracy"]

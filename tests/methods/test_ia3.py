@@ -5,8 +5,14 @@ from __future__ import annotations
 import oracle
 import pytest
 
-ARCHS = [("t5", "SEQ_2_SEQ_LM"), ("llama", "CAUSAL_LM"), ("gpt2", "CAUSAL_LM"), ("roberta", "SEQ_CLS"),
-         ("bert", "TOKEN_CLS"), ("bloom", "CAUSAL_LM")]
+ARCHS = [
+    ("t5", "SEQ_2_SEQ_LM"),
+    ("llama", "CAUSAL_LM"),
+    ("gpt2", "CAUSAL_LM"),
+    ("roberta", "SEQ_CLS"),
+    ("bert", "TOKEN_CLS"),
+    ("bloom", "CAUSAL_LM"),
+]
 # peft's counts for the default targets on the tiny models (keys, values, feed-forward input).
 COUNTS = {"t5": 640, "llama": 192, "gpt2": 448, "roberta": 1475, "bert": 419, "bloom": 448}
 
@@ -41,8 +47,12 @@ def test_explicit_feedforward_must_be_a_target():
 
     from peftrun.methods import get_method
 
-    with pytest.raises(ValidationError, match=r"feedforward_modules \['down_proj'\] are not in target_modules"):
-        get_method("ia3").Config.model_validate({"target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]})
+    with pytest.raises(
+        ValidationError, match=r"feedforward_modules \['down_proj'\] are not in target_modules"
+    ):
+        get_method("ia3").Config.model_validate(
+            {"target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}
+        )
 
 
 @pytest.mark.parametrize("arch,task", [("llama", "CAUSAL_LM"), ("gpt2", "CAUSAL_LM"), ("roberta", "SEQ_CLS")])
@@ -56,12 +66,20 @@ def test_merge_equals_unmerged_and_unmerge_is_exact(arch, task):
 
 
 def test_refuses_conv2d_and_asks_for_feedforward_modules():
-    from peftrun.errors import PeftrunError
-
     from peftrun.adapted import wrap
+    from peftrun.errors import PeftrunError
     from peftrun.methods import get_method
 
     config = get_method("ia3").Config(target_modules=["1"])
     with pytest.raises(PeftrunError, match="no default feedforward_modules for model type 'convnet'"):
         wrap(oracle.conv_net(), "CAUSAL_LM", "ia3", config)
     oracle.check_refuses_conv2d("ia3", feedforward_modules=[])
+
+
+def test_recipes_validate_and_count_as_peft():
+    oracle.check_recipes("ia3", 1_223_682)
+
+
+@pytest.mark.slow
+def test_offline_twin_trains(tmp_path):
+    oracle.check_quickstart(tmp_path, "ia3", 0.9)

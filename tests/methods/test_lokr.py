@@ -10,11 +10,21 @@ from hypothesis import strategies as st
 from peftrun.methods.lokr import factorize
 
 # GPT-2's Conv1D is left out of the peft comparisons: peft's LoKr refuses it (see below).
-ARCHS = [("t5", "SEQ_2_SEQ_LM"), ("llama", "CAUSAL_LM"), ("roberta", "SEQ_CLS"), ("bert", "TOKEN_CLS"),
-         ("bloom", "CAUSAL_LM")]
+ARCHS = [
+    ("t5", "SEQ_2_SEQ_LM"),
+    ("llama", "CAUSAL_LM"),
+    ("roberta", "SEQ_CLS"),
+    ("bert", "TOKEN_CLS"),
+    ("bloom", "CAUSAL_LM"),
+]
 # full W1 and W2; low-rank W2; both low-rank (decompose_both); a fixed decompose_factor; rank/alpha patterns
-CONFIGS = [{}, {"r": 2}, {"r": 1, "decompose_both": True}, {"r": 2, "decompose_factor": 4},
-           {"r": 4, "rank_pattern": {"v": 1}, "alpha_pattern": {"q": 16}, "decompose_both": True}]
+CONFIGS = [
+    {},
+    {"r": 2},
+    {"r": 1, "decompose_both": True},
+    {"r": 2, "decompose_factor": 4},
+    {"r": 4, "rank_pattern": {"v": 1}, "alpha_pattern": {"q": 16}, "decompose_both": True},
+]
 
 
 def test_factorize_examples():
@@ -35,7 +45,9 @@ def test_trainable_count_equals_peft(arch, task, config):
     oracle.check_count("lokr", arch, task, config)
 
 
-@pytest.mark.parametrize("arch,task,config", [("llama", "CAUSAL_LM", CONFIGS[3]), ("t5", "SEQ_2_SEQ_LM", CONFIGS[4])])
+@pytest.mark.parametrize(
+    "arch,task,config", [("llama", "CAUSAL_LM", CONFIGS[3]), ("t5", "SEQ_2_SEQ_LM", CONFIGS[4])]
+)
 def test_factor_and_pattern_counts_equal_peft(arch, task, config):
     oracle.check_count("lokr", arch, task, config)
 
@@ -47,13 +59,21 @@ def test_shapes_follow_the_factorisation():
     assert shapes == {"lokr_w1_a": (4, 1), "lokr_w1_b": (1, 4), "lokr_w2_a": (8, 1), "lokr_w2_b": (1, 8)}
 
 
-@pytest.mark.parametrize("arch,task,config", [("t5", "SEQ_2_SEQ_LM", CONFIGS[4]), ("roberta", "SEQ_CLS", CONFIGS[1])])
+@pytest.mark.parametrize(
+    "arch,task,config", [("t5", "SEQ_2_SEQ_LM", CONFIGS[4]), ("roberta", "SEQ_CLS", CONFIGS[1])]
+)
 def test_checkpoint_files_equal_peft(tmp_path, arch, task, config):
     oracle.check_files(tmp_path, "lokr", arch, task, config)
 
 
-@pytest.mark.parametrize("arch,task,config", [("t5", "SEQ_2_SEQ_LM", CONFIGS[4]), ("llama", "CAUSAL_LM", CONFIGS[2]),
-                                               ("roberta", "SEQ_CLS", CONFIGS[3])])
+@pytest.mark.parametrize(
+    "arch,task,config",
+    [
+        ("t5", "SEQ_2_SEQ_LM", CONFIGS[4]),
+        ("llama", "CAUSAL_LM", CONFIGS[2]),
+        ("roberta", "SEQ_CLS", CONFIGS[3]),
+    ],
+)
 def test_adapter_moves_to_peft_and_back(tmp_path, arch, task, config):
     config = {"init_weights": False, **config}
     oracle.check_to_peft(tmp_path / "to", "lokr", arch, task, config)
@@ -81,7 +101,8 @@ def test_gpt2_conv1d_is_adapted_though_peft_refuses_it():
     with pytest.raises(TypeError, match="Conv1D"):
         oracle.theirs("lokr", "gpt2", "CAUSAL_LM", {})
     trainable, _ = oracle.ours("lokr", "gpt2", "CAUSAL_LM", {}).parameter_counts()
-    assert trainable == 2 * (8 * 4 + 12 * 8)  # c_attn 96x32: W1 (8x4) ⊗ W2 (12x8) (r=8 >= max/2: full), 2 layers
+    # c_attn 96x32 = (8·12)x(4·8): W1 8x4 ⊗ W2 12x8, both full as r=8 >= max/2; 2 layers
+    assert trainable == 2 * (8 * 4 + 12 * 8)
 
 
 @pytest.mark.parametrize("arch,task", [("llama", "CAUSAL_LM"), ("gpt2", "CAUSAL_LM"), ("roberta", "SEQ_CLS")])
@@ -89,11 +110,26 @@ def test_learns_with_frozen_base(arch, task):
     oracle.check_learns("lokr", arch, task, {"r": 2})
 
 
-@pytest.mark.parametrize("arch,task,config", [("t5", "SEQ_2_SEQ_LM", CONFIGS[2]), ("gpt2", "CAUSAL_LM", CONFIGS[1]),
-                                               ("bloom", "CAUSAL_LM", CONFIGS[0])])
+@pytest.mark.parametrize(
+    "arch,task,config",
+    [
+        ("t5", "SEQ_2_SEQ_LM", CONFIGS[2]),
+        ("gpt2", "CAUSAL_LM", CONFIGS[1]),
+        ("bloom", "CAUSAL_LM", CONFIGS[0]),
+    ],
+)
 def test_merge_equals_unmerged_and_unmerge_is_exact(arch, task, config):
     oracle.check_merge("lokr", arch, task, {"init_weights": False, **config})
 
 
 def test_refuses_conv2d():
     oracle.check_refuses_conv2d("lokr")
+
+
+def test_recipes_validate_and_count_as_peft():
+    oracle.check_recipes("lokr", 1_125_378)
+
+
+@pytest.mark.slow
+def test_offline_twin_trains(tmp_path):
+    oracle.check_quickstart(tmp_path, "lokr", 0.9)
