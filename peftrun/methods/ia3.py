@@ -19,7 +19,6 @@ from collections.abc import Iterable, Sequence
 import torch
 from pydantic import model_validator
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from peftrun.errors import PeftrunError
 from peftrun.methods import Method, TunerConfig
@@ -30,7 +29,7 @@ from peftrun.methods.targets import IA3_FEEDFORWARD, IA3_TARGETS, default_target
 
 class IA3Config(TunerConfig):
     feedforward_modules: list[str] | str | None = None
-    fan_in_fan_out: bool = False  # set for GPT-2-style Conv1D targets, as peft records it
+    fan_in_fan_out: bool = False  # each layer knows its orientation; saved True for GPT-2-style Conv1D
     init_ia3_weights: bool = True
 
     @model_validator(mode="after")
@@ -156,8 +155,6 @@ def apply(peft_model, config: IA3Config, adapter_name: str) -> None:
         return IA3Layer(module, is_feedforward(name, ff))
 
     wrap_layers(model, names, adapter_name, config, make_layer, IA3Layer)
-    if any(isinstance(model.get_submodule(n).base_layer, Conv1D) for n in names):
-        config.fan_in_fan_out = True  # each layer knows its own orientation; the flag is for peft readers
     add_modules_to_save(model, config, adapter_name, peft_model.task_type)
     freeze_base(model)
 
