@@ -98,6 +98,9 @@ _MODULES: dict[str, str] = {
     "llama_adapter": "peftrun.methods.llama_adapter",
     "adalora": "peftrun.methods.adalora",
     "bottleneck": "peftrun.methods.bottleneck",
+    "ia3": "peftrun.methods.ia3",
+    "loha": "peftrun.methods.loha",
+    "lokr": "peftrun.methods.lokr",
 }
 
 
