@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import run_cli
-from tiny_text import word_tokenizer
+from tiny_text import ONE_THREAD_ENV, one_thread, word_tokenizer  # noqa: F401
 
 from peftrun.data import (
     IGNORE_INDEX,
@@ -23,6 +23,8 @@ from peftrun.recipe import DataSection
 
 WORDS = ["the movie was good", "the film was bad", "tweet text label complaint no", "what is two plus four",
          "answer six instruction input output response below describes task write", "john lives in paris"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(**kw) -> DataSection:
@@ -307,11 +309,11 @@ def test_cli_reports_missing_file_and_missing_columns(tmp_path, minilm_path):
         f"model: {{name_or_path: {minilm_path}, task_type: SEQ_CLS}}\n"
         f"data: {{train_file: {tmp_path / 'none.csv'}}}\noutput_dir: {tmp_path / 'out'}\n"
     )
-    res = run_cli("train", str(recipe))
+    res = run_cli("train", str(recipe), env=ONE_THREAD_ENV)
     assert res.returncode == 2, res.stderr
     assert "data file not found" in res.stderr and "none.csv" in res.stderr
     write_csv(tmp_path / "t.csv", ["sentence", "gold"], [["a", 1], ["b", 0]])
-    res = run_cli("train", str(recipe), "--set", f"data.train_file={tmp_path / 't.csv'}")
+    res = run_cli("train", str(recipe), "--set", f"data.train_file={tmp_path / 't.csv'}", env=ONE_THREAD_ENV)
     assert res.returncode == 2, res.stderr
     assert "column(s) ['text', 'label'] not in the train data" in res.stderr
     assert "'sentence', 'gold'" in res.stderr

@@ -1,7 +1,7 @@
 """Tiny models saved together with a tokenizer that fits their vocabulary, for end-to-end tests.
 
-A WordPiece vocabulary is trained in milliseconds with the `tokenizers` library on the test's own words;
-T5 uses the byte-level ByT5 tokenizer, which needs no files. Special-token ids match tests/tiny.py's
+A WordPiece vocabulary (the test's own words, and their letters for anything else) is built with the
+`tokenizers` library; T5 uses the byte-level ByT5 tokenizer, which needs no files. Special-token ids match tests/tiny.py's
 configs (llama/gpt2: pad 0, bos 1, eos 2; bert: pad 0; t5: pad 0, eos 1).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from tiny import ARCH_CONFIGS, save_tiny
 
 CHAT_TEMPLATE = (
@@ -25,17 +26,21 @@ SPECIALS = {
 
 def word_tokenizer(arch: str, corpus: list[str]):
     """A lower-casing WordPiece tokenizer whose vocabulary fits the tiny `arch` model."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = SPECIALS[arch]
     unk = next(s for s in specials if "unk" in s.lower())
-    tok = Tokenizer(models.WordPiece(unk_token=unk))
+    # the vocabulary is built here, in a fixed order, so token ids are the same in every process
+    limit = ARCH_CONFIGS[arch]["vocab_size"]
+    chars = sorted({c for line in corpus for c in line.lower() if not c.isspace()})
+    words = sorted({w for line in corpus for w in line.lower().split()} - set(chars))
+    vocab = list(specials) + chars + [f"##{c}" for c in chars]
+    vocab += words[: max(limit - len(vocab), 0)]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab[:limit])}, unk_token=unk))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=ARCH_CONFIGS[arch]["vocab_size"], special_tokens=specials)
-    tok.train_from_iterator(corpus, trainer)
     if arch == "bert":
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
@@ -68,3 +73,17 @@ def save_tiny_with_tokenizer(path: Path, arch: str, task_type: str, corpus: list
     save_tiny(path, arch, task_type, **overrides)
     tokenizer.save_pretrained(path)
     return tokenizer
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy machine two threads wait on each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
