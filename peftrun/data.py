@@ -323,6 +323,13 @@ def tokenize_split(
             prompt = source_text(row, data_cfg, tokenizer)
             ids = tokenizer(prompt, add_special_tokens=data_cfg.format != "chat")["input_ids"][-max_len:]
             return {"input_ids": ids, "attention_mask": [1] * len(ids), "prompt_ids": ids}
+        if data_cfg.format == "text":
+            # language modelling on the whole text (pretraining-style): every token is a target
+            ids = tokenizer(str(row[data_cfg.text_column]), add_special_tokens=True)["input_ids"][
+                : max_len - len(eos)
+            ]
+            ids = ids + eos
+            return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
         if data_cfg.format == "chat":
             prompt, completion = chat_texts(row, data_cfg, tokenizer)
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -343,6 +350,11 @@ def tokenize_split(
             out["reference"] = target_text(row, data_cfg)
         return out
 
+    if data_cfg.format == "text" and task_type != "CAUSAL_LM":
+        raise PeftrunError(
+            f"data.format 'text' (language modelling on whole texts) is for CAUSAL_LM, not {task_type}",
+            where="data.format",
+        )
     if (task_type == "TOKEN_CLS") != (data_cfg.format == "tokens"):
         raise PeftrunError(
             f"task_type {task_type} with data.format '{data_cfg.format}' does not fit",

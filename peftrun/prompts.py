@@ -38,6 +38,8 @@ def source_columns(data_cfg, ds=None) -> list[str]:
         return ["instruction"]
     if data_cfg.format == "tokens":
         return [data_cfg.tokens_column]
+    if data_cfg.format == "text":
+        return [data_cfg.text_column]
     if data_cfg.format == "chat" and _is_conversation(ds, data_cfg):
         return [data_cfg.messages_column]
     if data_cfg.format == "chat" and _is_alpaca_shaped(ds, data_cfg):
@@ -57,7 +59,7 @@ def target_columns(data_cfg, ds=None) -> list[str]:
         return ["output"]
     if data_cfg.format == "tokens":
         return [data_cfg.tags_column]
-    if data_cfg.format == "chat" and _is_conversation(ds, data_cfg):
+    if data_cfg.format == "text" or (data_cfg.format == "chat" and _is_conversation(ds, data_cfg)):
         return []
     if data_cfg.target_template:
         return _template_fields(data_cfg.target_template)

@@ -75,7 +75,7 @@ class DataSection(Section):
     train_split: str = "train"
     eval_split: str | None = None
     test_split: str | None = None
-    format: Literal["plain", "alpaca", "chat", "tokens"] = "plain"
+    format: Literal["plain", "alpaca", "chat", "tokens", "text"] = "plain"
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"

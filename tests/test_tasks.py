@@ -179,3 +179,44 @@ def test_causal_chat_sft_lowers_eval_loss_and_cli_eval_predict(tmp_path):
                   str(tmp_path / "p.xlsx"), env=ONE_THREAD_ENV)
     assert res.returncode == 2 and "cannot write '.xlsx' files" in res.stderr
     assert not (tmp_path / "p.xlsx").exists()
+
+
+SEED_COUNTS = {
+    # peft's own figures for these models and LoRA settings
+    "roberta_large_mrpc_lora.yaml": "trainable params: 1,838,082 || all params: 357,199,876 || trainable%: 0.5146",
+    "bloomz_7b1_lora.yaml": "trainable params: 3,932,160 || all params: 7,072,948,224 || trainable%: 0.0556",
+    "mt0_large_lora.yaml": "trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915",
+}
+
+
+@pytest.mark.parametrize("name", ["t0_3b_lora_twitter.yaml", "mt0_large_lora.yaml", "mt0_xxl_lora.yaml",
+                                  "bloomz_7b1_lora.yaml", "t0_3b_lora_ds_zero3_offload.yaml",
+                                  "roberta_large_mrpc_lora.yaml"])
+def test_seed_recipes_validate_and_count_offline(name):
+    from typer.testing import CliRunner
+
+    from peftrun.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["validate", f"recipes/{name}"])
+    assert res.exit_code == 0 and ": ok (lora on" in res.output, res.output
+    res = runner.invoke(app, ["params", f"recipes/{name}"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("trainable params: ")
+    if name in SEED_COUNTS:
+        assert res.output.strip() == SEED_COUNTS[name]
+
+
+def test_int8_recipe_says_it_needs_cuda():
+    import torch
+    from typer.testing import CliRunner
+
+    from peftrun.cli import app
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: the 8-bit recipe is valid here")
+    res = CliRunner().invoke(app, ["validate", "recipes/opt_6.7b_int8_lora.yaml"])
+    assert res.exit_code == 2
+    assert "load_in_8bit" in res.output and "needs a CUDA GPU" in res.output
+    res = CliRunner().invoke(app, ["params", "recipes/opt_6.7b_int8_lora.yaml", "--set", "model.load_in_8bit=false"])
+    assert res.exit_code == 0 and "trainable params: 8,388,608" in res.output
