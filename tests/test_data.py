@@ -318,3 +318,23 @@ def test_cli_reports_missing_file_and_missing_columns(tmp_path, minilm_path):
     assert "column(s) ['text', 'label'] not in the train data" in res.stderr
     assert "'sentence', 'gold'" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_text_format_trains_on_every_token(llama_tok):
+    ds = _ds([{"quote": "the movie was good"}, {"quote": " ".join(["the film was bad"] * 10)}])
+    c = cfg(format="text", text_column="quote", max_length=10)
+    rows = tokenize_split(ds, c, llama_tok, "CAUSAL_LM", None, for_eval=False)
+    short, long = rows[0], rows[1]
+    assert short["input_ids"] == llama_tok("the movie was good")["input_ids"] + [llama_tok.eos_token_id]
+    assert short["labels"] == short["input_ids"]
+    assert len(long["input_ids"]) == 10 and long["input_ids"][-1] == llama_tok.eos_token_id
+    with pytest.raises(PeftrunError, match="is for CAUSAL_LM"):
+        tokenize_split(ds, c, llama_tok, "SEQ_2_SEQ_LM", None, for_eval=False)
+
+
+def test_prediction_inputs_need_no_label(llama_tok):
+    c = cfg(template="{text} label : ", verbalizer={"1": "good"})
+    rows = tokenize_split(_ds([{"text": "the movie was good"}]), c, llama_tok, "CAUSAL_LM", None, for_eval=True,
+                          with_labels=False)
+    assert rows[0]["prompt_ids"] == llama_tok("the movie was good label : ")["input_ids"]
+    assert "labels" not in rows.column_names
