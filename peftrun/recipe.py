@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from peftrun.errors import PeftrunError, did_you_mean
 
@@ -67,7 +75,7 @@ class DataSection(Section):
     train_split: str = "train"
     eval_split: str | None = None
     test_split: str | None = None
-    format: Literal["plain", "alpaca", "chat", "tokens"] = "plain"
+    format: Literal["plain", "alpaca", "chat", "tokens", "text"] = "plain"
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
@@ -84,8 +92,28 @@ class DataSection(Section):
     max_eval_samples: int | None = Field(default=None, ge=1)
     train_on_inputs: bool = False
     drop_empty: bool = True
+    # {name the recipe uses: column in the data}, as LLaMA-Factory's dataset_info `columns`
+    columns: dict[str, str] | None = None
+    # format: chat reads OpenAI (role/content) or ShareGPT (from/value) turns from this column when present
+    messages_column: str = "messages"
+    system_prompt: str | None = None
+    # generating models answer with one of the verbaliser's label strings (eval and predict)
+    constrain_labels: bool = True
     group_by_length: bool = False
     packing: bool = False
+
+    @field_validator("verbalizer", "columns", mode="before")
+    @classmethod
+    def _string_keys(cls, value: Any) -> Any:
+        # YAML reads `{1: complaint}` with an int key; labels are matched as text
+        if isinstance(value, dict):
+            return {str(k): v if v is None else str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _string_names(cls, value: Any) -> Any:
+        return [str(v) for v in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _has_a_source(self) -> DataSection:

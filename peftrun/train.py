@@ -17,7 +17,7 @@ from peftrun.checkpoint import save_adapter
 from peftrun.data import Collator, label_names_for, load_splits, model_inputs, tokenize_split
 from peftrun.distributed import make_accelerator
 from peftrun.errors import PeftrunError
-from peftrun.evaluate import evaluate
+from peftrun.evaluate import evaluate, report_lines
 from peftrun.memory import MemoryTracker
 from peftrun.models import load_model, load_tokenizer
 from peftrun.resume import Checkpointer, RunInterrupted, StopRequest, fault, latest_checkpoint, resume_command
@@ -108,12 +108,8 @@ def make_optimizer(recipe, model: PeftrunModel, steps: int):
 
 
 def print_eval(accelerator, result, refs_name: str = "references") -> None:
-    for key in ("accuracy", "f1", "entity_f1"):
-        if key in result.metrics:
-            accelerator.print(f"{key}={result.metrics[key] * 100:.2f}")
-    if result.preds:
-        accelerator.print(f"eval_preds[:10]={result.preds[:10]!r}")
-        accelerator.print(f"{refs_name}[:10]={result.refs[:10]!r}")
+    for line in report_lines(result, refs_name):
+        accelerator.print(line)
 
 
 def train(recipe, *, resume: bool = False) -> dict[str, Any]:
