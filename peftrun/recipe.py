@@ -119,7 +119,51 @@ class TrainingSection(Section):
     progress_bar: bool = True
 
 
+Offload = Literal["none", "cpu", "nvme"]
+
+
+class DeepSpeedSection(Section):
+    """accelerate's `deepspeed_config` keys, as in the seed's ds_zero3_cpu.yaml, or a DeepSpeed JSON file."""
+
+    config_file: str | None = None  # a DeepSpeed JSON; when given, the keys below come from it instead
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer_device: Offload = "none"
+    offload_param_device: Offload = "none"
+    offload_optimizer_nvme_path: str | None = None
+    offload_param_nvme_path: str | None = None
+    zero3_init_flag: bool = True
+    zero3_save_16bit_model: bool = True
+    gradient_clipping: float | None = Field(default=None, gt=0.0)  # default: training.max_grad_norm
+
+    @model_validator(mode="after")
+    def _offload_fits_stage(self) -> DeepSpeedSection:
+        if self.offload_param_device != "none" and self.zero_stage != 3:
+            raise ValueError("offload_param_device needs zero_stage 3 (only ZeRO-3 partitions parameters)")
+        if self.offload_optimizer_device != "none" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer_device needs zero_stage 1, 2 or 3")
+        return self
+
+
+class FsdpSection(Section):
+    """accelerate's `fsdp_config` keys without the `fsdp_` prefix."""
+
+    version: Literal[1, 2] = 2
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = "FULL_SHARD"
+    offload_params: bool = False
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
+    transformer_layer_cls_to_wrap: str | None = None  # default: the model's own block class(es)
+    min_num_params: int = Field(default=100_000_000, ge=1)  # for SIZE_BASED_WRAP
+    state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] = "FULL_STATE_DICT"
+    cpu_ram_efficient_loading: bool = True
+    activation_checkpointing: bool = False
+
+
 class DistributedSection(Section):
+    """How many processes train and on what engine; or `accelerate_config`, a ready accelerate config file.
+
+    num_processes counts processes on all machines together, as accelerate's own config does.
+    """
+
     accelerate_config: str | None = None
     num_processes: int = Field(default=1, ge=1)
     num_machines: int = Field(default=1, ge=1)
@@ -128,8 +172,30 @@ class DistributedSection(Section):
     main_process_port: int | None = Field(default=None, ge=1, le=65535)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     strategy: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
-    deepspeed: dict[str, Any] | None = None
-    fsdp: dict[str, Any] | None = None
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    fsdp: FsdpSection = Field(default_factory=FsdpSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedSection:
+        if self.accelerate_config is not None:
+            extra = sorted(self.model_fields_set - {"accelerate_config"})
+            if extra:
+                raise ValueError(
+                    f"accelerate_config names a complete accelerate config; {', '.join(extra)} would be ignored: "
+                    "set them in that file, or pass accelerate options after `peftrun launch RECIPE --`"
+                )
+            return self
+        if "deepspeed" in self.model_fields_set and self.strategy != "deepspeed":
+            raise ValueError("a deepspeed section needs strategy: deepspeed")
+        if "fsdp" in self.model_fields_set and self.strategy != "fsdp":
+            raise ValueError("an fsdp section needs strategy: fsdp")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("several machines need main_process_ip: the address of machine_rank 0")
+        if self.num_processes % self.num_machines:
+            raise ValueError("num_processes (all machines together) must be a multiple of num_machines")
+        return self
 
 
 class Recipe(Section):
