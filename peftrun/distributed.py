@@ -244,3 +244,12 @@ def gathered(params, enabled: bool = True):
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield
+
+
+def rank_spread(accelerator, tensors) -> float:
+    """Largest difference between the ranks' copies of `tensors`: 0.0 when every rank holds the same."""
+    if accelerator.num_processes == 1:
+        return 0.0
+    flat = torch.cat([t.detach().float().reshape(-1).cpu() for t in tensors])
+    every = accelerator.gather(flat.to(accelerator.device)[None]).cpu()
+    return float((every - every[0]).abs().max()) if every.numel() else 0.0

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from peftrun.adapted import PeftrunModel, wrap
 from peftrun.checkpoint import save_adapter
 from peftrun.data import Collator, label_names_for, load_splits, model_inputs, tokenize_split
-from peftrun.distributed import gathered, make_accelerator, zero3
+from peftrun.distributed import gathered, make_accelerator, rank_spread, zero3
 from peftrun.errors import PeftrunError
 from peftrun.evaluate import evaluate
 from peftrun.memory import MemoryTracker
@@ -217,7 +217,12 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
 
     accelerator.wait_for_everyone()
     # under ZeRO-3 each rank holds a slice of every tensor: gather the adapter's whole before writing it
-    with gathered(peft_model.adapter_state_dict(adapter).values(), enabled=zero3(accelerator)):
+    state = peft_model.adapter_state_dict(adapter)
+    with gathered(state.values(), enabled=zero3(accelerator)):
+        if accelerator.num_processes > 1:
+            spread = rank_spread(accelerator, state.values())
+            accelerator.print(f"adapter on {accelerator.num_processes} ranks: max |difference| {spread:.3g}")
+            log.write({"step": step, "ranks": accelerator.num_processes, "adapter_rank_max_diff": spread})
         if accelerator.is_main_process:
             save_adapter(
                 peft_model, out, base_model=recipe.model.name_or_path,
