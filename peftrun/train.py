@@ -18,6 +18,7 @@ from peftrun.distributed import gathered, make_accelerator, rank_spread, zero3
 from peftrun.errors import PeftrunError
 from peftrun.evaluate import evaluate
 from peftrun.memory import MemoryTracker
+from peftrun.memory import report as memory_report
 from peftrun.models import load_model, load_tokenizer
 
 
@@ -185,12 +186,13 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
                     if cfg.max_steps and step >= cfg.max_steps:
                         break
             progress.remove_task(bar)
-            for line in mem.lines():
+            mem_lines, mem_record = memory_report(mem, accelerator)  # every rank's devices, printed once
+            for line in mem_lines:
                 accelerator.print(line)
             train_epoch_loss = (total_loss / max(seen, 1)).item()
             train_ppl = math.exp(min(train_epoch_loss, 50.0))
             record: dict[str, Any] = {
-                "epoch": epoch, "step": step, "train_epoch_loss": train_epoch_loss, "train_ppl": train_ppl, **mem.record()
+                "epoch": epoch, "step": step, "train_epoch_loss": train_epoch_loss, "train_ppl": train_ppl, **mem_record
             }
             line = f"epoch={epoch}: train_ppl={train_ppl:.6f} train_epoch_loss={train_epoch_loss:.6f}"
             if cfg.eval_each_epoch or epoch == cfg.num_epochs - 1 or (cfg.max_steps and step >= cfg.max_steps):
@@ -199,10 +201,11 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
                         model, eval_loader, task_type=recipe.model.task_type, tokenizer=tokenizer,
                         label_names=label_names, data_cfg=recipe.data, accelerator=accelerator,
                     )
-                for mline in emem.lines():
+                emem_lines, emem_record = memory_report(emem, accelerator)
+                for mline in emem_lines:
                     accelerator.print(mline)
                 record.update(result.metrics)
-                record.update(emem.record())
+                record.update(emem_record)
                 line += f" eval_loss={result.metrics['eval_loss']:.6f}"
                 if "eval_ppl" in result.metrics:
                     line += f" eval_ppl={result.metrics['eval_ppl']:.6f}"
