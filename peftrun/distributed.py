@@ -36,7 +36,8 @@ def world_size_from_env() -> int:
 def launched() -> bool:
     """True inside a process started by accelerate launch, torchrun or deepspeed."""
     return any(os.environ.get(k) for k in LAUNCHER_ENV) and (
-        world_size_from_env() > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+        world_size_from_env() > 1
+        or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
         or os.environ.get("ACCELERATE_USE_FSDP") == "true"
     )
 
@@ -53,7 +54,10 @@ def _deepspeed_block(recipe) -> dict[str, Any]:
     ds = recipe.distributed.deepspeed
     gas = recipe.training.gradient_accumulation_steps
     if ds.config_file:
-        return {"deepspeed_config_file": str(Path(ds.config_file).resolve()), "zero3_init_flag": ds.zero3_init_flag}
+        return {
+            "deepspeed_config_file": str(Path(ds.config_file).resolve()),
+            "zero3_init_flag": ds.zero3_init_flag,
+        }
     clip = ds.gradient_clipping if ds.gradient_clipping is not None else recipe.training.max_grad_norm
     block: dict[str, Any] = {
         "gradient_accumulation_steps": gas,
@@ -99,7 +103,9 @@ def _fsdp_block(recipe) -> dict[str, Any]:
 def accelerate_config(recipe) -> dict[str, Any]:
     """The accelerate config (the YAML `accelerate config` writes) that the recipe's distributed section means."""
     d = recipe.distributed
-    kind = {"ddp": "MULTI_GPU" if d.num_processes > 1 else "NO", "deepspeed": "DEEPSPEED", "fsdp": "FSDP"}[d.strategy]
+    kind = {"ddp": "MULTI_GPU" if d.num_processes > 1 else "NO", "deepspeed": "DEEPSPEED", "fsdp": "FSDP"}[
+        d.strategy
+    ]
     cfg: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": kind,
@@ -130,7 +136,9 @@ def config_file_for(recipe, folder: str | os.PathLike[str] | None = None) -> Pat
     if recipe.distributed.accelerate_config:
         path = Path(recipe.distributed.accelerate_config)
         if not path.is_file():
-            raise PeftrunError("accelerate config file not found", where=f"distributed.accelerate_config ({path})")
+            raise PeftrunError(
+                "accelerate config file not found", where=f"distributed.accelerate_config ({path})"
+            )
         return path
     folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="peftrun-launch-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -152,7 +160,9 @@ def cpu_only_env(config: dict[str, Any], base: dict[str, str] | None = None) -> 
     return env
 
 
-def launch_command(config_file: Path, recipe_path: str, overrides: list[str], accelerate_args: list[str]) -> list[str]:
+def launch_command(
+    config_file: Path, recipe_path: str, overrides: list[str], accelerate_args: list[str]
+) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
     config = yaml.safe_load(Path(config_file).read_text()) or {}
     kind = str(config.get("distributed_type", "NO")).upper()
@@ -165,7 +175,9 @@ def launch_command(config_file: Path, recipe_path: str, overrides: list[str], ac
     return cmd
 
 
-def launch(recipe, recipe_path: str, overrides: list[str], accelerate_args: list[str], *, dry_run: bool = False) -> int:
+def launch(
+    recipe, recipe_path: str, overrides: list[str], accelerate_args: list[str], *, dry_run: bool = False
+) -> int:
     """Run `accelerate launch` on `peftrun train`; returns its exit code."""
     config_file = config_file_for(recipe)
     config = yaml.safe_load(config_file.read_text()) or {}
@@ -200,7 +212,9 @@ def make_accelerator(recipe):
     if backend != "auto":
         handlers.append(InitProcessGroupKwargs(backend=backend))
     # an explicit training.mixed_precision wins; otherwise accelerate launch's config (or "no") decides
-    precision = recipe.training.mixed_precision if "mixed_precision" in recipe.training.model_fields_set else None
+    precision = (
+        recipe.training.mixed_precision if "mixed_precision" in recipe.training.model_fields_set else None
+    )
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.training.gradient_accumulation_steps,
         mixed_precision=precision,

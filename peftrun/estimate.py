@@ -97,7 +97,9 @@ def _batch(model: nn.Module, task_type: str, batch: int, seq: int, target: int) 
     return inputs
 
 
-def saved_activation_bytes(model: nn.Module, inputs: dict[str, torch.Tensor], checkpointing: bool = False) -> int:
+def saved_activation_bytes(
+    model: nn.Module, inputs: dict[str, torch.Tensor], checkpointing: bool = False
+) -> int:
     """Bytes autograd keeps for backward after one forward pass (see the module docstring)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -204,8 +206,13 @@ def estimate(
 
     def build(dtype: torch.dtype) -> nn.Module:
         model = build_from_config(
-            m.name_or_path, task, meta=True, dtype=dtype, num_labels=num_labels,
-            overrides=m.config_overrides, trust_remote_code=m.trust_remote_code,
+            m.name_or_path,
+            task,
+            meta=True,
+            dtype=dtype,
+            num_labels=num_labels,
+            overrides=m.config_overrides,
+            trust_remote_code=m.trust_remote_code,
         )
         model.train()
         return model
@@ -222,7 +229,6 @@ def estimate(
     adapted.train()
     a_method = saved_activation_bytes(adapted, inputs, m.gradient_checkpointing)
     w_method, n_method, n_t = weight_bytes(adapted)
-
 
     method = recipe.method.name
     est = Estimate(m.name_or_path, n, batch, seq, target if task == "SEQ_2_SEQ_LM" else None, baseline)

@@ -38,8 +38,12 @@ def main() -> None:
     vocab = model.get_input_embeddings().num_embeddings
     loss = None
     for _ in range(steps):
-        inputs = {k: torch.randint(0, min(vocab, 2), v.shape) if k == "labels" and task == "SEQ_CLS"
-                  else torch.randint(0, vocab, v.shape) for k, v in _batch(model, task, batch, seq, 3).items()}
+        inputs = {
+            k: torch.randint(0, min(vocab, 2), v.shape)
+            if k == "labels" and task == "SEQ_CLS"
+            else torch.randint(0, vocab, v.shape)
+            for k, v in _batch(model, task, batch, seq, 3).items()
+        }
         loss = model(**inputs).loss
         loss.backward()
         optimizer.step()

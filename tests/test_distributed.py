@@ -43,8 +43,15 @@ def setup(tmp_path_factory):
     from tiny import save_tiny
 
     root = tmp_path_factory.mktemp("dist")
-    save_tiny(root / "bert", "bert", "SEQ_CLS", vocab_size=384, num_labels=2,
-              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    save_tiny(
+        root / "bert",
+        "bert",
+        "SEQ_CLS",
+        vocab_size=384,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     rng = random.Random(0)
     rows = []
     for i in range(64):
@@ -58,7 +65,13 @@ def setup(tmp_path_factory):
         "model": {"name_or_path": str(root / "bert"), "task_type": "SEQ_CLS", "tokenizer": "byt5"},
         "method": {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
         "data": {"path": str(root / "data"), "max_length": 32},
-        "training": {"num_epochs": 1, "batch_size": 8, "learning_rate": 0.01, "progress_bar": False, "seed": 1},
+        "training": {
+            "num_epochs": 1,
+            "batch_size": 8,
+            "learning_rate": 0.01,
+            "progress_bar": False,
+            "seed": 1,
+        },
         "output_dir": str(root / "single"),
     }
     path = root / "recipe.yaml"
@@ -100,10 +113,14 @@ def test_recipe_deepspeed_section_gives_the_seed_config(setup):
     from peftrun.recipe import load_recipe
 
     root, path = setup
-    recipe = load_recipe(path, [
-        "distributed.strategy=deepspeed", "distributed.deepspeed.offload_optimizer_device=cpu",
-        "distributed.deepspeed.offload_param_device=cpu",
-    ])
+    recipe = load_recipe(
+        path,
+        [
+            "distributed.strategy=deepspeed",
+            "distributed.deepspeed.offload_optimizer_device=cpu",
+            "distributed.deepspeed.offload_param_device=cpu",
+        ],
+    )
     ours = accelerate_config(recipe)
     seed = yaml.safe_load(DS_SEED_CONFIG.read_text())
     assert ours["distributed_type"] == seed["distributed_type"] == "DEEPSPEED"
@@ -114,13 +131,26 @@ def test_recipe_deepspeed_section_gives_the_seed_config(setup):
 def test_launch_dry_run_names_processes_and_machines(setup):
     root, path = setup
     result = run_cli(
-        "launch", str(path), "--set", "distributed.num_processes=4", "--set", "distributed.num_machines=2",
-        "--set", "distributed.machine_rank=1", "--set", "distributed.main_process_ip=10.0.0.1",
-        "--set", "distributed.main_process_port=29501", "--dry-run", "--", "--max_restarts", "0",
+        "launch",
+        str(path),
+        "--set",
+        "distributed.num_processes=4",
+        "--set",
+        "distributed.num_machines=2",
+        "--set",
+        "distributed.machine_rank=1",
+        "--set",
+        "distributed.main_process_ip=10.0.0.1",
+        "--set",
+        "distributed.main_process_port=29501",
+        "--dry-run",
+        "--",
+        "--max_restarts",
+        "0",
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    config = yaml.safe_load(out[out.index("compute_environment"):])
+    config = yaml.safe_load(out[out.index("compute_environment") :])
     assert (config["num_processes"], config["num_machines"], config["machine_rank"]) == (4, 2, 1)
     assert (config["main_process_ip"], config["main_process_port"]) == ("10.0.0.1", 29501)
     assert "--max_restarts 0 -m peftrun train" in out
@@ -132,10 +162,18 @@ def test_launch_dry_run_names_processes_and_machines(setup):
         (["distributed.deepspeed.zero_stage=3"], "needs strategy: deepspeed"),
         (["distributed.num_machines=2", "distributed.num_processes=2"], "main_process_ip"),
         (["distributed.machine_rank=1"], "must be below num_machines"),
-        (["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2",
-          "distributed.deepspeed.offload_param_device=cpu"], "needs zero_stage 3"),
-        (["distributed.accelerate_config=configs/ds_zero3_cpu.yaml", "distributed.num_processes=2"],
-         "would be ignored"),
+        (
+            [
+                "distributed.strategy=deepspeed",
+                "distributed.deepspeed.zero_stage=2",
+                "distributed.deepspeed.offload_param_device=cpu",
+            ],
+            "needs zero_stage 3",
+        ),
+        (
+            ["distributed.accelerate_config=configs/ds_zero3_cpu.yaml", "distributed.num_processes=2"],
+            "would be ignored",
+        ),
     ],
 )
 def test_inconsistent_distributed_sections_exit_2(setup, overrides, message):
@@ -148,8 +186,9 @@ def test_inconsistent_distributed_sections_exit_2(setup, overrides, message):
 
 def test_train_without_a_launcher_says_how_to_launch(setup):
     root, path = setup
-    result = run_cli("train", str(path), "--set", "distributed.num_processes=2",
-                     "--set", f"output_dir={root / 'refused'}")
+    result = run_cli(
+        "train", str(path), "--set", "distributed.num_processes=2", "--set", f"output_dir={root / 'refused'}"
+    )
     assert result.returncode == 2
     assert "peftrun launch" in result.stderr
 
@@ -162,15 +201,24 @@ def test_two_process_ddp_equals_single_process(setup):
     root, path = setup
     out = root / "ddp"
     result = run_cli(
-        "launch", str(path), "--set", "distributed.num_processes=2", "--set", "training.batch_size=4",
-        "--set", f"output_dir={out}", env=launch_env(), timeout=900,
+        "launch",
+        str(path),
+        "--set",
+        "distributed.num_processes=2",
+        "--set",
+        "training.batch_size=4",
+        "--set",
+        f"output_dir={out}",
+        env=launch_env(),
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert_same_adapter(adapter(root / "single"), adapter(out))
     spread = [r for r in metrics(out) if "adapter_rank_max_diff" in r]
     assert spread == [{"step": 6, "ranks": 2, "adapter_rank_max_diff": 0.0}]  # both ranks end bit-identical
     assert "CPU Total Peak Memory consumed during the train (max):" in result.stdout
-    assert result.stdout.count("CPU Total Peak Memory consumed during the train") == 1  # the main process reports
+    # the main process reports, once
+    assert result.stdout.count("CPU Total Peak Memory consumed during the train") == 1
     single = [r for r in metrics(root / "single") if "accuracy" in r][-1]
     ddp = [r for r in metrics(out) if "accuracy" in r][-1]
     assert ddp["accuracy"] == single["accuracy"]
@@ -179,9 +227,21 @@ def test_two_process_ddp_equals_single_process(setup):
 
 def _zero3_run(root: Path, path: Path, out: Path, env: dict[str, str], processes: int):
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DS_SEED_CONFIG),
-        "--num_processes", str(processes), "-m", "peftrun", "train", str(path),
-        "--set", f"training.batch_size={8 // processes}", "--set", f"output_dir={out}",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(DS_SEED_CONFIG),
+        "--num_processes",
+        str(processes),
+        "-m",
+        "peftrun",
+        "train",
+        str(path),
+        "--set",
+        f"training.batch_size={8 // processes}",
+        "--set",
+        f"output_dir={out}",
     ]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=1500)
@@ -199,8 +259,9 @@ def _check_zero3_adapter(root: Path, out: Path) -> None:
     logits = probe_logits(load_adapted(out)[0], "SEQ_CLS")
     reference = probe_logits(load_adapted(root / "single")[0], "SEQ_CLS")
     assert (logits - reference).abs().max().item() < 1e-4
-    assert [r for r in metrics(out) if "accuracy" in r][-1]["accuracy"] == \
-        [r for r in metrics(root / "single") if "accuracy" in r][-1]["accuracy"]
+    assert [r for r in metrics(out) if "accuracy" in r][-1]["accuracy"] == [
+        r for r in metrics(root / "single") if "accuracy" in r
+    ][-1]["accuracy"]
     merged = run_cli("merge", "--adapter", str(out), "--output", str(out.parent / f"{out.name}-merged"))
     assert merged.returncode == 0, merged.stderr
     assert (out.parent / f"{out.name}-merged" / "model.safetensors").is_file()
@@ -217,7 +278,8 @@ def test_deepspeed_zero3_cpu_offload_two_ranks(setup):
     out = root / "zero3"
     result = _zero3_run(root, path, out, launch_env(DS_ACCELERATOR="cpu"), processes=2)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "trainable params: 1,090 || all params: 35,812" in result.stdout  # counts the partitioned weights whole
+    # the count sees the partitioned weights whole
+    assert "trainable params: 1,090 || all params: 35,812" in result.stdout
     assert [r for r in metrics(out) if "adapter_rank_max_diff" in r][0]["adapter_rank_max_diff"] == 0.0
     _check_zero3_adapter(root, out)
 

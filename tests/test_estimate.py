@@ -25,12 +25,14 @@ TOLERANCE = 0.15
 
 
 def seed_recipe(name: str, task: str, **training):
-    return recipe_from_dict({
-        "model": {"name_or_path": name, "task_type": task},
-        "method": {"name": "lora", "r": 8, "lora_alpha": 32, "lora_dropout": 0.1},
-        "data": {"path": "ought/raft", "max_length": 64, "target_max_length": 3},
-        "training": {"batch_size": 8, **training},
-    })
+    return recipe_from_dict(
+        {
+            "model": {"name_or_path": name, "task_type": task},
+            "method": {"name": "lora", "r": 8, "lora_alpha": 32, "lora_dropout": 0.1},
+            "data": {"path": "ought/raft", "max_length": 64, "target_max_length": 3},
+            "training": {"batch_size": 8, **training},
+        }
+    )
 
 
 def within(value: float, reference: float, tolerance: float = TOLERANCE) -> bool:
@@ -55,10 +57,13 @@ def test_t0_3b_matches_the_seed_table(t0_3b):
     assert all(row.fits for row in t0_3b.rows)
 
 
-@pytest.mark.parametrize(("name", "task", "lora_gb"), [
-    ("bigscience/mt0-xxl", "SEQ_2_SEQ_LM", 56.0),
-    ("bigscience/bloomz-7b1", "CAUSAL_LM", 32.0),
-])
+@pytest.mark.parametrize(
+    ("name", "task", "lora_gb"),
+    [
+        ("bigscience/mt0-xxl", "SEQ_2_SEQ_LM", 56.0),
+        ("bigscience/bloomz-7b1", "CAUSAL_LM", 32.0),
+    ],
+)
 def test_seven_and_twelve_billion_models(name, task, lora_gb):
     est = estimate(seed_recipe(name, task), device_gb=80)
     full, lora, offload = est.rows
@@ -118,17 +123,29 @@ def measure(name: str, task: str, method: str, batch: int, seq: int) -> dict:
     heap (its mmap threshold grows as blocks are freed); a fixed threshold returns them, as CUDA's allocator
     statistics (memory_allocated) do for the seed's GPU figures."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "65536"}
-    cmd = [sys.executable, str(REPO / "tests" / "memory_probe.py"), name, task, method, str(batch), str(seq), "2"]
+    cmd = [
+        sys.executable,
+        str(REPO / "tests" / "memory_probe.py"),
+        name,
+        task,
+        method,
+        str(batch),
+        str(seq),
+        "2",
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def check_rss(name: str, task: str, batch: int, seq: int) -> None:
-    recipe = recipe_from_dict({
-        "model": {"name_or_path": name, "task_type": task},
-        "method": {"name": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1},
-        "data": {"path": "x", "max_length": seq}, "training": {"batch_size": batch},
-    })
+    recipe = recipe_from_dict(
+        {
+            "model": {"name_or_path": name, "task_type": task},
+            "method": {"name": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1},
+            "data": {"path": "x", "max_length": seq},
+            "training": {"batch_size": batch},
+        }
+    )
     for method, row in (("full", 0), ("lora", 1)):
         got = measure(name, task, method, batch, seq)
         est = estimate(recipe, baseline=got["baseline"]).rows[row]
