@@ -85,12 +85,12 @@ def _fsdp_block(recipe) -> dict[str, Any]:
         "fsdp_state_dict_type": f.state_dict_type,
         "fsdp_cpu_ram_efficient_loading": f.cpu_ram_efficient_loading,
         "fsdp_activation_checkpointing": f.activation_checkpointing,
-        "fsdp_use_orig_params": True,  # frozen and trainable weights share flat parameters in version 1
-        "fsdp_sync_module_states": True,
     }
     if f.version == 1:
         block["fsdp_sharding_strategy"] = f.sharding_strategy
         block["fsdp_backward_prefetch"] = "BACKWARD_PRE"
+        block["fsdp_use_orig_params"] = True  # frozen and trainable weights share flat parameters
+        block["fsdp_sync_module_states"] = True
     else:
         block["fsdp_reshard_after_forward"] = f.sharding_strategy != "SHARD_GRAD_OP"
     if f.auto_wrap_policy == "TRANSFORMER_BASED_WRAP" and f.transformer_layer_cls_to_wrap:
