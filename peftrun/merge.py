@@ -59,7 +59,10 @@ def load_adapted(
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
-        tokenizer = load_tokenizer(section)
+        try:
+            tokenizer = load_tokenizer(section)
+        except PeftrunError:
+            tokenizer = None  # a bare model folder: merge and logits need no tokenizer
     return peft_model, tokenizer
 
 
