@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from conftest import run_cli
+from safetensors.torch import load_file
 
 from peftrun.adapted import wrap
 from peftrun.methods.lora import LoraConfig
@@ -138,3 +139,81 @@ def test_every_device_gets_the_seed_lines_and_a_record():
     assert lines[-1] == "GPU 1 Total Peak Memory consumed during the train (max): 30"
     assert record["train_gpu_mem_peak_total_mb"] == 9404
     assert record["train_gpu0_mem_peak_total_mb"] == 9404 and record["train_gpu1_mem_peak_total_mb"] == 30
+
+
+T0_ROWS = [
+    ("@HMRCcustomers No this is my first job", "no complaint"),
+    ("@nationalgridus I have no water and the bill is current and paid. Can you do something?", "complaint"),
+    ("@JetBlue Cancelled my flight and no one will tell me why", "complaint"),
+    ("Looking forward to the weekend with friends", "no complaint"),
+    ("@Comcast my internet has been down for three days, still no technician", "complaint"),
+    ("Great game last night, what a finish", "no complaint"),
+    ("@AppleSupport my phone keeps restarting after the update", "complaint"),
+    ("Coffee and a good book this morning", "no complaint"),
+]
+
+
+@pytest.mark.slow
+def test_t0_3b_lora_step_fits_this_machine(tmp_path):
+    """The seed's point on a 24 GiB CPU machine: one LoRA step of the T0_3B architecture (random weights,
+    bf16 base, fp32 adapters, batch 8 x 64 tokens) fits, where full fine-tuning would not (estimate)."""
+    import csv
+    import re
+    import resource
+
+    from peftrun.estimate import estimate
+    from peftrun.recipe import load_recipe
+
+    with open(tmp_path / "train.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows(T0_ROWS)
+    with open(tmp_path / "validation.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows(T0_ROWS[:2])
+    recipe = {
+        "model": {
+            "name_or_path": "bigscience/T0_3B",
+            "task_type": "SEQ_2_SEQ_LM",
+            "random_init": True,
+            "dtype": "bfloat16",
+            "tokenizer": "byt5",
+        },
+        "method": {"name": "lora", "r": 8, "lora_alpha": 32, "lora_dropout": 0.1},
+        "data": {
+            "path": str(tmp_path),
+            "template": "Tweet text : {text} Label : ",
+            "label_column": "label",
+            "max_length": 64,
+            "target_max_length": 3,
+        },
+        "training": {
+            "max_steps": 1,
+            "num_epochs": 1,
+            "batch_size": 8,
+            "learning_rate": 3e-3,
+            "progress_bar": False,
+        },
+        "output_dir": str(tmp_path / "out"),
+    }
+    path = tmp_path / "t0_3b_step.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    limit = 24 * 2**30
+    full = estimate(load_recipe(path)).row("full fine-tuning")
+    assert full.device + full.host > limit  # ~45.6 GB of fp32 weights, gradients and AdamW states alone
+
+    result = run_cli("train", str(path), timeout=7200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainable params: 4,718,592 || all params: 2,854,475,776" in result.stdout
+    train_peak_mib = int(
+        re.search(r"CPU Total Peak Memory consumed during the train \(max\): (\d+)", result.stdout)[1]
+    )
+    process_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(
+        f"T0_3B LoRA step: train peak {train_peak_mib} MiB, process peak RSS {process_peak / 2**30:.2f} GiB"
+    )
+    assert train_peak_mib * 2**20 < limit and process_peak < limit
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert {tuple(t.shape) for t in saved.values()} == {(8, 2048), (2048, 8)}
+    assert all(t.dtype == torch.float32 for t in saved.values())
