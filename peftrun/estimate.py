@@ -136,6 +136,13 @@ def saved_activation_bytes(
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(**inputs)
+    except (RuntimeError, NotImplementedError) as exc:
+        from peftrun.errors import PeftrunError
+
+        raise PeftrunError(
+            f"this model's forward pass cannot run on the meta device: {str(exc).splitlines()[0][:160]}",
+            hint="the estimate needs a forward pass without data-dependent steps; try another method or model",
+        ) from None
     finally:
         for h in handles:
             h.remove()

@@ -99,6 +99,14 @@ def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def launch_env(**extra: str) -> dict[str, str]:
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))}
     env.update(extra)
@@ -209,6 +217,9 @@ def test_two_process_ddp_equals_single_process(setup):
         "training.batch_size=4",
         "--set",
         f"output_dir={out}",
+        "--",
+        "--main_process_port",
+        free_port(),
         env=launch_env(),
         timeout=900,
     )
@@ -234,6 +245,8 @@ def _zero3_run(root: Path, path: Path, out: Path, env: dict[str, str], processes
         str(DS_SEED_CONFIG),
         "--num_processes",
         str(processes),
+        "--main_process_port",
+        free_port(),
         "-m",
         "peftrun",
         "train",
