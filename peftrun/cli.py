@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -25,22 +26,32 @@ RecipeArg = Annotated[Path, typer.Argument(help="the recipe YAML file", show_def
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: --set training.learning_rate=1e-4")]
 
 
-def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+def fail(message: str, code: int = 2, prefix: str = "error: ") -> None:
+    typer.echo(f"{prefix}{message}", err=True)
     raise typer.Exit(code)
 
 
+def _debug() -> bool:
+    return STATE["debug"] or "--debug" in sys.argv
+
+
 def user_errors(fn):
-    """Known mistakes print one line and exit 2; --debug shows the traceback instead."""
+    """Known mistakes print one line and exit 2 (an interrupted run: 128 + signal); --debug adds the traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except PeftrunError as exc:
-            if STATE["debug"]:
-                raise
-            fail(exc.render(), exc.exit_code)
+            if _debug():
+                traceback.print_exc()
+            fail(exc.render(), exc.exit_code, prefix="error: " if exc.exit_code == 2 else "")
+        except OSError as exc:
+            # a file that cannot be read or written (permissions, a full disk): the environment, not a bug
+            if _debug():
+                traceback.print_exc()
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or exc}", 2)
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
@@ -178,10 +189,8 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception:
-        if STATE["debug"] or "--debug" in sys.argv:
+        if _debug():
             raise
-        import traceback
-
         typer.echo("error: peftrun hit an unexpected problem (a bug); run again with --debug for the traceback:", err=True)
         typer.echo("  " + traceback.format_exc().strip().splitlines()[-1], err=True)
         sys.exit(1)

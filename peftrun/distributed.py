@@ -244,11 +244,12 @@ def zero3(accelerator) -> bool:
 
 
 @contextlib.contextmanager
-def gathered(params, enabled: bool = True):
+def gathered(params, enabled: bool = True, modifier_rank: int | None = None):
     """Whole ZeRO-3 parameters inside the block, on every rank (a collective: all ranks must enter).
 
     ZeRO-3 leaves each rank a slice of every weight (an empty tensor where the rank holds none);
-    anything that reads weights whole, such as saving an adapter, runs inside this block.
+    anything that reads weights whole, such as saving an adapter, runs inside this block. With
+    `modifier_rank`, what that rank writes into them is partitioned back to every rank on leaving.
     """
     partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not enabled or not partitioned:
@@ -256,7 +257,7 @@ def gathered(params, enabled: bool = True):
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield
 
 

@@ -209,6 +209,7 @@ class Recipe(Section):
 
     _method_config: Any = PrivateAttr(default=None)
     _source: str | None = PrivateAttr(default=None)
+    _overrides: list[str] = PrivateAttr(default_factory=list)
 
     @property
     def method_config(self) -> Any:
@@ -277,6 +278,10 @@ def _fields_at(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _short(value: Any) -> str:
+    from peftrun.checkpoint import looks_secret
+
+    if isinstance(value, str) and looks_secret(value):
+        return "'<redacted>'"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -370,6 +375,7 @@ def recipe_from_dict(
             f"a recipe is a YAML mapping with model, method, data and training sections, got {type(data).__name__}",
             where=source,
         )
+    refuse_secrets(data, source=source, lines=lines)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
@@ -377,6 +383,12 @@ def recipe_from_dict(
     recipe._source = source
     recipe._method_config = build_method_config(recipe, lines=lines, source=source)
     _check_hardware(recipe, source, lines)
+    check_output_dir_value(recipe.output_dir, where=_where(source, lines, ("output_dir",)))
+    if recipe.distributed.deepspeed:
+        check_deepspeed_config(
+            recipe.distributed.deepspeed, recipe,
+            where=lambda *key: _where(source, lines, ("distributed", "deepspeed", *key)),
+        )
     return recipe
 
 
@@ -407,4 +419,104 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
         raise PeftrunError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
     if isinstance(data, dict):
         data = apply_overrides(data, overrides or [])
-    return recipe_from_dict(data, source=source, lines=_yaml_lines(text))
+    recipe = recipe_from_dict(data, source=source, lines=_yaml_lines(text))
+    recipe._overrides = list(overrides or [])
+    return recipe
+
+
+# ---------------------------------------------------------------- checks beyond the schema
+
+
+def refuse_secrets(data: Any, *, source: str | None, lines: dict[tuple[str, ...], int], path: tuple = ()) -> None:
+    """Credentials belong in the environment (HF_TOKEN), never in a recipe that gets copied beside adapters."""
+    from peftrun.checkpoint import SECRET_KEYS, looks_secret
+
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if str(key).lower() in SECRET_KEYS:
+                raise PeftrunError(
+                    f"'{key}' looks like a credential; peftrun does not take secrets from recipes",
+                    where=_where(source, lines, (*path, str(key))),
+                    hint="remove it and export HF_TOKEN in the environment instead; the value is not shown here",
+                )
+            refuse_secrets(value, source=source, lines=lines, path=(*path, str(key)))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            refuse_secrets(value, source=source, lines=lines, path=(*path, str(i)))
+    elif isinstance(data, str) and looks_secret(data):
+        raise PeftrunError(
+            "this value looks like a hub token; peftrun does not take secrets from recipes",
+            where=_where(source, lines, path),
+            hint="export HF_TOKEN in the environment instead; the value is not shown here",
+        )
+
+
+def check_output_dir_value(output_dir: str, *, where: str) -> None:
+    """output_dir gets files written and (checkpoints/) deleted: it must be a folder of its own."""
+    if not output_dir.strip():
+        raise PeftrunError("output_dir is empty", where=where)
+    out = Path(output_dir).expanduser().resolve()
+    repo = Path(__file__).resolve().parent.parent
+    protected = (
+        (Path(out.anchor), "the filesystem root"),
+        (Path.home().resolve(), "your home folder"),
+        (Path.cwd().resolve(), "the current folder"),
+        (repo, "the peftrun source folder"),
+    )
+    for folder, what in protected:
+        if out == folder or out in folder.parents:
+            raise PeftrunError(
+                f"output_dir '{output_dir}' is {what} or a folder above it; a run writes and prunes files there",
+                where=where,
+                hint="give a folder of its own, e.g. out/my_run",
+            )
+
+
+def _ds_value(config: dict[str, Any], *keys: str) -> Any:
+    node: Any = config
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return None if node == "auto" else node
+
+
+def check_deepspeed_config(config: dict[str, Any], recipe: Recipe, *, where) -> None:
+    """A DeepSpeed config must agree with the recipe on what both set; "auto" takes the recipe's value.
+
+    `where(*key)` renders the location of a key under the DeepSpeed config for messages.
+    """
+    t = recipe.training
+    world = recipe.distributed.num_processes * recipe.distributed.num_machines
+    expected = {
+        ("gradient_accumulation_steps",): (t.gradient_accumulation_steps, "training.gradient_accumulation_steps"),
+        ("train_micro_batch_size_per_gpu",): (t.batch_size, "training.batch_size"),
+        ("train_batch_size",): (
+            t.batch_size * t.gradient_accumulation_steps * world,
+            "training.batch_size x gradient_accumulation_steps x processes",
+        ),
+        ("optimizer", "params", "lr"): (t.learning_rate, "training.learning_rate"),
+    }
+    for keys, (want, source_key) in expected.items():
+        got = _ds_value(config, *keys)
+        if got is None:
+            continue
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or float(got) != float(want):
+            raise PeftrunError(
+                f"the DeepSpeed config sets {'.'.join(keys)}={got!r} but the recipe's {source_key} gives {want!r}",
+                where=where(*keys),
+                hint=f'set it to "auto" (DeepSpeed then takes the recipe\'s value) or to {want!r}',
+            )
+    for precision in ("fp16", "bf16"):
+        enabled = _ds_value(config, precision, "enabled")
+        if enabled is True and t.mixed_precision != precision:
+            raise PeftrunError(
+                f"the DeepSpeed config enables {precision} but training.mixed_precision is '{t.mixed_precision}'",
+                where=where(precision, "enabled"),
+                hint=f'set training.mixed_precision: {precision}, or {precision}.enabled: "auto"',
+            )
+    stage = _ds_value(config, "zero_optimization", "stage")
+    if stage is not None and stage not in (0, 1, 2, 3):
+        raise PeftrunError(
+            f"zero_optimization.stage must be 0, 1, 2 or 3 (got {stage!r})", where=where("zero_optimization", "stage")
+        )
