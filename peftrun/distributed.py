@@ -13,6 +13,7 @@ processes instead of silently starting one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import subprocess
@@ -50,9 +51,22 @@ def wants_launcher(recipe) -> bool:
 # ------------------------------------------------------------------ accelerate config from a recipe
 
 
-def _deepspeed_block(recipe) -> dict[str, Any]:
+def _deepspeed_block(recipe, folder: Path | None = None) -> dict[str, Any]:
     ds = recipe.distributed.deepspeed
     gas = recipe.training.gradient_accumulation_steps
+    if (
+        ds.json_config
+    ):  # DeepSpeed's own keys inline: a JSON beside the accelerate config; "auto" = the recipe's
+        config = {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            **ds.json_config,
+        }
+        if ds.gradient_clipping is not None:
+            config["gradient_clipping"] = ds.gradient_clipping
+        path = (folder or Path(tempfile.mkdtemp(prefix="peftrun-launch-"))) / "deepspeed_config.json"
+        path.write_text(json.dumps(config, indent=2) + "\n")
+        return {"deepspeed_config_file": str(path), "zero3_init_flag": ds.zero3_init_flag}
     if ds.config_file:
         return {
             "deepspeed_config_file": str(Path(ds.config_file).resolve()),
@@ -100,8 +114,10 @@ def _fsdp_block(recipe) -> dict[str, Any]:
     return block
 
 
-def accelerate_config(recipe) -> dict[str, Any]:
-    """The accelerate config (the YAML `accelerate config` writes) that the recipe's distributed section means."""
+def accelerate_config(recipe, folder: Path | None = None) -> dict[str, Any]:
+    """The accelerate config (the YAML `accelerate config` writes) that the recipe's distributed section means.
+
+    `folder`: where a DeepSpeed JSON goes when the section gives DeepSpeed's own keys."""
     d = recipe.distributed
     kind = {"ddp": "MULTI_GPU" if d.num_processes > 1 else "NO", "deepspeed": "DEEPSPEED", "fsdp": "FSDP"}[
         d.strategy
@@ -115,7 +131,7 @@ def accelerate_config(recipe) -> dict[str, Any]:
         "main_training_function": "main",
         "mixed_precision": recipe.training.mixed_precision,
         "num_machines": d.num_machines,
-        "num_processes": d.num_processes,
+        "num_processes": d.num_processes * d.num_machines,  # accelerate counts all machines together
         "rdzv_backend": "static",
         "same_network": True,
         "use_cpu": False,
@@ -125,7 +141,7 @@ def accelerate_config(recipe) -> dict[str, Any]:
     if d.main_process_port:
         cfg["main_process_port"] = d.main_process_port
     if d.strategy == "deepspeed":
-        cfg["deepspeed_config"] = _deepspeed_block(recipe)
+        cfg["deepspeed_config"] = _deepspeed_block(recipe, folder)
     if d.strategy == "fsdp":
         cfg["fsdp_config"] = _fsdp_block(recipe)
     return cfg
@@ -143,7 +159,7 @@ def config_file_for(recipe, folder: str | os.PathLike[str] | None = None) -> Pat
     folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="peftrun-launch-"))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "accelerate_config.yaml"
-    path.write_text(yaml.safe_dump(accelerate_config(recipe), sort_keys=True))
+    path.write_text(yaml.safe_dump(accelerate_config(recipe, folder), sort_keys=True))
     return path
 
 
@@ -179,6 +195,13 @@ def launch(
     recipe, recipe_path: str, overrides: list[str], accelerate_args: list[str], *, dry_run: bool = False
 ) -> int:
     """Run `accelerate launch` on `peftrun train`; returns its exit code."""
+    d = recipe.distributed
+    if d.num_machines > 1 and not d.main_process_ip and not d.accelerate_config:
+        raise PeftrunError(
+            "several machines need the address of machine_rank 0",
+            where="distributed.main_process_ip",
+            hint="set distributed.main_process_ip (and main_process_port) to machine 0's address",
+        )
     config_file = config_file_for(recipe)
     config = yaml.safe_load(config_file.read_text()) or {}
     cmd = launch_command(config_file, recipe_path, overrides, accelerate_args)

@@ -209,7 +209,7 @@ def estimate(
     num_labels = m.num_labels or (len(recipe.data.label_names) if recipe.data.label_names else 2)
     batch, seq, target = recipe.training.batch_size, recipe.data.max_length, recipe.data.target_max_length
     baseline = process_baseline() if baseline is None else baseline
-    ranks = ranks or recipe.distributed.num_processes // recipe.distributed.num_machines
+    ranks = ranks or recipe.distributed.num_processes  # on one machine
 
     def build(dtype: torch.dtype) -> nn.Module:
         model = build_from_config(

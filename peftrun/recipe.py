@@ -122,8 +122,25 @@ class TrainingSection(Section):
 Offload = Literal["none", "cpu", "nvme"]
 
 
+# DeepSpeed's own config keys (its JSON), accepted inline in the deepspeed section instead of accelerate's.
+DEEPSPEED_JSON_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "scheduler", "fp16", "bf16", "amp", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "activation_checkpointing", "steps_per_print", "wall_clock_breakdown",
+    "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
+    "flops_profiler", "comms_logger", "data_types", "seq_parallel_communication_data_type",
+)
+ACCELERATE_DEEPSPEED_KEYS = (
+    "config_file", "zero_stage", "offload_optimizer_device", "offload_param_device",
+    "offload_optimizer_nvme_path", "offload_param_nvme_path", "zero3_save_16bit_model",
+)
+
+
 class DeepSpeedSection(Section):
-    """accelerate's `deepspeed_config` keys, as in the seed's ds_zero3_cpu.yaml, or a DeepSpeed JSON file."""
+    """accelerate's `deepspeed_config` keys, as in the seed's ds_zero3_cpu.yaml; or DeepSpeed's own config
+    keys (zero_optimization, bf16, optimizer, ...) inline; or `config_file`, a DeepSpeed JSON."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     config_file: str | None = None  # a DeepSpeed JSON; when given, the keys below come from it instead
     zero_stage: Literal[0, 1, 2, 3] = 3
@@ -135,8 +152,26 @@ class DeepSpeedSection(Section):
     zero3_save_16bit_model: bool = True
     gradient_clipping: float | None = Field(default=None, gt=0.0)  # default: training.max_grad_norm
 
+    @property
+    def json_config(self) -> dict[str, Any]:
+        """DeepSpeed's own keys given inline (empty when the section uses accelerate's keys)."""
+        return dict(self.model_extra or {})
+
     @model_validator(mode="after")
     def _offload_fits_stage(self) -> DeepSpeedSection:
+        for key in self.json_config:
+            if key not in DEEPSPEED_JSON_KEYS:
+                hint = did_you_mean(key, [*DeepSpeedSection.model_fields, *DEEPSPEED_JSON_KEYS])
+                raise ValueError(
+                    f"unknown key '{key}': neither accelerate's deepspeed_config keys nor DeepSpeed's own"
+                    + (f" ({hint})" if hint else "")
+                )
+        mixed = sorted(self.model_fields_set & set(ACCELERATE_DEEPSPEED_KEYS))
+        if self.json_config and mixed:
+            raise ValueError(
+                f"give accelerate's keys ({', '.join(mixed)}) or DeepSpeed's own config "
+                f"({', '.join(self.json_config)}), not both"
+            )
         if self.offload_param_device != "none" and self.zero_stage != 3:
             raise ValueError("offload_param_device needs zero_stage 3 (only ZeRO-3 partitions parameters)")
         if self.offload_optimizer_device != "none" and self.zero_stage == 0:
@@ -161,7 +196,7 @@ class FsdpSection(Section):
 class DistributedSection(Section):
     """How many processes train and on what engine; or `accelerate_config`, a ready accelerate config file.
 
-    num_processes counts processes on all machines together, as accelerate's own config does.
+    num_processes counts the processes on each machine (one per GPU); accelerate's config gets the total.
     """
 
     accelerate_config: str | None = None
@@ -177,24 +212,27 @@ class DistributedSection(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> DistributedSection:
+        # keys whose value differs from the default (a saved recipe copy writes every key out)
+        changed = {
+            name for name, f in DistributedSection.model_fields.items()
+            if getattr(self, name) != f.get_default(call_default_factory=True)
+        }
         if self.accelerate_config is not None:
-            extra = sorted(self.model_fields_set - {"accelerate_config"})
+            extra = sorted(changed - {"accelerate_config"})
             if extra:
                 raise ValueError(
                     f"accelerate_config names a complete accelerate config; {', '.join(extra)} would be ignored: "
                     "set them in that file, or pass accelerate options after `peftrun launch RECIPE --`"
                 )
             return self
-        if "deepspeed" in self.model_fields_set and self.strategy != "deepspeed":
-            raise ValueError("a deepspeed section needs strategy: deepspeed")
-        if "fsdp" in self.model_fields_set and self.strategy != "fsdp":
-            raise ValueError("an fsdp section needs strategy: fsdp")
+        for engine in ("deepspeed", "fsdp"):
+            if engine in changed:
+                if "strategy" not in self.model_fields_set:
+                    self.strategy = engine  # a deepspeed (fsdp) section alone means that engine
+                elif self.strategy != engine:
+                    raise ValueError(f"a {engine} section needs strategy: {engine} (it says {self.strategy})")
         if self.machine_rank >= self.num_machines:
             raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
-        if self.num_machines > 1 and not self.main_process_ip:
-            raise ValueError("several machines need main_process_ip: the address of machine_rank 0")
-        if self.num_processes % self.num_machines:
-            raise ValueError("num_processes (all machines together) must be a multiple of num_machines")
         return self
 
 
@@ -384,9 +422,9 @@ def recipe_from_dict(
     recipe._method_config = build_method_config(recipe, lines=lines, source=source)
     _check_hardware(recipe, source, lines)
     check_output_dir_value(recipe.output_dir, where=_where(source, lines, ("output_dir",)))
-    if recipe.distributed.deepspeed:
+    if recipe.distributed.deepspeed.json_config:
         check_deepspeed_config(
-            recipe.distributed.deepspeed, recipe,
+            recipe.distributed.deepspeed.json_config, recipe,
             where=lambda *key: _where(source, lines, ("distributed", "deepspeed", *key)),
         )
     return recipe

@@ -136,6 +136,22 @@ def test_recipe_deepspeed_section_gives_the_seed_config(setup):
     assert ours["mixed_precision"] == seed["mixed_precision"] == "no"
 
 
+def test_deepspeed_own_keys_inline_become_a_deepspeed_json(setup):
+    from peftrun.distributed import accelerate_config
+    from peftrun.recipe import load_recipe
+
+    root, path = setup
+    recipe = load_recipe(path, ["distributed.deepspeed.zero_optimization.stage=2"])
+    assert recipe.distributed.strategy == "deepspeed"  # a deepspeed section alone picks the engine
+    block = accelerate_config(recipe, root)["deepspeed_config"]
+    written = json.loads(Path(block["deepspeed_config_file"]).read_text())
+    assert written == {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": 2},
+    }
+
+
 def test_launch_dry_run_names_processes_and_machines(setup):
     root, path = setup
     result = run_cli(
@@ -159,7 +175,8 @@ def test_launch_dry_run_names_processes_and_machines(setup):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     config = yaml.safe_load(out[out.index("compute_environment") :])
-    assert (config["num_processes"], config["num_machines"], config["machine_rank"]) == (4, 2, 1)
+    # 4 processes on each of 2 machines: accelerate's config counts 8
+    assert (config["num_processes"], config["num_machines"], config["machine_rank"]) == (8, 2, 1)
     assert (config["main_process_ip"], config["main_process_port"]) == ("10.0.0.1", 29501)
     assert "--max_restarts 0 -m peftrun train" in out
 
@@ -167,8 +184,9 @@ def test_launch_dry_run_names_processes_and_machines(setup):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["distributed.deepspeed.zero_stage=3"], "needs strategy: deepspeed"),
-        (["distributed.num_machines=2", "distributed.num_processes=2"], "main_process_ip"),
+        (["distributed.strategy=fsdp", "distributed.deepspeed.zero_stage=2"], "needs strategy: deepspeed"),
+        (["distributed.deepspeed.zero_stag=2"], "did you mean 'zero_stage'"),
+        (["distributed.deepspeed.zero_stage=2", "distributed.deepspeed.bf16.enabled=true"], "not both"),
         (["distributed.machine_rank=1"], "must be below num_machines"),
         (
             [
@@ -190,6 +208,13 @@ def test_inconsistent_distributed_sections_exit_2(setup, overrides, message):
     result = run_cli("validate", str(path), *args)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_several_machines_need_the_address_of_machine_0(setup):
+    root, path = setup
+    result = run_cli("launch", str(path), "--set", "distributed.num_machines=2", "--dry-run")
+    assert result.returncode == 2
+    assert "distributed.main_process_ip" in result.stderr
 
 
 def test_train_without_a_launcher_says_how_to_launch(setup):
