@@ -396,6 +396,13 @@ def build_method_config(recipe: Recipe, *, lines: dict[tuple[str, ...], int], so
     except ValidationError as err:
         raise_validation_error(err, schema=method.Config, source=source, lines=lines, prefix=("method",))
     reason = method.unsupported_reason(recipe.model.task_type, config)
+    if not reason and method.check_model is not None:
+        reason = method.check_model(recipe.model)
+        if reason:
+            raise PeftrunError(
+                f"method '{method.name}' cannot adapt this model: {reason}",
+                where=_where(source, lines, ("model", "name_or_path")),
+            )
     if reason:
         raise PeftrunError(
             f"method '{method.name}' cannot train task_type {recipe.model.task_type}: {reason}",
