@@ -174,6 +174,26 @@ def eval_(
     typer.echo("metrics=" + json.dumps(m, sort_keys=True))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def launch(
+    ctx: typer.Context,
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the accelerate config and command only")] = False,
+) -> None:
+    """Train on several processes or machines, or on DeepSpeed/FSDP: writes the accelerate config of the
+    recipe's distributed section (or uses distributed.accelerate_config) and runs
+    `accelerate launch -m peftrun train RECIPE`. Options after `--` go to accelerate launch."""
+    from peftrun.distributed import launch as run
+    from peftrun.recipe import load_recipe
+
+    r = load_recipe(recipe, set_)
+    code = run(r, str(recipe), list(set_ or []), list(ctx.args), dry_run=dry_run)
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command()
 @user_errors
 def predict(
@@ -197,6 +217,22 @@ def predict(
         r.data.target_max_length = max_new_tokens
     n = run_predict(r, adapter, input_file, output, allow_pickle=allow_pickle, batch_size=batch_size)
     typer.echo(f"wrote {n} predictions to {output}")
+
+
+@app.command()
+@user_errors
+def estimate(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    gpu_gb: Annotated[float | None, typer.Option("--gpu-gb", help="device memory in GB (10^9 bytes): fits or OOM")] = None,
+) -> None:
+    """Memory for full fine-tuning, the recipe's method, and the method with ZeRO-3 CPU offload,
+    from the architecture on the meta device (nothing is downloaded or allocated)."""
+    from peftrun.estimate import estimate as run
+    from peftrun.estimate import render
+    from peftrun.recipe import load_recipe
+
+    typer.echo(render(run(load_recipe(recipe, set_), device_gb=gpu_gb)))
 
 
 def main() -> None:

@@ -188,7 +188,10 @@ class ModulesToSave(nn.Module):
     def add_adapter(self, name: str, config=None) -> None:
         import copy
 
-        copy_ = copy.deepcopy(self.original_module)
+        from peftrun.distributed import gathered
+
+        with gathered(list(self.original_module.parameters())):  # ZeRO-3 leaves slices; a copy needs them whole
+            copy_ = copy.deepcopy(self.original_module)
         for p in copy_.parameters():
             p.requires_grad_(True)
         self.modules_to_save[name] = copy_
