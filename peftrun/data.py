@@ -363,6 +363,7 @@ def tokenize_split(
             "task_type: TOKEN_CLS, and only then",
         )
     fn = {"SEQ_CLS": seq_cls, "TOKEN_CLS": token_cls, "SEQ_2_SEQ_LM": seq2seq, "CAUSAL_LM": causal}[task_type]
+    fn = with_task_ids(fn, ds, data_cfg)
     return ds.map(fn, remove_columns=ds.column_names, desc=None)
 
 
@@ -402,13 +403,44 @@ class Collator:
             batch["prompt_attention_mask"] = pad_rows([[1] * len(p) for p in prompts], 0, left=True)
         if "word_ids" in rows[0]:
             batch["word_ids"] = pad_rows([r["word_ids"] for r in rows], -1)
+        if "task_ids" in rows[0]:
+            batch["task_ids"] = torch.tensor([r["task_ids"] for r in rows], dtype=torch.long)
         if "reference" in rows[0]:
             batch["reference"] = [r["reference"] for r in rows]
         return batch
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "task_ids")
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+def with_task_ids(fn, ds, data_cfg):
+    """Add each row's task id (data.task_column: an int, or a name listed in data.task_names) to `fn`'s output."""
+    column = getattr(data_cfg, "task_column", None)
+    if not column:
+        return fn
+    if column not in ds.column_names:
+        raise PeftrunError(
+            f"task column '{column}' is not in the data", where="data.task_column",
+            hint=f"columns there are: {', '.join(ds.column_names)}",
+        )
+    names = {str(n): i for i, n in enumerate(data_cfg.task_names or [])}
+
+    def task_id(value) -> int:
+        text = str(value).strip()
+        if text in names:
+            return names[text]
+        if text.lstrip("-").isdigit() and not names:
+            return int(text)
+        raise PeftrunError(
+            f"task '{text}' is not {'one of ' + str(list(names)) if names else 'an integer id'}",
+            where="data.task_column", hint="list the task names in order with data.task_names",
+        )
+
+    def add(row: dict) -> dict:
+        return {**fn(row), "task_ids": task_id(row[column])}
+
+    return add

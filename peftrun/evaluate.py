@@ -74,6 +74,8 @@ def generate_texts(
         kwargs["prefix_allowed_tokens_fn"] = constraint
         max_new_tokens = constraint.max_new_tokens
     device = next(model.parameters()).device
+    if "task_ids" in batch:  # multitask prompts
+        kwargs["task_ids"] = batch["task_ids"].to(device)
     out = model.generate(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),

@@ -101,6 +101,9 @@ class DataSection(Section):
     constrain_labels: bool = True
     group_by_length: bool = False
     packing: bool = False
+    # multitask prompt tuning: the column holding each row's task (an id 0..num_tasks-1, or a name in task_names)
+    task_column: str | None = None
+    task_names: list[str] | None = None
 
     @field_validator("verbalizer", "columns", mode="before")
     @classmethod
@@ -455,6 +458,7 @@ def recipe_from_dict(
         raise_validation_error(err, schema=Recipe, source=source, lines=lines)
     recipe._source = source
     recipe._method_config = build_method_config(recipe, lines=lines, source=source)
+    _check_task_ids(recipe, source, lines)
     _check_hardware(recipe, source, lines)
     check_output_dir_value(recipe.output_dir, where=_where(source, lines, ("output_dir",)))
     if recipe.distributed.deepspeed.json_config:
@@ -463,6 +467,32 @@ def recipe_from_dict(
             where=lambda *key: _where(source, lines, ("distributed", "deepspeed", *key)),
         )
     return recipe
+
+
+def _check_task_ids(recipe: Recipe, source: str | None, lines: dict[tuple[str, ...], int]) -> None:
+    """Per-row task ids (data.task_column) exist for multitask prompt tuning and only for it."""
+    num_tasks = getattr(recipe.method_config, "num_tasks", None)
+    column, names = recipe.data.task_column, recipe.data.task_names
+    if num_tasks is None:
+        if column or names:
+            key = "task_column" if column else "task_names"
+            raise PeftrunError(
+                f"data.{key} gives each row a task id, which only multitask_prompt_tuning reads",
+                where=_where(source, lines, ("data", key)),
+                hint="remove it, or set method.name: multitask_prompt_tuning",
+            )
+        return
+    if num_tasks > 1 and not column:
+        raise PeftrunError(
+            f"multitask prompt tuning over {num_tasks} tasks needs each row's task",
+            where=_where(source, lines, ("method", "num_tasks")),
+            hint="name the column that holds it with data.task_column (ids 0..num_tasks-1, or names in data.task_names)",
+        )
+    if names is not None and len(names) != num_tasks:
+        raise PeftrunError(
+            f"data.task_names lists {len(names)} task(s) but method.num_tasks is {num_tasks}",
+            where=_where(source, lines, ("data", "task_names")),
+        )
 
 
 def _check_hardware(recipe: Recipe, source: str | None, lines: dict[tuple[str, ...], int]) -> None:

@@ -94,6 +94,9 @@ class Method:
 # method name -> module path; imported lazily so `peftrun validate` stays fast.
 _MODULES: dict[str, str] = {
     "lora": "peftrun.methods.lora",
+    "prompt_tuning": "peftrun.methods.prompt_tuning",
+    "p_tuning": "peftrun.methods.p_tuning",
+    "multitask_prompt_tuning": "peftrun.methods.multitask_prompt",
     "prefix_tuning": "peftrun.methods.prefix_tuning",
     "llama_adapter": "peftrun.methods.llama_adapter",
     "adalora": "peftrun.methods.adalora",
