@@ -21,11 +21,25 @@ def save_lm(path: Path, arch: str = "llama", task_type: str = "CAUSAL_LM", **ove
     from transformers import ByT5Tokenizer
 
     if not (path / "config.json").is_file():
-        save_tiny(path, arch, task_type, vocab_size=384, **overrides)
+        model = save_tiny(path, arch, task_type, vocab_size=384, **overrides)
+        if task_type in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+            letters_only(model)
+            model.save_pretrained(path)
         tokenizer = ByT5Tokenizer()
         tokenizer.chat_template = CHAT_TEMPLATE
         tokenizer.save_pretrained(path)
     return path
+
+
+def letters_only(model) -> None:
+    """Make the output head favour the bytes a-z (ByT5 ids 100..125), so that generated text is printable
+    and runs to max_new_tokens (eos is never the likeliest): answers compare as plain strings."""
+    head = model.get_output_embeddings().weight
+    keep = torch.zeros(head.shape[0], dtype=torch.bool)
+    keep[100:126] = True
+    with torch.no_grad():
+        head[~keep] = 0
+        head[keep] *= 20
 
 
 def load_base(path: Path, task_type: str):
