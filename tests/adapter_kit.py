@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from tiny import save_tiny
 
 # A byte-level tokenizer (no files needed) with 384 ids; the tiny models get the same vocabulary size.
@@ -44,7 +43,6 @@ def letters_only(model) -> None:
 
 def load_base(path: Path, task_type: str):
     import transformers
-
     from tiny import TASK_CLASSES
 
     return getattr(transformers, TASK_CLASSES[task_type]).from_pretrained(path).eval()

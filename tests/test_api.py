@@ -25,9 +25,12 @@ def lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
     base = save_lm(root / "base")
     return {
-        "root": root, "base": base,
+        "root": root,
+        "base": base,
         "a": save_lora(base, root / "a", seed=1),
-        "b": save_lora(base, root / "b", seed=2, r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "b": save_lora(
+            base, root / "b", seed=2, r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        ),
     }
 
 
@@ -48,7 +51,9 @@ def test_the_documented_example_runs(lm, tmp_path, monkeypatch):
     model, answers, prompt = namespace["model"], namespace["answers"], namespace["prompt"]
     assert list(model.configs) == ["alpaca", "blend"]  # "code" was deleted at the end
     # the mixed batch gave each row what its adapter alone gives
-    alone = [peftrun.generate(model, prompt, adapters=[n], max_new_tokens=16)[0] for n in ("alpaca", "blend", None)]
+    alone = [
+        peftrun.generate(model, prompt, adapters=[n], max_new_tokens=16)[0] for n in ("alpaca", "blend", None)
+    ]
     assert answers == alone and len(set(answers)) == 3
     assert (tmp_path / "out" / "blend" / "adapter_config.json").is_file()
 

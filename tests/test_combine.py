@@ -75,8 +75,15 @@ def lm(tmp_path_factory):
     base = save_lm(root / "base")
     # a: r=4, alpha=8 (s=2) on q,v; b: r=2, rsLoRA alpha=16 (s=16/sqrt 2) on q,v,k; c: like a, other weights
     a = save_lora(base, root / "a", seed=1)
-    b = save_lora(base, root / "b", seed=2, r=2, lora_alpha=16, use_rslora=True,
-                  target_modules=["q_proj", "v_proj", "k_proj"])
+    b = save_lora(
+        base,
+        root / "b",
+        seed=2,
+        r=2,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "k_proj"],
+    )
     c = save_lora(base, root / "c", seed=3)
     return {"root": root, "base": base, "a": a, "b": b, "c": c}
 
@@ -125,10 +132,17 @@ def test_cat_is_exact_and_loads_in_peftrun_and_peft(lm):
     assert sorted(got) == sorted(want) and len(got) == 6  # q,v in 2 layers from both; k from b alone
     for path in want:
         assert (got[path] - want[path]).abs().max().item() <= 1e-5
-    assert result.ranks["model.layers.0.self_attn.q_proj"] == 6 and result.ranks["model.layers.1.self_attn.k_proj"] == 2
+    assert (
+        result.ranks["model.layers.0.self_attn.q_proj"] == 6
+        and result.ranks["model.layers.1.self_attn.k_proj"] == 2
+    )
     assert result.max_relative_distance < 1e-5
     config = json.loads((result.folder / "adapter_config.json").read_text())
-    assert config["r"] == 6 and config["lora_alpha"] == 6 and config["rank_pattern"]["model.layers.0.self_attn.k_proj"] == 2
+    assert (
+        config["r"] == 6
+        and config["lora_alpha"] == 6
+        and config["rank_pattern"]["model.layers.0.self_attn.k_proj"] == 2
+    )
 
     reference = logits(base_plus(lm["base"], want), batch())
     ours = peftrun.load(adapters=result.folder, device="cpu")
@@ -144,12 +158,17 @@ def test_svd_truncates_the_weighted_sum_optimally_and_loads_in_peft(lm):
     want = weighted_sum(parts)
     for path, delta in deltas(low.folder).items():
         tail = torch.linalg.svdvals(want[path])[3:].square().sum().sqrt()
-        assert math.isclose(torch.linalg.norm(delta - want[path]).item(), tail.item(), rel_tol=1e-3, abs_tol=1e-5)
+        assert math.isclose(
+            torch.linalg.norm(delta - want[path]).item(), tail.item(), rel_tol=1e-3, abs_tol=1e-5
+        )
         # q,v carry rank 4 + 2 (truncated to 3); k comes from b alone, rank 2
         assert torch.linalg.matrix_rank(delta).item() == (2 if "k_proj" in path else 3)
     # rank 20 is above v/k's 16 outputs: those modules get rank 16 through rank_pattern, and are exact
     full = peftrun.combine(parts, lm["root"] / "svd20", method="svd", rank=20)
-    assert full.ranks["model.layers.0.self_attn.q_proj"] == 20 and full.ranks["model.layers.0.self_attn.v_proj"] == 16
+    assert (
+        full.ranks["model.layers.0.self_attn.q_proj"] == 20
+        and full.ranks["model.layers.0.self_attn.v_proj"] == 16
+    )
     for path, delta in deltas(full.folder).items():
         if "v_proj" in path or "k_proj" in path:
             assert (delta - want[path]).abs().max().item() <= 1e-5
@@ -198,8 +217,11 @@ def test_dare_is_seeded_and_its_expectation_is_the_weighted_sum(lm):
     path = "model.layers.0.self_attn.q_proj"
     assert torch.equal(d1[path], d2[path]) and not torch.allclose(d1[path], d3[path])
     # averaging over seeds approaches Σ w ΔW (each draw is unbiased); one draw alone is far from it
-    mean = sum(deltas(peftrun.combine(parts, lm["root"] / f"dare_s{s}", method="dare_linear", rank=32,
-                                      density=0.5, seed=s, overwrite=True).folder)[path] for s in range(12)) / 12
+    draws = []
+    for seed in range(12):
+        out = peftrun.combine(parts, lm["root"] / f"dare_s{seed}", method="dare_linear", rank=32, seed=seed)
+        draws.append(deltas(out.folder)[path])
+    mean = sum(draws) / len(draws)
     assert torch.linalg.norm(mean - want[path]) < 0.5 * torch.linalg.norm(d1[path] - want[path])
     ties = peftrun.combine(parts, lm["root"] / "dare_ties", method="dare_ties", rank=4, density=0.5, seed=7)
     assert set(ties.ranks.values()) == {4}
@@ -237,11 +259,24 @@ def test_refusals(lm, tmp_path):
 
 def test_cli_combine(lm, tmp_path):
     out = tmp_path / "ab"
-    proc = run_cli("combine", "--adapter", f"a={lm['a']}:0.7", "--adapter", f"b={lm['b']}:0.3",
-                   "--method", "cat", "--output", str(out))
+    proc = run_cli(
+        "combine",
+        "--adapter",
+        f"a={lm['a']}:0.7",
+        "--adapter",
+        f"b={lm['b']}:0.3",
+        "--method",
+        "cat",
+        "--output",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "combined 2 adapters with cat" in proc.stdout and "rank 2/6" in proc.stdout
-    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "combine.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "combine.json",
+    }
     provenance = json.loads((out / "combine.json").read_text())
     assert [s["weight"] for s in provenance["sources"]] == [0.7, 0.3]
     bad = run_cli("combine", "--adapter", f"{lm['a']}:1", "--method", "tie", "--output", str(tmp_path / "c"))

@@ -61,7 +61,9 @@ def test_api_greedy_beams_and_sampling_equal_transformers(lm):
     for kwargs in ({"max_new_tokens": 6}, {"max_new_tokens": 6, "num_beams": 3}):
         want = reference(lm["merged"], "CAUSAL_LM", prompt, do_sample=False, **kwargs)
         assert peftrun.generate(model, "abc", **kwargs) == [want]
-    sampled = [peftrun.generate(model, "abc", max_new_tokens=6, do_sample=True, top_p=0.9, seed=s) for s in (3, 3, 4)]
+    sampled = [
+        peftrun.generate(model, "abc", max_new_tokens=6, do_sample=True, top_p=0.9, seed=s) for s in (3, 3, 4)
+    ]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
     torch.manual_seed(3)
     want = reference(lm["merged"], "CAUSAL_LM", prompt, max_new_tokens=6, do_sample=True, top_p=0.9, top_k=50)
@@ -79,7 +81,9 @@ def test_seq2seq_generate_equals_the_merged_model(tmp_path):
         assert peftrun.generate(model, "translate this", **kwargs) == [want]
     with model.disable_adapters():
         base_answer = peftrun.generate(model, "translate this", max_new_tokens=5)
-    assert base_answer == [reference(base, "SEQ_2_SEQ_LM", "translate this", max_new_tokens=5, do_sample=False)]
+    assert base_answer == [
+        reference(base, "SEQ_2_SEQ_LM", "translate this", max_new_tokens=5, do_sample=False)
+    ]
 
 
 def test_input_rows_name_their_adapter(lm, tmp_path):
@@ -92,13 +96,30 @@ def test_input_rows_name_their_adapter(lm, tmp_path):
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "answers.jsonl"
-    proc = run_cli("generate", "--adapter", f"a={lm['a']}", "--adapter", f"b={lm['b']}", "--use", "b",
-                   "--input", str(src), "--output", str(out), "--max-new-tokens", "6", "--batch-size", "3")
+    proc = run_cli(
+        "generate",
+        "--adapter",
+        f"a={lm['a']}",
+        "--adapter",
+        f"b={lm['b']}",
+        "--use",
+        "b",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "3",
+    )
     assert proc.returncode == 0, proc.stderr
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert [json.loads(line) for line in proc.stdout.splitlines()] == answers
     model = peftrun.load(adapters={"a": lm["a"], "b": lm["b"]}, device="cpu")
-    alone = [peftrun.generate(model, "hello", adapters=[n], max_new_tokens=6)[0] for n in ("a", "b", None, "b")]
+    alone = [
+        peftrun.generate(model, "hello", adapters=[n], max_new_tokens=6)[0] for n in ("a", "b", None, "b")
+    ]
     assert [r["output"] for r in answers] == alone
     assert len(set(alone[:3])) == 3  # a, b and the base answer differently
     assert answers[0]["adapter"] == "a" and "adapter" not in answers[3]
@@ -111,12 +132,20 @@ def test_chat_two_turns_then_eof(lm):
     assert len(turns) == 4  # two questions answered, then the prompt that met EOF
     model = peftrun.load(adapters=lm["a"], device="cpu")
     first = peftrun.generate(model, "hello", max_new_tokens=5)[0]
-    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
-               {"role": "user", "content": "and again"}]
+    history = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "and again"},
+    ]
     from peftrun.generation import generate_texts
 
-    second = generate_texts(model, model.tokenizer, [build_prompt(model.tokenizer, "chat", messages=history)],
-                            None, GenerationOptions(max_new_tokens=5))[0]
+    second = generate_texts(
+        model,
+        model.tokenizer,
+        [build_prompt(model.tokenizer, "chat", messages=history)],
+        None,
+        GenerationOptions(max_new_tokens=5),
+    )[0]
     assert turns[1].strip() == first and turns[2].strip() == second
 
 
