@@ -125,7 +125,8 @@ def adapters_for_rows(model, names: list[str | None]) -> Iterator[None]:
         try:
             yield
         finally:
-            model.set_adapter(previous)
+            if previous is not None:
+                model.set_adapter(previous)
     else:
         with model.row_adapters(names):
             yield

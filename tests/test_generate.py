@@ -8,13 +8,18 @@ import json
 import pytest
 import torch
 from adapter_kit import CHAT_TEMPLATE, load_base, logits, save_lm, save_lora
-from conftest import run_cli
+from conftest import run_cli as _run_cli
 
 import peftrun
 from peftrun.data import ALPACA_PROMPT
 from peftrun.errors import PeftrunError
 from peftrun.generation import GenerationOptions, build_prompt, prompt_style
 from peftrun.merge import merge
+
+
+def run_cli(*args, **kwargs):
+    """The CLI on the CPU, as the references it is compared with (a GPU may decode ties differently)."""
+    return _run_cli(*args, env={"CUDA_VISIBLE_DEVICES": ""}, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +215,27 @@ def test_device_map_reaches_from_pretrained_and_offloaded_layers_get_adapters(lm
     lora_a = model.model.model.layers[0].self_attn.q_proj.lora_A["a"].weight
     assert lora_a.device.type == "cpu"
     assert (logits(model, batch) - plain).abs().max().item() <= 1e-5
+
+
+def test_chat_commands_switch_adapters_and_forget(lm, capsys):
+    from peftrun.generation import chat_loop
+
+    model = peftrun.load(adapters={"a": lm["a"], "b": lm["b"]}, device="cpu")
+    lines = iter(["hello", "/use b", "/reset", "hello", "/base", "/reset", "hello", "/use nope"])
+
+    def read(prompt: str) -> str:  # a terminal: the prompt, then what the user typed
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        print(prompt + line)
+        return line
+
+    capsys.readouterr()
+    count = chat_loop(model, model.tokenizer, GenerationOptions(max_new_tokens=5), stream=False, read=read)
+    out = capsys.readouterr().out.splitlines()
+    assert count == 3
+    answered = {line.split("]")[0][1:]: out[i + 1] for i, line in enumerate(out) if line.endswith("> hello")}
+    want = [peftrun.generate(model, "hello", adapters=[n], max_new_tokens=5)[0] for n in ("a", "b", None)]
+    assert [answered["a"], answered["b"], answered["base"]] == want
+    assert "(adapter: b, history: 1 turns)" in out
+    assert any(line.startswith("loaded adapters: a, b") for line in out)  # the unknown /use
