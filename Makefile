@@ -28,11 +28,11 @@ test-slow: install
 	$(OFFLINE) $(PY) -m pytest -q -m slow --durations=0
 
 lint: install
-	$(VENV)/bin/ruff check peftrun tests bench
+	$(VENV)/bin/ruff check peftrun tests $(wildcard bench)
 
 format: install
-	$(VENV)/bin/ruff format peftrun tests bench
-	$(VENV)/bin/ruff check --fix peftrun tests bench
+	$(VENV)/bin/ruff format peftrun tests $(wildcard bench)
+	$(VENV)/bin/ruff check --fix peftrun tests $(wildcard bench)
 
 bench: install
 	$(OFFLINE) $(PY) -m bench.run

@@ -114,8 +114,7 @@ def scrub(data: Any) -> Any:
 def adapter_config_dict(peft_model, name: str, base_model: str, revision: str | None = None) -> dict[str, Any]:
     method = peft_model.methods[name]
     body = peft_model.configs[name].peft_fields()
-    if isinstance(body.get("target_modules"), list):
-        body["target_modules"] = sorted(set(body["target_modules"]))
+    body.update(resolved_fields(peft_model, name, body))
     return {
         **body,
         "peft_type": method.peft_type,
@@ -124,6 +123,28 @@ def adapter_config_dict(peft_model, name: str, base_model: str, revision: str | 
         "revision": revision,
         "inference_mode": True,
     }
+
+
+def resolved_fields(peft_model, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """What the recipe left to defaults, written out as peft does: the adapted module names,
+    the trained task heads, and fan_in_fan_out for GPT-2-style Conv1D layers."""
+    from peftrun.methods.inject import TASK_HEADS
+    from peftrun.methods.layers import AdapterLayer
+
+    layers = [(p, m) for p, m in peft_model.model.named_modules() if isinstance(m, AdapterLayer) and name in m.adapter_names()]
+    out: dict[str, Any] = {}
+    if "target_modules" in body:
+        targets = body["target_modules"]
+        if targets is None or targets == "all-linear":
+            out["target_modules"] = sorted({p.rsplit(".", 1)[-1] for p, _ in layers})
+        elif isinstance(targets, list):
+            out["target_modules"] = sorted(set(targets))
+    if "modules_to_save" in body and peft_model.task_type in TASK_HEADS:
+        extra = body.get("modules_to_save") or []
+        out["modules_to_save"] = extra + [h for h in TASK_HEADS[peft_model.task_type] if h not in extra]
+    if "fan_in_fan_out" in body and layers and all(m.fan_in_fan_out for _, m in layers):
+        out["fan_in_fan_out"] = True
+    return out
 
 
 def write_adapter(tmp: Path, peft_model, name: str, base_model: str, tokenizer=None, recipe=None) -> None:

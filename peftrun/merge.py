@@ -55,12 +55,15 @@ def load_adapted(
 
 
 def adapter_tokenizer(folder: Path, section: ModelSection):
-    """The tokenizer saved beside the adapter, else the base model's."""
+    """The tokenizer saved beside the adapter, else the base model's, else None."""
     if (Path(folder) / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(folder)
-    return load_tokenizer(section)
+    try:
+        return load_tokenizer(section)
+    except PeftrunError:
+        return None  # a bare model folder: merge and logits need no tokenizer
 
 
 def probe_batch(model, task_type: str, seed: int = 0) -> dict[str, torch.Tensor]:

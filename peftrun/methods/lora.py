@@ -127,7 +127,7 @@ def apply(peft_model, config: LoraConfig, adapter_name: str) -> None:
     add_modules_to_save(model, config, adapter_name, peft_model.task_type)
     freeze_base(model)
     if config.bias != "none":
-        for name, module in model.named_modules():
+        for module in model.modules():
             if config.bias == "all" or isinstance(module, LoraLayer):
                 bias = getattr(module, "bias", None)
                 if isinstance(bias, nn.Parameter):
