@@ -91,6 +91,8 @@ def load(
     named = name_adapters(adapters)
     if not named and not base:
         raise PeftrunError("give a base model, adapters, or both")
+    if use is not None and use not in named:
+        raise PeftrunError(f"no adapter named '{use}' to use", hint=f"given: {', '.join(named) or 'none'}")
     extra: dict[str, Any] = {"device_map": device_map, "offload_folder": offload_folder}
     if dtype:
         extra["dtype"] = dtype
