@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 ENABLED = os.environ.get("PEFTRUN_LORA_FASTPATH", "1") != "0"
 
@@ -193,6 +194,14 @@ def _add_update(
     return out.view(result.shape)
 
 
+def _plain_update(x, weight_a, weight_b, scaling, p, keys) -> torch.Tensor:
+    """s · B A drop(x) with the plain modules' operations, so that inference matches them bit for bit."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xd = _dropped(x2, weight_a.dtype, _mask(p, keys, x2, weight_a.dtype))
+    update = F.linear(F.linear(xd, weight_a), weight_b) * scaling
+    return update.view(*x.shape[:-1], update.shape[-1])
+
+
 def lora_update(
     x: torch.Tensor,
     result: torch.Tensor,
@@ -209,9 +218,7 @@ def lora_update(
         x.requires_grad or result.requires_grad or weight_a.requires_grad or weight_b.requires_grad
     )
     if not needs_grad:
-        x2 = x.reshape(-1, x.shape[-1])
-        h_t = weight_a @ _dropped(x2, weight_a.dtype, _mask(p, keys, x2, weight_a.dtype)).t()
-        return _add_update(result, h_t, weight_b, scaling)
+        return result + _plain_update(x, weight_a, weight_b, scaling, p, keys).to(result.dtype)
     return LoraUpdate.apply(x, result, weight_a, weight_b, scaling, p, keys)
 
 
@@ -232,11 +239,7 @@ def lora_linear(
         x.requires_grad or weight_a.requires_grad or weight_b.requires_grad
     )
     if not needs_grad:
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-        h_t = weight_a @ _dropped(x2, weight_a.dtype, _mask(p, keys, x2, weight_a.dtype)).t()
-        y.addmm_(h_t.t(), weight_b.t(), alpha=scaling)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return F.linear(x, weight, bias).add_(_plain_update(x, weight_a, weight_b, scaling, p, keys))
     return LoraLinear.apply(x, weight, bias, weight_a, weight_b, scaling, p, keys)
 
 
