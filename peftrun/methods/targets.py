@@ -45,6 +45,7 @@ LORA_TARGETS: dict[str, list[str]] = {
 }
 
 # (IA)^3: attention keys/values and the feed-forward input (the feed-forward modules scale their input).
+# peft's defaults, entry for entry, so a recipe without target_modules matches a peft adapter.
 IA3_TARGETS: dict[str, list[str]] = {
     "t5": ["k", "v", "wo"],
     "mt5": ["k", "v", "wi_1"],
@@ -56,15 +57,27 @@ IA3_TARGETS: dict[str, list[str]] = {
     "gpt_neox": ["query_key_value", "dense_4h_to_h"],
     "gpt_neo": ["q_proj", "v_proj", "c_proj"],
     "bart": ["q_proj", "v_proj", "fc2"],
+    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
     "llama": ["k_proj", "v_proj", "down_proj"],
+    "llama4": ["q_proj", "v_proj", "down_proj"],
     "mistral": ["k_proj", "v_proj", "down_proj"],
-    "qwen2": ["k_proj", "v_proj", "down_proj"],
+    "mixtral": ["k_proj", "v_proj", "w2"],
     "bert": ["key", "value", "output.dense"],
     "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "deberta": ["in_proj", "output.dense"],
+    "RefinedWebModel": ["query_key_value", "dense_4h_to_h"],
+    "RefinedWeb": ["query_key_value", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "phi": ["q_proj", "v_proj", "fc2"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
 }
 IA3_FEEDFORWARD: dict[str, list[str]] = {
     "t5": ["wo"],
-    "mt5": ["wi_1"],
+    "mt5": [],
     "gpt2": ["mlp.c_proj"],
     "bloom": ["mlp.dense_4h_to_h"],
     "roberta": ["output.dense"],
@@ -73,11 +86,23 @@ IA3_FEEDFORWARD: dict[str, list[str]] = {
     "gpt_neox": ["dense_4h_to_h"],
     "gpt_neo": ["c_proj"],
     "bart": ["fc2"],
+    "gpt_bigcode": ["mlp.c_proj"],
     "llama": ["down_proj"],
+    "llama4": ["down_proj"],
     "mistral": ["down_proj"],
-    "qwen2": ["down_proj"],
+    "mixtral": ["w2"],
     "bert": ["output.dense"],
     "deberta-v2": ["output.dense"],
+    "deberta": ["output.dense"],
+    "RefinedWeb": ["dense_4h_to_h"],
+    "RefinedWebModel": ["dense_4h_to_h"],
+    "falcon": ["dense_4h_to_h"],
+    "phi": ["fc2"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "gemma3_text": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
 }
 
 LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
