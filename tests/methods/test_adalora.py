@@ -14,7 +14,7 @@ from tiny import tiny_batch, tiny_model
 from peftrun.adapted import wrap
 from peftrun.checkpoint import save_adapter
 from peftrun.errors import PeftrunError
-from peftrun.merge import load_adapted
+from peftrun.merge import load_adapted, merge
 from peftrun.methods import get_method
 from peftrun.methods.adalora import AdaLoraConfig, AdaLoraLayer, budget_schedule, orthogonal_regulariser
 from peftrun.recipe import ModelSection, load_recipe
@@ -306,6 +306,13 @@ def test_training_loop_fills_total_step_prunes_and_saves_for_peft(tmp_path):
             assert (loaded(input_ids=ids).logits - out_ours).abs().max() > 1e-4
     torch.testing.assert_close(out_ours, out_theirs, atol=1e-5, rtol=0)
 
+    # `peftrun merge` folds the pruned adapter in: a plain model with the same outputs
+    folder, diff = merge(out, tmp_path / "merged")
+    assert diff <= 1e-5
+    merged = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, out_ours, atol=1e-5, rtol=0)
+
     # a full-size model (built without the rank_pattern) refuses the pruned tensors with the reason
     fresh = wrap(
         AutoModelForSequenceClassification.from_pretrained(model_dir),
@@ -387,7 +394,9 @@ def test_offline_recipe_learns_saves_the_rank_pattern_and_loads_in_peft(tmp_path
     peft = pytest.importorskip("peft")
     out = tmp_path / "run"
     recipe = str(REPO / "recipes/offline/quickstart_adalora.yaml")
-    res = run_cli("train", recipe, "--set", f"output_dir={out}", "--set", "training.progress_bar=false")
+    res = run_cli(
+        "train", recipe, "--set", f"output_dir={out}", "--set", "training.progress_bar=false", timeout=1800
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in records if "accuracy" in r][-1]["accuracy"] >= 0.9

@@ -194,7 +194,9 @@ def test_params_line_for_the_mrpc_recipe():
 def test_offline_recipe_learns_and_reloads(tmp_path, minilm_path):
     out = tmp_path / "run"
     recipe = str(REPO / "recipes/offline/quickstart_bottleneck.yaml")
-    res = run_cli("train", recipe, "--set", f"output_dir={out}", "--set", "training.progress_bar=false")
+    res = run_cli(
+        "train", recipe, "--set", f"output_dir={out}", "--set", "training.progress_bar=false", timeout=1800
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in records if "accuracy" in r][-1]["accuracy"] >= 0.9
