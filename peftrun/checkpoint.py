@@ -275,7 +275,8 @@ def config_from_peft(method, data: dict[str, Any], where: str = ADAPTER_CONFIG):
         if data.get(key) not in (None, False, {}, [], ""):
             raise PeftrunError(f"this adapter uses '{key}', which peftrun does not support", where=where)
     known = {k: v for k, v in data.items() if k in method.Config.model_fields}
-    known["inference_mode"] = False
+    # Soft prompts read a saved table as it is (peft's inference mode: no text init, no p-tuning head).
+    known["inference_mode"] = bool(data.get("inference_mode")) and method.is_prompt_learning
     from pydantic import ValidationError
 
     try:

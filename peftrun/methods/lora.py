@@ -74,7 +74,7 @@ class LoraLayer(AdapterLayer):
         alpha = pattern_value(config.alpha_pattern, self.module_name, config.lora_alpha)
         self.r[name] = r
         self.scaling[name] = lora_scaling(alpha, r, config.use_rslora)
-        device = self.base_layer.weight.device
+        device = self.adapter_device()
         dtype = self.base_layer.weight.dtype if self.base_layer.weight.is_floating_point() else torch.float32
         dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # adapters train in fp32
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
