@@ -4,7 +4,7 @@ Every configuration runs in its own process (bench/worker.py), in interleaved ro
 rounds in reverse order, so a drift in the machine's speed falls on both sides), and runs whose CPU
 steal exceeds --max-steal are run again once, then left out. Medians over the kept runs, ratios to the
 frozen forward+backward (the limit) and to peft, and the targets met or missed, go to bench/RESULTS.md
-and bench/results.json. Then the end-to-end run: the SST-2 recipe (bench/sst2_lora.yaml) through the
+and bench/results.json. Then the end-to-end run: recipes/offline/minilm_sst2_lora.yaml (+ group_by_length) through the
 peftrun CLI against bench/peft_trainer_sst2.py (HF peft + Trainer): wall time, peak RSS, accuracy.
 
     python -m bench.run [--quick] [--rounds N] [--models minilm,llama,t5] [--no-e2e] [--tiny]
@@ -43,6 +43,9 @@ ORDER = (
     "infer-peftrun-merged",
     "infer-peft-merged",
 )
+E2E_RECIPE = REPO / "recipes" / "offline" / "minilm_sst2_lora.yaml"
+# peftrun's side: the recipe as it is, plus the length-grouped batches it offers (one recipe key)
+E2E_SETTINGS = {"data.group_by_length": "true", "training.progress_bar": "false"}
 QUICK_SKIP = ("full", "peftrun-plain-d0.1")
 STEPS = {"minilm": (2, 5), "llama": (1, 3), "t5": (1, 4)}  # (warm-up, timed) training steps per process
 INFER_STEPS = {"minilm": (2, 8), "llama": (1, 4), "t5": (2, 6)}
@@ -223,16 +226,11 @@ def run_e2e(args) -> dict:
 
 
 def e2e_once(impl: str, data: Path, out: Path, args) -> dict:
+    """One side of the SST-2 comparison in its own process: wall time, peak RSS (wait4), last accuracy."""
     if impl == "peftrun":
-        recipe = HERE / "sst2_lora.yaml"
-        cmd = [
-            sys.executable,
-            "-m",
-            "peftrun",
-            "train",
-            str(recipe),
-            "--set",
-            f"output_dir={out}",
+        cmd = [sys.executable, "-m", "peftrun", "train", str(E2E_RECIPE), "--set", f"output_dir={out}"]
+        cmd += [f"--set={key}={value}" for key, value in E2E_SETTINGS.items()]
+        cmd += [
             "--set",
             f"data.train_file={data / 'train_full.tsv'}",
             "--set",
@@ -244,6 +242,8 @@ def e2e_once(impl: str, data: Path, out: Path, args) -> dict:
         cmd = [
             sys.executable,
             str(HERE / "peft_trainer_sst2.py"),
+            "--recipe",
+            str(E2E_RECIPE),
             "--data",
             str(data),
             "--output-dir",
@@ -414,9 +414,14 @@ def write_markdown(path: Path, report: dict) -> None:
         lines += ["", "| ratio | value |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in data["ratios"].items()]
     if e2e:
+        settings = ", ".join(f"`{k}={v}`" for k, v in E2E_SETTINGS.items())
         lines += [
             "",
-            "## End to end: SST-2, MiniLM + LoRA (bench/sst2_lora.yaml vs bench/peft_trainer_sst2.py)",
+            "## End to end: SST-2, MiniLM + LoRA",
+            "",
+            f"recipes/offline/minilm_sst2_lora.yaml through `peftrun train` with {settings}, against "
+            "bench/peft_trainer_sst2.py (HF peft + Trainer: its defaults plus dynamic padding, the recipe's data, "
+            "epochs and hyper-parameters). Wall time of the whole process; peak RSS from wait4.",
             "",
         ]
         if "skipped" in e2e:

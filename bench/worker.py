@@ -217,11 +217,13 @@ def prepare(model, spec: ModelSpec, config: str):
             model.merge_adapter() if impl == "peft" else model.merge()
         return model, None
     impl, dropout = lora_params(config.replace("-plain", "-lora"))
-    if "-plain-" in config:
+    model = apply_lora(model, spec, impl, dropout)
+    if "-plain-" in config:  # peftrun's plain modules, without the fused function
         from peftrun.methods.lora import LoraLayer
 
-        LoraLayer.fast_path = False
-    model = apply_lora(model, spec, impl, dropout)
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.fast_path = False
     return model, [p for p in model.parameters() if p.requires_grad] or torch.nn.ParameterList()
 
 
