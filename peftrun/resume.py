@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peftrun.checkpoint import atomic_dir, read_adapter, read_recipe_copy, safe_torch_load, write_adapter
+from peftrun.distributed import gathered
 from peftrun.errors import PeftrunError
 
 CHECKPOINTS = "checkpoints"
@@ -345,7 +346,9 @@ class Checkpointer:
             )
         peft_model = acc.unwrap_model(self.model)
         _, adapter_state = read_adapter(folder)
-        peft_model.load_adapter_state_dict(adapter_state, peft_model.active_adapter)
+        own = peft_model.adapter_state_dict(peft_model.active_adapter).values()
+        with gathered(own, modifier_rank=0):  # ZeRO-3: load whole tensors, partition them again after
+            peft_model.load_adapter_state_dict(adapter_state, peft_model.active_adapter)
         if _is_deepspeed(acc):
             self.model.load_checkpoint(
                 str(folder / ENGINE_DIR),
@@ -386,24 +389,26 @@ class Checkpointer:
         if _is_deepspeed(acc):  # every rank writes its shard of the optimizer state
             self.model.save_checkpoint(str(tmp / ENGINE_DIR), tag="state", exclude_frozen_parameters=True)
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            position.metrics_lines = count_lines(self.metrics_path)
-            with atomic_dir(root / name, tmp=tmp) as folder:
-                peft_model = acc.unwrap_model(self.model)
-                write_adapter(
-                    folder,
-                    peft_model,
-                    peft_model.active_adapter,
-                    self.recipe.model.name_or_path,
-                    recipe=self.recipe,
-                )
-                fault("checkpoint_write", position.step)
-                if not _is_deepspeed(acc):
-                    torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
-                torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
-                write_rng(folder, states)
-                (folder / STATE_FILE).write_text(json.dumps(asdict(position), indent=1) + "\n")
-            prune(self.out, self.recipe.training.keep_last_n)
+        peft_model = acc.unwrap_model(self.model)
+        own = peft_model.adapter_state_dict(peft_model.active_adapter).values()
+        with gathered(own):  # ZeRO-3 leaves each rank a slice: write whole tensors, not torch.Size([0])
+            if acc.is_main_process:
+                position.metrics_lines = count_lines(self.metrics_path)
+                with atomic_dir(root / name, tmp=tmp) as folder:
+                    write_adapter(
+                        folder,
+                        peft_model,
+                        peft_model.active_adapter,
+                        self.recipe.model.name_or_path,
+                        recipe=self.recipe,
+                    )
+                    fault("checkpoint_write", position.step)
+                    if not _is_deepspeed(acc):
+                        torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+                    torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+                    write_rng(folder, states)
+                    (folder / STATE_FILE).write_text(json.dumps(asdict(position), indent=1) + "\n")
+                prune(self.out, self.recipe.training.keep_last_n)
         acc.wait_for_everyone()
         self.last = root / name
         return self.last

@@ -99,6 +99,11 @@ _MODULES: dict[str, str] = {
     "multitask_prompt_tuning": "peftrun.methods.multitask_prompt",
     "prefix_tuning": "peftrun.methods.prefix_tuning",
     "llama_adapter": "peftrun.methods.llama_adapter",
+    "adalora": "peftrun.methods.adalora",
+    "bottleneck": "peftrun.methods.bottleneck",
+    "ia3": "peftrun.methods.ia3",
+    "loha": "peftrun.methods.loha",
+    "lokr": "peftrun.methods.lokr",
 }
 
 
