@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -27,9 +28,27 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 RECIPE_COPY = "peftrun_recipe.yaml"
 # peft config fields that change what the adapter computes and that peftrun does not implement.
-UNSUPPORTED_WHEN_SET = ("layer_replication", "target_parameters", "trainable_token_indices", "use_qalora", "lora_bias")
+UNSUPPORTED_WHEN_SET = (
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_qalora",
+    "lora_bias",
+)
 # keys that never reach a saved file: credentials a user may have put in the environment or a recipe.
-SECRET_KEYS = ("token", "hf_token", "use_auth_token", "api_key", "password")
+SECRET_KEYS = (
+    "token",
+    "hf_token",
+    "hub_token",
+    "use_auth_token",
+    "auth_token",
+    "access_token",
+    "api_key",
+    "password",
+    "secret",
+)
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_API_TOKEN")
+TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,15 +69,17 @@ def _fsync_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike[str], *, tmp: Path | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
 
     A crash before the rename leaves `final` as it was; the temporary folder is removed on errors.
+    `tmp`: a hidden folder beside `final` that the caller made (several processes write into it).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    if tmp is None:
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -99,19 +120,32 @@ def atomic_files(folder: str | os.PathLike[str], write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _env_secrets() -> set[str]:
+    return {v for k in SECRET_ENV if (v := os.environ.get(k)) and len(v) >= 8}
+
+
+def looks_secret(value: str) -> bool:
+    """A hub token by its shape, or the value of a credential in the environment."""
+    return bool(TOKEN_SHAPE.search(value)) or any(s in value for s in _env_secrets())
+
+
 def scrub(data: Any) -> Any:
-    """Drop credential-like keys from anything about to be written."""
+    """Drop credential-like keys and token-like values from anything about to be written."""
     if isinstance(data, dict):
         return {k: scrub(v) for k, v in data.items() if str(k).lower() not in SECRET_KEYS}
     if isinstance(data, list):
         return [scrub(v) for v in data]
+    if isinstance(data, str) and looks_secret(data):
+        return "<redacted>"
     return data
 
 
 # ------------------------------------------------------------------ adapter files
 
 
-def adapter_config_dict(peft_model, name: str, base_model: str, revision: str | None = None) -> dict[str, Any]:
+def adapter_config_dict(
+    peft_model, name: str, base_model: str, revision: str | None = None
+) -> dict[str, Any]:
     method = peft_model.methods[name]
     body = peft_model.configs[name].peft_fields()
     body.update(resolved_fields(peft_model, name, body))
@@ -148,7 +182,9 @@ def resolved_fields(peft_model, name: str, body: dict[str, Any]) -> dict[str, An
 
 
 def write_adapter(tmp: Path, peft_model, name: str, base_model: str, tokenizer=None, recipe=None) -> None:
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in peft_model.adapter_state_dict(name).items()}
+    state = {
+        k: v.detach().to("cpu").contiguous().clone() for k, v in peft_model.adapter_state_dict(name).items()
+    }
     save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = adapter_config_dict(peft_model, name, base_model)
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(scrub(config), indent=2, sort_keys=True) + "\n")
@@ -159,8 +195,14 @@ def write_adapter(tmp: Path, peft_model, name: str, base_model: str, tokenizer=N
 
 
 def save_adapter(
-    peft_model, folder: str | os.PathLike[str], *, name: str | None = None, base_model: str,
-    tokenizer=None, recipe=None, whole_folder: bool = True,
+    peft_model,
+    folder: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    base_model: str,
+    tokenizer=None,
+    recipe=None,
+    whole_folder: bool = True,
 ) -> Path:
     """Save adapter `name` in peft's format. whole_folder: `folder` is the adapter alone (atomic swap)."""
     name = name or peft_model.active_adapter
@@ -176,7 +218,21 @@ def save_adapter(
     return Path(folder)
 
 
-def read_adapter(folder: str | os.PathLike[str], *, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+def safe_torch_load(path: str | os.PathLike[str]) -> Any:
+    """torch.load restricted to tensors and plain containers: a pickle that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError... all mean the same to a user
+        raise PeftrunError(
+            f"cannot be read safely as tensors ({str(exc).splitlines()[0][:160]})",
+            where=str(path),
+            hint="a file that needs full pickle may run code when loaded; peftrun will not load it",
+        ) from None
+
+
+def read_adapter(
+    folder: str | os.PathLike[str], *, allow_pickle: bool = False
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config, state dict) from a peft-format folder, with clear errors for what is wrong."""
     folder = Path(folder)
     config_file = folder / ADAPTER_CONFIG
@@ -187,23 +243,27 @@ def read_adapter(folder: str | os.PathLike[str], *, allow_pickle: bool = False) 
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
-        raise PeftrunError(f"{ADAPTER_CONFIG} is not valid JSON: {exc.msg} at line {exc.lineno}", where=str(config_file)) from None
+        raise PeftrunError(
+            f"{ADAPTER_CONFIG} is not valid JSON: {exc.msg} at line {exc.lineno}", where=str(config_file)
+        ) from None
     weights = folder / ADAPTER_WEIGHTS
     if weights.is_file():
         try:
             state = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as exc:
             raise PeftrunError(
-                f"the weights file is truncated or corrupt ({str(exc).splitlines()[0][:120]})", where=str(weights),
+                f"the weights file is truncated or corrupt ({str(exc).splitlines()[0][:120]})",
+                where=str(weights),
                 hint="restore it from a checkpoint under <output_dir>/checkpoints",
             ) from None
     elif (folder / PICKLE_WEIGHTS).is_file():
         if not allow_pickle:
             raise PeftrunError(
                 f"only a pickle file ({PICKLE_WEIGHTS}) is here; pickle can run code when loaded",
-                where=str(folder), hint="pass --allow-pickle if you trust this file",
+                where=str(folder),
+                hint="pass --allow-pickle if you trust this file",
             )
-        state = torch.load(folder / PICKLE_WEIGHTS, map_location="cpu", weights_only=True)
+        state = safe_torch_load(folder / PICKLE_WEIGHTS)
     else:
         raise PeftrunError(f"no {ADAPTER_WEIGHTS} here", where=str(folder))
     return config, state
@@ -215,7 +275,8 @@ def config_from_peft(method, data: dict[str, Any], where: str = ADAPTER_CONFIG):
         if data.get(key) not in (None, False, {}, [], ""):
             raise PeftrunError(f"this adapter uses '{key}', which peftrun does not support", where=where)
     known = {k: v for k, v in data.items() if k in method.Config.model_fields}
-    known["inference_mode"] = False
+    # Soft prompts read a saved table as it is (peft's inference mode: no text init, no p-tuning head).
+    known["inference_mode"] = bool(data.get("inference_mode")) and method.is_prompt_learning
     from pydantic import ValidationError
 
     try:

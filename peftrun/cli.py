@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -25,22 +26,32 @@ RecipeArg = Annotated[Path, typer.Argument(help="the recipe YAML file", show_def
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: --set training.learning_rate=1e-4")]
 
 
-def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+def fail(message: str, code: int = 2, prefix: str = "error: ") -> None:
+    typer.echo(f"{prefix}{message}", err=True)
     raise typer.Exit(code)
 
 
+def _debug() -> bool:
+    return STATE["debug"] or "--debug" in sys.argv
+
+
 def user_errors(fn):
-    """Known mistakes print one line and exit 2; --debug shows the traceback instead."""
+    """Known mistakes print one line and exit 2 (an interrupted run: 128 + signal); --debug adds the traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except PeftrunError as exc:
-            if STATE["debug"]:
-                raise
-            fail(exc.render(), exc.exit_code)
+            if _debug():
+                traceback.print_exc()
+            fail(exc.render(), exc.exit_code, prefix="error: " if exc.exit_code == 2 else "")
+        except OSError as exc:
+            # a file that cannot be read or written (permissions, a full disk): the environment, not a bug
+            if _debug():
+                traceback.print_exc()
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or exc}", 2)
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
@@ -136,9 +147,56 @@ def methods(
     Console(width=160).print(table)
 
 
+AdapterOpt = Annotated[
+    Path | None, typer.Option("--adapter", help="a saved adapter folder; without it, the bare base model")
+]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="accept .bin adapter weights")]
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    recipe: RecipeArg, adapter: AdapterOpt = None, set_: SetOpt = None, allow_pickle: PickleOpt = False,
+) -> None:
+    """Evaluate a saved adapter (or the bare base model) on the recipe's eval split."""
+    import json
+
+    from peftrun.evaluate import report_lines
+    from peftrun.predict import run_eval
+    from peftrun.recipe import load_recipe
+
+    result = run_eval(load_recipe(recipe, set_), adapter, allow_pickle=allow_pickle)
+    m = result.metrics
+    line = f"eval_loss={m['eval_loss']:.6f}" + (f" eval_ppl={m['eval_ppl']:.6f}" if "eval_ppl" in m else "")
+    typer.echo(line)
+    for text in report_lines(result):
+        typer.echo(text)
+    typer.echo("metrics=" + json.dumps(m, sort_keys=True))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def launch(
+    ctx: typer.Context,
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the accelerate config and command only")] = False,
+) -> None:
+    """Train on several processes or machines, or on DeepSpeed/FSDP: writes the accelerate config of the
+    recipe's distributed section (or uses distributed.accelerate_config) and runs
+    `accelerate launch -m peftrun train RECIPE`. Options after `--` go to accelerate launch."""
+    from peftrun.distributed import launch as run
+    from peftrun.recipe import load_recipe
+
+    r = load_recipe(recipe, set_)
+    code = run(r, str(recipe), list(set_ or []), list(ctx.args), dry_run=dry_run)
+    if code:
+        raise typer.Exit(code)
+
+
 # ------------------------------------------------------------------ using adapters: generate, chat, combine
 
-AdapterOpt = Annotated[
+AdaptersOpt = Annotated[
     list[str] | None,
     typer.Option("--adapter", help="an adapter folder, or name=DIR; repeat to load several on one base"),
 ]
@@ -180,9 +238,34 @@ def _load_for_generation(adapter, use, no_adapter, base, dtype, device_map, offl
 
 @app.command()
 @user_errors
+def predict(
+    recipe: RecipeArg,
+    input_file: Annotated[Path, typer.Option("--input", help="rows to predict (csv, tsv, json, jsonl, parquet)")],
+    output: Annotated[Path, typer.Option("--output", help="where predictions go: .csv, .tsv or .jsonl")],
+    adapter: AdapterOpt = None,
+    set_: SetOpt = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="rows per forward")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", min=1, help="answer length for generating models")
+    ] = None,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Write one prediction per input row (its columns plus `prediction`) for an unlabelled split."""
+    from peftrun.predict import run_predict
+    from peftrun.recipe import load_recipe
+
+    r = load_recipe(recipe, set_)
+    if max_new_tokens:
+        r.data.target_max_length = max_new_tokens
+    n = run_predict(r, adapter, input_file, output, allow_pickle=allow_pickle, batch_size=batch_size)
+    typer.echo(f"wrote {n} predictions to {output}")
+
+
+@app.command()
+@user_errors
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="the prompt (or --input FILE, or piped stdin)")] = None,
-    adapter: AdapterOpt = None,
+    adapter: AdaptersOpt = None,
     use: UseOpt = None,
     no_adapter: NoAdapterOpt = False,
     input_: Annotated[
@@ -231,8 +314,24 @@ def generate(
 
 @app.command()
 @user_errors
+def estimate(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    gpu_gb: Annotated[float | None, typer.Option("--gpu-gb", help="device memory in GB (10^9 bytes): fits or OOM")] = None,
+) -> None:
+    """Memory for full fine-tuning, the recipe's method, and the method with ZeRO-3 CPU offload,
+    from the architecture on the meta device (nothing is downloaded or allocated)."""
+    from peftrun.estimate import estimate as run
+    from peftrun.estimate import render
+    from peftrun.recipe import load_recipe
+
+    typer.echo(render(run(load_recipe(recipe, set_), device_gb=gpu_gb)))
+
+
+@app.command()
+@user_errors
 def chat(
-    adapter: AdapterOpt = None,
+    adapter: AdaptersOpt = None,
     use: UseOpt = None,
     no_adapter: NoAdapterOpt = False,
     max_new_tokens: MaxNewOpt = 256,
@@ -299,10 +398,8 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception:
-        if STATE["debug"] or "--debug" in sys.argv:
+        if _debug():
             raise
-        import traceback
-
         typer.echo("error: peftrun hit an unexpected problem (a bug); run again with --debug for the traceback:", err=True)
         typer.echo("  " + traceback.format_exc().strip().splitlines()[-1], err=True)
         sys.exit(1)

@@ -1,5 +1,6 @@
-"""Datasets for the four task types: loading (local files or the hub), prompts and verbalisers,
-tokenisation, and collators that pad each batch to its own longest row."""
+"""Datasets for the four task types: loading (local files or the hub), column mapping, empty-row
+filters, seeded eval carving, tokenisation per task type, and collators that pad each batch to its own
+longest row. What each row's text says (templates, verbalisers, chat) lives in prompts.py."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from typing import Any
 import torch
 
 from peftrun.errors import PeftrunError
+from peftrun.prompts import (
+    chat_texts,
+    source_columns,
+    source_text,
+    target_columns,
+    target_text,
+    verbalize,
+)
 
 IGNORE_INDEX = -100
 SPLIT_NAMES = {"train": ("train",), "eval": ("validation", "dev", "eval", "valid", "val"), "test": ("test",)}
 EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
-)
 
 
 @dataclass
@@ -32,10 +37,12 @@ class Splits:
 # ------------------------------------------------------------------ loading
 
 
-def _load_file(path: Path, where: str):
+def load_file(path: str | Path, where: str, data_cfg=None):
+    """One local file as a `datasets.Dataset`, with the recipe's column mapping applied."""
     import datasets
 
     datasets.disable_progress_bars()
+    path = Path(path)
     if not path.is_file():
         raise PeftrunError("data file not found", where=f"{where} ({path})")
     kind = EXTENSIONS.get(path.suffix.lower())
@@ -45,12 +52,33 @@ def _load_file(path: Path, where: str):
         )
     kwargs: dict[str, Any] = {}
     if path.suffix.lower() == ".tsv":
+        # GLUE's tsv files hold bare quote characters inside sentences
         kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
     try:
         ds = datasets.load_dataset(kind, data_files={"split": str(path)}, split="split", **kwargs)
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise PeftrunError(f"cannot read {path.name}: {str(exc).splitlines()[0][:200]}", where=where) from None
-    return ds
+        raise PeftrunError(
+            f"cannot read {path.name}: {str(exc).splitlines()[0][:200]}", where=where
+        ) from None
+    return map_columns(ds, data_cfg, f"{where} ({path.name})") if data_cfg is not None else ds
+
+
+def map_columns(ds, data_cfg, where: str):
+    """`columns: {name the recipe uses: column in the data}` (LLaMA-Factory's direction)."""
+    if ds is None or not data_cfg.columns:
+        return ds
+    missing = [src for src in data_cfg.columns.values() if src not in ds.column_names]
+    if missing:
+        raise PeftrunError(
+            f"data.columns names column(s) {missing} that the data does not have",
+            where=where,
+            hint=f"columns there are: {', '.join(ds.column_names)}",
+        )
+    renames = {src: dst for dst, src in data_cfg.columns.items() if src != dst}
+    clashes = [dst for dst in renames.values() if dst in ds.column_names and dst not in renames]
+    if clashes:
+        ds = ds.remove_columns(clashes)
+    return ds.rename_columns(renames) if renames else ds
 
 
 def _find_split_file(folder: Path, split: str) -> Path | None:
@@ -62,19 +90,18 @@ def _find_split_file(folder: Path, split: str) -> Path | None:
     return None
 
 
-def load_splits(data_cfg, seed: int) -> Splits:
-    """Train, eval and test splits from the recipe's data section; eval is carved from train if absent."""
+def _load_sources(data_cfg):
     train = eval_ = test = None
     if data_cfg.train_file:
-        train = _load_file(Path(data_cfg.train_file), "data.train_file")
+        train = load_file(data_cfg.train_file, "data.train_file", data_cfg)
     if data_cfg.eval_file:
-        eval_ = _load_file(Path(data_cfg.eval_file), "data.eval_file")
+        eval_ = load_file(data_cfg.eval_file, "data.eval_file", data_cfg)
     if data_cfg.test_file:
-        test = _load_file(Path(data_cfg.test_file), "data.test_file")
+        test = load_file(data_cfg.test_file, "data.test_file", data_cfg)
     if data_cfg.path and train is None:
         local = Path(data_cfg.path)
         if local.is_file():
-            train = _load_file(local, "data.path")
+            train = load_file(local, "data.path", data_cfg)
         elif local.is_dir():
             files = {s: _find_split_file(local, s) for s in SPLIT_NAMES}
             if files["train"] is None:
@@ -83,16 +110,36 @@ def load_splits(data_cfg, seed: int) -> Splits:
                     where=f"data.path ({local})",
                     hint="or name the files with data.train_file / data.eval_file",
                 )
-            train = _load_file(files["train"], "data.path")
+            train = load_file(files["train"], "data.path", data_cfg)
             if eval_ is None and files["eval"]:
-                eval_ = _load_file(files["eval"], "data.path")
+                eval_ = load_file(files["eval"], "data.path", data_cfg)
             if test is None and files["test"]:
-                test = _load_file(files["test"], "data.path")
+                test = load_file(files["test"], "data.path", data_cfg)
+        elif _looks_like_path(data_cfg.path):
+            raise PeftrunError("data folder or file not found", where=f"data.path ({local})")
         else:
-            train, eval_, test = _load_hub(data_cfg)
+            train, hub_eval, hub_test = _load_hub(data_cfg)
+            eval_ = eval_ if eval_ is not None else hub_eval
+            test = test if test is not None else hub_test
+    return train, eval_, test
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).suffix.lower() in EXTENSIONS or name.count("/") > 1
+
+
+def load_splits(data_cfg, seed: int) -> Splits:
+    """Train, eval and test splits from the recipe's data section; eval is carved from train if absent.
+
+    Carving is seeded, so training and a later `peftrun eval` see the same eval rows.
+    """
+    train, eval_, test = _load_sources(data_cfg)
+    check_columns(train, data_cfg, "train")
+    if eval_ is not None:
+        check_columns(eval_, data_cfg, "eval")
     if data_cfg.drop_empty:
-        train = _drop_empty(train, data_cfg)
-        eval_ = _drop_empty(eval_, data_cfg) if eval_ is not None else None
+        train = drop_empty(train, data_cfg)
+        eval_ = drop_empty(eval_, data_cfg) if eval_ is not None else None
     if len(train) == 0:
         raise PeftrunError("the training set is empty (after dropping empty rows)", where="data")
     if eval_ is None:
@@ -119,55 +166,63 @@ def _load_hub(data_cfg):
             hint="offline, point data.path at a local folder or file (csv, tsv, json, jsonl, parquet)",
         ) from None
     if data_cfg.train_split not in ds:
-        raise PeftrunError(f"no split '{data_cfg.train_split}'; there are {list(ds)}", where="data.train_split")
+        raise PeftrunError(
+            f"no split '{data_cfg.train_split}'; there are {list(ds)}", where="data.train_split"
+        )
+    for key in ("eval_split", "test_split"):
+        name = getattr(data_cfg, key)
+        if name and name not in ds:
+            raise PeftrunError(f"no split '{name}'; there are {list(ds)}", where=f"data.{key}")
     eval_name = data_cfg.eval_split or next((s for s in SPLIT_NAMES["eval"] if s in ds), None)
     test_name = data_cfg.test_split or ("test" if "test" in ds else None)
-    return ds[data_cfg.train_split], ds[eval_name] if eval_name else None, ds[test_name] if test_name else None
+    pick = {
+        k: map_columns(ds[n], data_cfg, f"data.path ({data_cfg.path}[{n}])") if n else None
+        for k, n in (("train", data_cfg.train_split), ("eval", eval_name), ("test", test_name))
+    }
+    return pick["train"], pick["eval"], pick["test"]
 
 
-def _needed_columns(data_cfg, with_label: bool = True) -> list[str]:
-    if data_cfg.format == "alpaca":
-        return ["instruction", "output"] if with_label else ["instruction"]
-    if data_cfg.format == "tokens":
-        return [data_cfg.tokens_column] + ([data_cfg.tags_column] if with_label else [])
-    if data_cfg.template:
-        import string
-
-        cols = [f for _, f, _, _ in string.Formatter().parse(data_cfg.template) if f]
-    else:
-        cols = [data_cfg.text_column] + ([data_cfg.text_pair_column] if data_cfg.text_pair_column else [])
-    if with_label and not data_cfg.target_template:
-        cols.append(data_cfg.label_column)
-    return cols
+# ------------------------------------------------------------------ columns
 
 
 def check_columns(ds, data_cfg, split: str, with_label: bool = True) -> None:
-    missing = [c for c in _needed_columns(data_cfg, with_label) if c not in ds.column_names]
+    """Every column the recipe reads is in the data; else one error listing the columns there are."""
+    needed = source_columns(data_cfg, ds) + (target_columns(data_cfg, ds) if with_label else [])
+    missing = [c for c in dict.fromkeys(needed) if c not in ds.column_names]
     if missing:
         raise PeftrunError(
             f"column(s) {missing} not in the {split} data",
             where="data",
-            hint=f"columns there are: {', '.join(ds.column_names)}; map them with data.text_column / data.label_column",
+            hint=f"columns there are: {', '.join(map(repr, ds.column_names))}; point data.text_column / "
+            "data.label_column (or data.template) at them, or rename with data.columns: {name: column}",
         )
 
 
-def _drop_empty(ds, data_cfg):
-    check_columns(ds, data_cfg, "training" if ds is not None else "", with_label=False)
-    cols = _needed_columns(data_cfg, with_label=False)
+def _empty(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return len(value) == 0
+    return str(value).strip() == ""
 
-    def keep(row: dict) -> bool:
-        return all(row[c] is not None and str(row[c]).strip() != "" for c in cols)
 
-    return ds.filter(keep)
+def drop_empty(ds, data_cfg, with_label: bool = True):
+    """Rows whose input (or label) is missing or blank teach nothing; drop them."""
+    cols = list(
+        dict.fromkeys(source_columns(data_cfg, ds) + (target_columns(data_cfg, ds) if with_label else []))
+    )
+    return ds.filter(lambda row: not any(_empty(row[c]) for c in cols))
 
 
 # ------------------------------------------------------------------ prompts and labels
 
 
 def label_names_for(splits: Splits, data_cfg) -> list[str]:
-    """Class names in a stable order: the recipe's, else the sorted values seen in training."""
+    """Class names in a stable order: the recipe's, the verbaliser's, else the sorted values in training."""
     if data_cfg.label_names:
         return list(data_cfg.label_names)
+    if data_cfg.verbalizer:
+        return list(dict.fromkeys(data_cfg.verbalizer.values()))
     if data_cfg.format == "tokens":
         seen = {t for tags in splits.train[data_cfg.tags_column] for t in tags}
     else:
@@ -175,135 +230,217 @@ def label_names_for(splits: Splits, data_cfg) -> list[str]:
     return [str(v) for v in sorted(seen, key=lambda v: (isinstance(v, str), v))]
 
 
-def source_text(row: dict, data_cfg, tokenizer=None) -> str:
-    if data_cfg.format == "alpaca":
-        inp = (row.get("input") or "").strip()
-        return ALPACA_PROMPT.format(
-            ctx=", paired with an input that provides further context" if inp else "",
-            instruction=row["instruction"].strip(),
-            input_block=f"### Input:\n{inp}\n\n" if inp else "",
-        )
-    if data_cfg.format == "chat":
-        content = row[data_cfg.text_column] if not data_cfg.template else data_cfg.template.format_map(row)
-        messages = [{"role": "user", "content": content}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if data_cfg.template:
-        return data_cfg.template.format_map(row)
-    return str(row[data_cfg.text_column])
-
-
-def target_text(row: dict, data_cfg) -> str:
-    if data_cfg.format == "alpaca":
-        return str(row["output"])
-    if data_cfg.target_template:
-        return data_cfg.target_template.format_map(row)
-    value = row[data_cfg.label_column]
-    if data_cfg.verbalizer:
-        return data_cfg.verbalizer.get(str(value), str(value))
-    return str(value)
-
-
 # ------------------------------------------------------------------ tokenisation
 
 
-def tokenize_split(ds, data_cfg, tokenizer, task_type: str, label_names: list[str] | None, *, for_eval: bool):
-    """Token ids per row; padding is left to the collator."""
+def _causal_ids(prompt_ids: list[int], target_ids: list[int], max_len: int, bos: int | None):
+    """Fit prompt + answer into max_len: the answer is kept whole where it fits, the prompt is cut from
+    the left (its start is usually boilerplate; its end is what the answer follows), BOS is kept."""
+    keep_bos = bool(prompt_ids) and bos is not None and prompt_ids[0] == bos
+    target_ids = target_ids[: max_len - 1 - int(keep_bos)]
+    room = max_len - len(target_ids)
+    if len(prompt_ids) > room:
+        prompt_ids = ([bos] if keep_bos else []) + prompt_ids[len(prompt_ids) - room + int(keep_bos) :]
+    return prompt_ids, target_ids
+
+
+def tokenize_split(
+    ds,
+    data_cfg,
+    tokenizer,
+    task_type: str,
+    label_names: list[str] | None,
+    *,
+    for_eval: bool,
+    with_labels: bool = True,
+):
+    """Token ids per row; padding is left to the collator. with_labels=False: inputs only (predict)."""
     import datasets
 
     datasets.disable_progress_bars()
     max_len = data_cfg.max_length
     index = {name: i for i, name in enumerate(label_names or [])}
 
+    def class_index(value: Any, where: str) -> int:
+        label = verbalize(value, data_cfg)
+        if label not in index:
+            raise PeftrunError(
+                f"label '{label}' is not one of {label_names}",
+                where=where,
+                hint="list every class in data.label_names (or data.verbalizer)",
+            )
+        return index[label]
+
     def seq_cls(row: dict) -> dict:
-        pair = row[data_cfg.text_pair_column] if data_cfg.text_pair_column else None
+        pair = str(row[data_cfg.text_pair_column]) if data_cfg.text_pair_column else None
         text = source_text(row, data_cfg, tokenizer)
         enc = tokenizer(text, pair, truncation=True, max_length=max_len)
-        label = str(row[data_cfg.label_column])
-        if label not in index:
-            raise PeftrunError(f"label '{label}' is not one of {label_names}", where="data.label_names")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": index[label]}
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if with_labels:
+            out["labels"] = class_index(row[data_cfg.label_column], "data.label_names")
+        return out
 
     def token_cls(row: dict) -> dict:
-        enc = tokenizer(row[data_cfg.tokens_column], is_split_into_words=True, truncation=True, max_length=max_len)
-        tags = row[data_cfg.tags_column]
-        labels, previous = [], None
+        words = [str(w) for w in row[data_cfg.tokens_column]]
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_len)
+        # the first sub-token of each word carries its tag; the rest and special tokens are ignored
+        first, previous = [], None
         for word in enc.word_ids():
-            labels.append(IGNORE_INDEX if word is None or word == previous else index[str(tags[word])])
+            first.append(word is not None and word != previous)
             previous = word
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if with_labels:
+            tags = row[data_cfg.tags_column]
+            if len(tags) != len(words):
+                raise PeftrunError(
+                    f"a row has {len(words)} tokens but {len(tags)} tags", where="data.tags_column"
+                )
+            out["labels"] = [
+                class_index(tags[w], "data.label_names") if f else IGNORE_INDEX
+                for w, f in zip(enc.word_ids(), first)
+            ]
+        else:
+            out["word_ids"] = [w if f else -1 for w, f in zip(enc.word_ids(), first)]
+        return out
 
     def seq2seq(row: dict) -> dict:
         enc = tokenizer(source_text(row, data_cfg, tokenizer), truncation=True, max_length=max_len)
-        target = target_text(row, data_cfg)
-        labels = tokenizer(text_target=target, truncation=True, max_length=data_cfg.target_max_length)["input_ids"]
-        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
-        if for_eval:
-            out["reference"] = target
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if with_labels:
+            target = target_text(row, data_cfg)
+            out["labels"] = tokenizer(
+                text_target=target, truncation=True, max_length=data_cfg.target_max_length
+            )["input_ids"]
+            if for_eval:
+                out["reference"] = target
         return out
 
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    bos = tokenizer.bos_token_id
+
     def causal(row: dict) -> dict:
-        prompt_ids = tokenizer(source_text(row, data_cfg, tokenizer), add_special_tokens=True)["input_ids"]
-        target = target_text(row, data_cfg)
-        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        # keep the answer: trim the prompt from the left when the row is too long
-        room = max_len - len(target_ids) - len(eos)
-        if room < 1:
-            target_ids = target_ids[: max(max_len - len(eos) - 1, 1)]
-            room = max_len - len(target_ids) - len(eos)
-        prompt_ids = prompt_ids[-room:]
-        ids = prompt_ids + target_ids + eos
-        if data_cfg.train_on_inputs:
-            labels = list(ids)
+        if not with_labels:
+            prompt = source_text(row, data_cfg, tokenizer)
+            ids = tokenizer(prompt, add_special_tokens=data_cfg.format != "chat")["input_ids"][-max_len:]
+            return {"input_ids": ids, "attention_mask": [1] * len(ids), "prompt_ids": ids}
+        if data_cfg.format == "text":
+            # language modelling on the whole text (pretraining-style): every token is a target
+            ids = tokenizer(str(row[data_cfg.text_column]), add_special_tokens=True)["input_ids"][
+                : max_len - len(eos)
+            ]
+            ids = ids + eos
+            return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+        if data_cfg.format == "chat":
+            prompt, completion = chat_texts(row, data_cfg, tokenizer)
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            target_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            if eos and eos[0] not in target_ids:
+                target_ids += eos
         else:
-            labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids + eos
+            prompt_ids = tokenizer(source_text(row, data_cfg, tokenizer), add_special_tokens=True)[
+                "input_ids"
+            ]
+            target_ids = tokenizer(target_text(row, data_cfg), add_special_tokens=False)["input_ids"] + eos
+        prompt_ids, target_ids = _causal_ids(prompt_ids, target_ids, max_len, bos)
+        ids = prompt_ids + target_ids
+        labels = list(ids) if data_cfg.train_on_inputs else [IGNORE_INDEX] * len(prompt_ids) + target_ids
         out = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
         if for_eval:
             out["prompt_ids"] = prompt_ids
-            out["reference"] = target
+            out["reference"] = target_text(row, data_cfg)
         return out
 
+    if data_cfg.format == "text" and task_type != "CAUSAL_LM":
+        raise PeftrunError(
+            f"data.format 'text' (language modelling on whole texts) is for CAUSAL_LM, not {task_type}",
+            where="data.format",
+        )
+    if (task_type == "TOKEN_CLS") != (data_cfg.format == "tokens"):
+        raise PeftrunError(
+            f"task_type {task_type} with data.format '{data_cfg.format}' does not fit",
+            where="data.format",
+            hint="token classification reads pre-split words and their tags: data.format: tokens with "
+            "task_type: TOKEN_CLS, and only then",
+        )
     fn = {"SEQ_CLS": seq_cls, "TOKEN_CLS": token_cls, "SEQ_2_SEQ_LM": seq2seq, "CAUSAL_LM": causal}[task_type]
+    fn = with_task_ids(fn, ds, data_cfg)
     return ds.map(fn, remove_columns=ds.column_names, desc=None)
 
 
 # ------------------------------------------------------------------ batches
 
 
+def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    fill = [[value] * (width - len(r)) for r in rows]
+    return torch.tensor([f + list(r) if left else list(r) + f for r, f in zip(rows, fill)], dtype=torch.long)
+
+
 class Collator:
-    """Pads each batch to its longest row: input_ids with pad id, attention 0, labels -100."""
+    """Pads each batch to its longest row: input_ids with pad id, attention 0, labels -100.
+    Prompts for generation are padded on the left so every row's answer starts at the same column."""
 
     def __init__(self, pad_token_id: int, task_type: str):
+        if pad_token_id is None:
+            raise PeftrunError("the tokenizer has no pad token (and no eos or unk to stand in for it)")
         self.pad = pad_token_id
         self.task_type = task_type
 
-    @staticmethod
-    def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-        width = max(len(r) for r in rows)
-        padded = [([value] * (width - len(r)) + list(r)) if left else (list(r) + [value] * (width - len(r))) for r in rows]
-        return torch.tensor(padded, dtype=torch.long)
-
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         batch: dict[str, Any] = {
-            "input_ids": self._pad([r["input_ids"] for r in rows], self.pad),
-            "attention_mask": self._pad([r["attention_mask"] for r in rows], 0),
+            "input_ids": pad_rows([r["input_ids"] for r in rows], self.pad),
+            "attention_mask": pad_rows([r["attention_mask"] for r in rows], 0),
         }
-        labels = [r["labels"] for r in rows]
-        if isinstance(labels[0], int):
-            batch["labels"] = torch.tensor(labels, dtype=torch.long)
-        else:
-            batch["labels"] = self._pad(labels, IGNORE_INDEX)
+        if "labels" in rows[0]:
+            labels = [r["labels"] for r in rows]
+            if isinstance(labels[0], int):
+                batch["labels"] = torch.tensor(labels, dtype=torch.long)
+            else:
+                batch["labels"] = pad_rows(labels, IGNORE_INDEX)
         if "prompt_ids" in rows[0]:
             prompts = [r["prompt_ids"] for r in rows]
-            batch["prompt_ids"] = self._pad(prompts, self.pad, left=True)
-            batch["prompt_attention_mask"] = self._pad([[1] * len(p) for p in prompts], 0, left=True)
+            batch["prompt_ids"] = pad_rows(prompts, self.pad, left=True)
+            batch["prompt_attention_mask"] = pad_rows([[1] * len(p) for p in prompts], 0, left=True)
+        if "word_ids" in rows[0]:
+            batch["word_ids"] = pad_rows([r["word_ids"] for r in rows], -1)
+        if "task_ids" in rows[0]:
+            batch["task_ids"] = torch.tensor([r["task_ids"] for r in rows], dtype=torch.long)
         if "reference" in rows[0]:
             batch["reference"] = [r["reference"] for r in rows]
         return batch
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "task_ids")
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+def with_task_ids(fn, ds, data_cfg):
+    """Add each row's task id (data.task_column: an int, or a name listed in data.task_names) to `fn`'s output."""
+    column = getattr(data_cfg, "task_column", None)
+    if not column:
+        return fn
+    if column not in ds.column_names:
+        raise PeftrunError(
+            f"task column '{column}' is not in the data", where="data.task_column",
+            hint=f"columns there are: {', '.join(ds.column_names)}",
+        )
+    names = {str(n): i for i, n in enumerate(data_cfg.task_names or [])}
+
+    def task_id(value) -> int:
+        text = str(value).strip()
+        if text in names:
+            return names[text]
+        if text.lstrip("-").isdigit() and not names:
+            return int(text)
+        raise PeftrunError(
+            f"task '{text}' is not {'one of ' + str(list(names)) if names else 'an integer id'}",
+            where="data.task_column", hint="list the task names in order with data.task_names",
+        )
+
+    def add(row: dict) -> dict:
+        return {**fn(row), "task_ids": task_id(row[column])}
+
+    return add

@@ -1,4 +1,9 @@
-"""Evaluation per task type: loss, accuracy/F1, entity F1, perplexity, and generated-label accuracy."""
+"""Evaluation per task type: loss, accuracy/F1, entity F1, perplexity, and generated-label accuracy.
+
+Generated answers are compared with the reference text by exact match after stripping whitespace, as
+the seed's `accuracy=` line does. When the recipe names its label strings (a verbaliser), decoding is
+constrained to them by default (`data.constrain_labels`), so every prediction is a valid label.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import torch
 
 from peftrun import metrics
 from peftrun.data import IGNORE_INDEX, model_inputs
+from peftrun.prompts import label_strings
 
 
 @dataclass
@@ -24,22 +30,84 @@ def _gather(accelerator, items: list) -> list:
     return accelerator.gather_for_metrics(items, use_gather_object=True)
 
 
-def generate_texts(model, batch: dict[str, Any], tokenizer, task_type: str, max_new_tokens: int) -> list[str]:
-    """Greedy decoding of each row's answer (prompt only, for causal LMs)."""
+class LabelConstraint:
+    """`prefix_allowed_tokens_fn` for generate(): each row may only spell one of the label strings,
+    token by token as training tokenised them, then end with EOS."""
+
+    def __init__(self, tokenizer, labels: list[str], task_type: str):
+        self.eos = tokenizer.eos_token_id
+        self.sequences: list[list[int]] = []
+        for label in labels:
+            if task_type == "SEQ_2_SEQ_LM":
+                ids = list(tokenizer(text_target=label)["input_ids"])
+            else:
+                ids = list(tokenizer(label, add_special_tokens=False)["input_ids"])
+            if self.eos is not None and (not ids or ids[-1] != self.eos):
+                ids.append(self.eos)
+            self.sequences.append(ids)
+        self.max_new_tokens = max(len(s) for s in self.sequences)
+        self.start = 0  # where the generated part begins in the sequences generate() passes in
+
+    def __call__(self, batch_id: int, sequence: torch.Tensor) -> list[int]:
+        done = sequence[self.start :].tolist()
+        n = len(done)
+        allowed = {s[n] for s in self.sequences if len(s) > n and s[:n] == done}
+        return sorted(allowed) if allowed else [self.eos if self.eos is not None else 0]
+
+
+def generate_texts(
+    model,
+    batch: dict[str, Any],
+    tokenizer,
+    task_type: str,
+    max_new_tokens: int,
+    constraint: LabelConstraint | None = None,
+) -> list[str]:
+    """Greedy decoding of each row's answer (from the left-padded prompt, for causal LMs)."""
     if task_type == "CAUSAL_LM":
         ids, mask = batch["prompt_ids"], batch["prompt_attention_mask"]
     else:
         ids, mask = batch["input_ids"], batch["attention_mask"]
+    kwargs: dict[str, Any] = {}
+    if constraint is not None:
+        constraint.start = ids.shape[1] if task_type == "CAUSAL_LM" else 1  # seq2seq: after the start token
+        kwargs["prefix_allowed_tokens_fn"] = constraint
+        max_new_tokens = constraint.max_new_tokens
+    device = next(model.parameters()).device
+    if "task_ids" in batch:  # multitask prompts
+        kwargs["task_ids"] = batch["task_ids"].to(device)
     out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
+        num_beams=1,
         pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **kwargs,
     )
     if task_type == "CAUSAL_LM":
         out = out[:, ids.shape[1] :]
     return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def make_constraint(tokenizer, data_cfg, task_type: str) -> LabelConstraint | None:
+    labels = label_strings(data_cfg)
+    if not (labels and data_cfg.constrain_labels) or task_type not in ("SEQ_2_SEQ_LM", "CAUSAL_LM"):
+        return None
+    return LabelConstraint(tokenizer, labels, task_type)
+
+
+def _target_tokens(labels: torch.Tensor, task_type: str) -> int:
+    """How many tokens the LM loss averaged over (causal LMs predict token t+1 from t)."""
+    if task_type == "CAUSAL_LM":
+        labels = labels[:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def wants_generation(task_type: str, data_cfg) -> bool:
+    """Seq2seq always generates its answer; a causal LM does when its answers are labels."""
+    return task_type == "SEQ_2_SEQ_LM" or (task_type == "CAUSAL_LM" and bool(label_strings(data_cfg)))
 
 
 @torch.no_grad()
@@ -54,16 +122,25 @@ def evaluate(
     accelerator=None,
     generate: bool | None = None,
 ) -> EvalResult:
+    """Loss and the task's metrics over `loader`. LM losses are averaged per target token, so
+    eval_ppl is the perplexity of the answers; classification losses per row."""
+    was_training = model.training
     model.eval()
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     if generate is None:
-        generate = task_type == "SEQ_2_SEQ_LM" or (task_type == "CAUSAL_LM" and bool(data_cfg.verbalizer))
-    losses, preds, refs = [], [], []
+        generate = wants_generation(task_type, data_cfg)
+    constraint = make_constraint(tokenizer, data_cfg, task_type) if generate else None
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    loss_sums, weights, preds, refs = [], [], [], []
     for batch in loader:
-        out = model(**model_inputs(batch))
-        loss = out.loss.detach().float()
-        n = batch["input_ids"].shape[0]
-        losses.append(loss.repeat(n))
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+        out = model(**inputs)
+        if task_type in ("SEQ_CLS", "TOKEN_CLS"):
+            weight = batch["input_ids"].shape[0]
+        else:
+            weight = _target_tokens(batch["labels"], task_type)
+        loss_sums.append(out.loss.detach().float().cpu() * weight)
+        weights.append(weight)
         if task_type == "SEQ_CLS":
             preds += out.logits.argmax(-1).tolist()
             refs += batch["labels"].tolist()
@@ -73,17 +150,20 @@ def evaluate(
                 preds.append([label_names[p_row[i]] for i in keep])
                 refs.append([label_names[l_row[i]] for i in keep])
         elif generate:
-            preds += generate_texts(unwrapped, batch, tokenizer, task_type, data_cfg.target_max_length)
+            preds += generate_texts(
+                unwrapped, batch, tokenizer, task_type, data_cfg.target_max_length, constraint
+            )
             refs += list(batch["reference"])
-    loss_all = torch.cat(losses)
+    sums = torch.stack([torch.stack(loss_sums).sum(), torch.tensor(float(sum(weights)))])
     if accelerator is not None and accelerator.num_processes > 1:
-        loss_all = accelerator.gather_for_metrics(loss_all)
+        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     preds, refs = _gather(accelerator, preds), _gather(accelerator, refs)
-    eval_loss = loss_all.mean().item()
+    eval_loss = (sums[0] / sums[1].clamp(min=1)).item()
     result: dict[str, float] = {"eval_loss": eval_loss}
     if task_type == "SEQ_CLS":
         result["accuracy"] = metrics.accuracy(preds, refs)
-        result["f1"] = metrics.f1(preds, refs, average="binary" if len(label_names or []) == 2 else "macro")
+        binary = len(label_names or []) == 2
+        result["f1"] = metrics.f1(preds, refs, average="binary" if binary else "macro")
         preds = [label_names[p] for p in preds]
         refs = [label_names[r] for r in refs]
     elif task_type == "TOKEN_CLS":
@@ -95,8 +175,24 @@ def evaluate(
         result["eval_ppl"] = metrics.perplexity(eval_loss)
         if generate:
             result["accuracy"] = metrics.accuracy(preds, refs)
-            if data_cfg.verbalizer:
-                valid = set(data_cfg.verbalizer.values())
-                result["valid_label_rate"] = sum(p in valid for p in preds) / max(len(preds), 1)
-    model.train()
+            valid = label_strings(data_cfg)
+            if valid:
+                result["valid_label_rate"] = metrics.accuracy(
+                    [p in valid for p in preds], [True] * len(preds)
+                )
+    if was_training:
+        model.train()
     return EvalResult(result, preds, refs)
+
+
+def report_lines(result: EvalResult, refs_name: str = "references") -> list[str]:
+    """The seed's log lines: `accuracy=...`, `eval_preds[:10]=[...]` and the first ten references."""
+    lines = [
+        f"{key}={result.metrics[key] * 100:.2f}"
+        for key in ("accuracy", "f1", "entity_f1")
+        if key in result.metrics
+    ]
+    if result.preds:
+        lines.append(f"eval_preds[:10]={result.preds[:10]!r}")
+        lines.append(f"{refs_name}[:10]={result.refs[:10]!r}")
+    return lines

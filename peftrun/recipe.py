@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from peftrun.errors import PeftrunError, did_you_mean
 
@@ -70,7 +78,7 @@ class DataSection(Section):
     train_split: str = "train"
     eval_split: str | None = None
     test_split: str | None = None
-    format: Literal["plain", "alpaca", "chat", "tokens"] = "plain"
+    format: Literal["plain", "alpaca", "chat", "tokens", "text"] = "plain"
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
@@ -87,8 +95,31 @@ class DataSection(Section):
     max_eval_samples: int | None = Field(default=None, ge=1)
     train_on_inputs: bool = False
     drop_empty: bool = True
+    # {name the recipe uses: column in the data}, as LLaMA-Factory's dataset_info `columns`
+    columns: dict[str, str] | None = None
+    # format: chat reads OpenAI (role/content) or ShareGPT (from/value) turns from this column when present
+    messages_column: str = "messages"
+    system_prompt: str | None = None
+    # generating models answer with one of the verbaliser's label strings (eval and predict)
+    constrain_labels: bool = True
     group_by_length: bool = False
     packing: bool = False
+    # multitask prompt tuning: the column holding each row's task (an id 0..num_tasks-1, or a name in task_names)
+    task_column: str | None = None
+    task_names: list[str] | None = None
+
+    @field_validator("verbalizer", "columns", mode="before")
+    @classmethod
+    def _string_keys(cls, value: Any) -> Any:
+        # YAML reads `{1: complaint}` with an int key; labels are matched as text
+        if isinstance(value, dict):
+            return {str(k): v if v is None else str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _string_names(cls, value: Any) -> Any:
+        return [str(v) for v in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _has_a_source(self) -> DataSection:
@@ -122,7 +153,86 @@ class TrainingSection(Section):
     progress_bar: bool = True
 
 
+Offload = Literal["none", "cpu", "nvme"]
+
+
+# DeepSpeed's own config keys (its JSON), accepted inline in the deepspeed section instead of accelerate's.
+DEEPSPEED_JSON_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "scheduler", "fp16", "bf16", "amp", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "activation_checkpointing", "steps_per_print", "wall_clock_breakdown",
+    "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
+    "flops_profiler", "comms_logger", "data_types", "seq_parallel_communication_data_type",
+)
+ACCELERATE_DEEPSPEED_KEYS = (
+    "config_file", "zero_stage", "offload_optimizer_device", "offload_param_device",
+    "offload_optimizer_nvme_path", "offload_param_nvme_path", "zero3_save_16bit_model",
+)
+
+
+class DeepSpeedSection(Section):
+    """accelerate's `deepspeed_config` keys, as in the seed's ds_zero3_cpu.yaml; or DeepSpeed's own config
+    keys (zero_optimization, bf16, optimizer, ...) inline; or `config_file`, a DeepSpeed JSON."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    config_file: str | None = None  # a DeepSpeed JSON; when given, the keys below come from it instead
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer_device: Offload = "none"
+    offload_param_device: Offload = "none"
+    offload_optimizer_nvme_path: str | None = None
+    offload_param_nvme_path: str | None = None
+    zero3_init_flag: bool = True
+    zero3_save_16bit_model: bool = True
+    gradient_clipping: float | None = Field(default=None, gt=0.0)  # default: training.max_grad_norm
+
+    @property
+    def json_config(self) -> dict[str, Any]:
+        """DeepSpeed's own keys given inline (empty when the section uses accelerate's keys)."""
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _offload_fits_stage(self) -> DeepSpeedSection:
+        for key in self.json_config:
+            if key not in DEEPSPEED_JSON_KEYS:
+                hint = did_you_mean(key, [*DeepSpeedSection.model_fields, *DEEPSPEED_JSON_KEYS])
+                raise ValueError(
+                    f"unknown key '{key}': neither accelerate's deepspeed_config keys nor DeepSpeed's own"
+                    + (f" ({hint})" if hint else "")
+                )
+        mixed = sorted(self.model_fields_set & set(ACCELERATE_DEEPSPEED_KEYS))
+        if self.json_config and mixed:
+            raise ValueError(
+                f"give accelerate's keys ({', '.join(mixed)}) or DeepSpeed's own config "
+                f"({', '.join(self.json_config)}), not both"
+            )
+        if self.offload_param_device != "none" and self.zero_stage != 3:
+            raise ValueError("offload_param_device needs zero_stage 3 (only ZeRO-3 partitions parameters)")
+        if self.offload_optimizer_device != "none" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer_device needs zero_stage 1, 2 or 3")
+        return self
+
+
+class FsdpSection(Section):
+    """accelerate's `fsdp_config` keys without the `fsdp_` prefix."""
+
+    version: Literal[1, 2] = 2
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = "FULL_SHARD"
+    offload_params: bool = False
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
+    transformer_layer_cls_to_wrap: str | None = None  # default: the model's own block class(es)
+    min_num_params: int = Field(default=100_000_000, ge=1)  # for SIZE_BASED_WRAP
+    state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] = "FULL_STATE_DICT"
+    cpu_ram_efficient_loading: bool = True
+    activation_checkpointing: bool = False
+
+
 class DistributedSection(Section):
+    """How many processes train and on what engine; or `accelerate_config`, a ready accelerate config file.
+
+    num_processes counts the processes on each machine (one per GPU); accelerate's config gets the total.
+    """
+
     accelerate_config: str | None = None
     num_processes: int = Field(default=1, ge=1)
     num_machines: int = Field(default=1, ge=1)
@@ -131,8 +241,33 @@ class DistributedSection(Section):
     main_process_port: int | None = Field(default=None, ge=1, le=65535)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     strategy: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
-    deepspeed: dict[str, Any] | None = None
-    fsdp: dict[str, Any] | None = None
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    fsdp: FsdpSection = Field(default_factory=FsdpSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedSection:
+        # keys whose value differs from the default (a saved recipe copy writes every key out)
+        changed = {
+            name for name, f in DistributedSection.model_fields.items()
+            if getattr(self, name) != f.get_default(call_default_factory=True)
+        }
+        if self.accelerate_config is not None:
+            extra = sorted(changed - {"accelerate_config"})
+            if extra:
+                raise ValueError(
+                    f"accelerate_config names a complete accelerate config; {', '.join(extra)} would be ignored: "
+                    "set them in that file, or pass accelerate options after `peftrun launch RECIPE --`"
+                )
+            return self
+        for engine in ("deepspeed", "fsdp"):
+            if engine in changed:
+                if "strategy" not in self.model_fields_set:
+                    self.strategy = engine  # a deepspeed (fsdp) section alone means that engine
+                elif self.strategy != engine:
+                    raise ValueError(f"a {engine} section needs strategy: {engine} (it says {self.strategy})")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
+        return self
 
 
 class Recipe(Section):
@@ -146,6 +281,7 @@ class Recipe(Section):
 
     _method_config: Any = PrivateAttr(default=None)
     _source: str | None = PrivateAttr(default=None)
+    _overrides: list[str] = PrivateAttr(default_factory=list)
 
     @property
     def method_config(self) -> Any:
@@ -214,6 +350,10 @@ def _fields_at(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _short(value: Any) -> str:
+    from peftrun.checkpoint import looks_secret
+
+    if isinstance(value, str) and looks_secret(value):
+        return "'<redacted>'"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -290,6 +430,13 @@ def build_method_config(recipe: Recipe, *, lines: dict[tuple[str, ...], int], so
     except ValidationError as err:
         raise_validation_error(err, schema=method.Config, source=source, lines=lines, prefix=("method",))
     reason = method.unsupported_reason(recipe.model.task_type, config)
+    if not reason and method.check_model is not None:
+        reason = method.check_model(recipe.model)
+        if reason:
+            raise PeftrunError(
+                f"method '{method.name}' cannot adapt this model: {reason}",
+                where=_where(source, lines, ("model", "name_or_path")),
+            )
     if reason:
         raise PeftrunError(
             f"method '{method.name}' cannot train task_type {recipe.model.task_type}: {reason}",
@@ -307,14 +454,48 @@ def recipe_from_dict(
             f"a recipe is a YAML mapping with model, method, data and training sections, got {type(data).__name__}",
             where=source,
         )
+    refuse_secrets(data, source=source, lines=lines)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise_validation_error(err, schema=Recipe, source=source, lines=lines)
     recipe._source = source
     recipe._method_config = build_method_config(recipe, lines=lines, source=source)
+    _check_task_ids(recipe, source, lines)
     _check_hardware(recipe, source, lines)
+    check_output_dir_value(recipe.output_dir, where=_where(source, lines, ("output_dir",)))
+    if recipe.distributed.deepspeed.json_config:
+        check_deepspeed_config(
+            recipe.distributed.deepspeed.json_config, recipe,
+            where=lambda *key: _where(source, lines, ("distributed", "deepspeed", *key)),
+        )
     return recipe
+
+
+def _check_task_ids(recipe: Recipe, source: str | None, lines: dict[tuple[str, ...], int]) -> None:
+    """Per-row task ids (data.task_column) exist for multitask prompt tuning and only for it."""
+    num_tasks = getattr(recipe.method_config, "num_tasks", None)
+    column, names = recipe.data.task_column, recipe.data.task_names
+    if num_tasks is None:
+        if column or names:
+            key = "task_column" if column else "task_names"
+            raise PeftrunError(
+                f"data.{key} gives each row a task id, which only multitask_prompt_tuning reads",
+                where=_where(source, lines, ("data", key)),
+                hint="remove it, or set method.name: multitask_prompt_tuning",
+            )
+        return
+    if num_tasks > 1 and not column:
+        raise PeftrunError(
+            f"multitask prompt tuning over {num_tasks} tasks needs each row's task",
+            where=_where(source, lines, ("method", "num_tasks")),
+            hint="name the column that holds it with data.task_column (ids 0..num_tasks-1, or names in data.task_names)",
+        )
+    if names is not None and len(names) != num_tasks:
+        raise PeftrunError(
+            f"data.task_names lists {len(names)} task(s) but method.num_tasks is {num_tasks}",
+            where=_where(source, lines, ("data", "task_names")),
+        )
 
 
 def _check_hardware(recipe: Recipe, source: str | None, lines: dict[tuple[str, ...], int]) -> None:
@@ -344,4 +525,104 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
         raise PeftrunError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
     if isinstance(data, dict):
         data = apply_overrides(data, overrides or [])
-    return recipe_from_dict(data, source=source, lines=_yaml_lines(text))
+    recipe = recipe_from_dict(data, source=source, lines=_yaml_lines(text))
+    recipe._overrides = list(overrides or [])
+    return recipe
+
+
+# ---------------------------------------------------------------- checks beyond the schema
+
+
+def refuse_secrets(data: Any, *, source: str | None, lines: dict[tuple[str, ...], int], path: tuple = ()) -> None:
+    """Credentials belong in the environment (HF_TOKEN), never in a recipe that gets copied beside adapters."""
+    from peftrun.checkpoint import SECRET_KEYS, looks_secret
+
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if str(key).lower() in SECRET_KEYS:
+                raise PeftrunError(
+                    f"'{key}' looks like a credential; peftrun does not take secrets from recipes",
+                    where=_where(source, lines, (*path, str(key))),
+                    hint="remove it and export HF_TOKEN in the environment instead; the value is not shown here",
+                )
+            refuse_secrets(value, source=source, lines=lines, path=(*path, str(key)))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            refuse_secrets(value, source=source, lines=lines, path=(*path, str(i)))
+    elif isinstance(data, str) and looks_secret(data):
+        raise PeftrunError(
+            "this value looks like a hub token; peftrun does not take secrets from recipes",
+            where=_where(source, lines, path),
+            hint="export HF_TOKEN in the environment instead; the value is not shown here",
+        )
+
+
+def check_output_dir_value(output_dir: str, *, where: str) -> None:
+    """output_dir gets files written and (checkpoints/) deleted: it must be a folder of its own."""
+    if not output_dir.strip():
+        raise PeftrunError("output_dir is empty", where=where)
+    out = Path(output_dir).expanduser().resolve()
+    repo = Path(__file__).resolve().parent.parent
+    protected = (
+        (Path(out.anchor), "the filesystem root"),
+        (Path.home().resolve(), "your home folder"),
+        (Path.cwd().resolve(), "the current folder"),
+        (repo, "the peftrun source folder"),
+    )
+    for folder, what in protected:
+        if out == folder or out in folder.parents:
+            raise PeftrunError(
+                f"output_dir '{output_dir}' is {what} or a folder above it; a run writes and prunes files there",
+                where=where,
+                hint="give a folder of its own, e.g. out/my_run",
+            )
+
+
+def _ds_value(config: dict[str, Any], *keys: str) -> Any:
+    node: Any = config
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return None if node == "auto" else node
+
+
+def check_deepspeed_config(config: dict[str, Any], recipe: Recipe, *, where) -> None:
+    """A DeepSpeed config must agree with the recipe on what both set; "auto" takes the recipe's value.
+
+    `where(*key)` renders the location of a key under the DeepSpeed config for messages.
+    """
+    t = recipe.training
+    world = recipe.distributed.num_processes * recipe.distributed.num_machines
+    expected = {
+        ("gradient_accumulation_steps",): (t.gradient_accumulation_steps, "training.gradient_accumulation_steps"),
+        ("train_micro_batch_size_per_gpu",): (t.batch_size, "training.batch_size"),
+        ("train_batch_size",): (
+            t.batch_size * t.gradient_accumulation_steps * world,
+            "training.batch_size x gradient_accumulation_steps x processes",
+        ),
+        ("optimizer", "params", "lr"): (t.learning_rate, "training.learning_rate"),
+    }
+    for keys, (want, source_key) in expected.items():
+        got = _ds_value(config, *keys)
+        if got is None:
+            continue
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or float(got) != float(want):
+            raise PeftrunError(
+                f"the DeepSpeed config sets {'.'.join(keys)}={got!r} but the recipe's {source_key} gives {want!r}",
+                where=where(*keys),
+                hint=f'set it to "auto" (DeepSpeed then takes the recipe\'s value) or to {want!r}',
+            )
+    for precision in ("fp16", "bf16"):
+        enabled = _ds_value(config, precision, "enabled")
+        if enabled is True and t.mixed_precision != precision:
+            raise PeftrunError(
+                f"the DeepSpeed config enables {precision} but training.mixed_precision is '{t.mixed_precision}'",
+                where=where(precision, "enabled"),
+                hint=f'set training.mixed_precision: {precision}, or {precision}.enabled: "auto"',
+            )
+    stage = _ds_value(config, "zero_optimization", "stage")
+    if stage is not None and stage not in (0, 1, 2, 3):
+        raise PeftrunError(
+            f"zero_optimization.stage must be 0, 1, 2 or 3 (got {stage!r})", where=where("zero_optimization", "stage")
+        )

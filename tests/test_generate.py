@@ -11,10 +11,10 @@ from adapter_kit import CHAT_TEMPLATE, load_base, logits, save_lm, save_lora
 from conftest import run_cli as _run_cli
 
 import peftrun
-from peftrun.data import ALPACA_PROMPT
 from peftrun.errors import PeftrunError
 from peftrun.generation import GenerationOptions, build_prompt, prompt_style
 from peftrun.merge import merge
+from peftrun.prompts import ALPACA_PROMPT
 
 
 def run_cli(*args, **kwargs):

@@ -73,6 +73,8 @@ class Method:
     state: Callable[..., dict] | None = None
     load_state: Callable[..., None] | None = None
     check: Callable[[str, Any], str | None] | None = None
+    # check_model(recipe.model) -> reason or None: refuse an architecture before any weights load.
+    check_model: Callable[[Any], str | None] | None = None
     # Training hooks for methods whose update depends on the loop (AdaLoRA's rank allocator):
     # extra_loss(peft_model, name) -> tensor added to the loss; after_step(peft_model, name, step, total_steps).
     extra_loss: Callable[..., Any] | None = None
@@ -92,6 +94,16 @@ class Method:
 # method name -> module path; imported lazily so `peftrun validate` stays fast.
 _MODULES: dict[str, str] = {
     "lora": "peftrun.methods.lora",
+    "prompt_tuning": "peftrun.methods.prompt_tuning",
+    "p_tuning": "peftrun.methods.p_tuning",
+    "multitask_prompt_tuning": "peftrun.methods.multitask_prompt",
+    "prefix_tuning": "peftrun.methods.prefix_tuning",
+    "llama_adapter": "peftrun.methods.llama_adapter",
+    "adalora": "peftrun.methods.adalora",
+    "bottleneck": "peftrun.methods.bottleneck",
+    "ia3": "peftrun.methods.ia3",
+    "loha": "peftrun.methods.loha",
+    "lokr": "peftrun.methods.lokr",
 }
 
 

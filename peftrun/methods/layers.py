@@ -77,6 +77,13 @@ class AdapterLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
+    def adapter_tensor_kwargs(self) -> dict:
+        """Device and dtype for new adapter tensors: the base's device, fp32 unless the base is wider."""
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # adapters train in fp32
+        return {"device": weight.device, "dtype": dtype}
+
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), whatever the layer stores."""
         w = self.base_layer.weight
@@ -201,7 +208,10 @@ class ModulesToSave(nn.Module):
     def add_adapter(self, name: str, config=None) -> None:
         import copy
 
-        copy_ = copy.deepcopy(self.original_module)
+        from peftrun.distributed import gathered
+
+        with gathered(list(self.original_module.parameters())):  # ZeRO-3 leaves slices; a copy needs them whole
+            copy_ = copy.deepcopy(self.original_module)
         for p in copy_.parameters():
             p.requires_grad_(True)
         self.modules_to_save[name] = copy_

@@ -45,6 +45,7 @@ LORA_TARGETS: dict[str, list[str]] = {
 }
 
 # (IA)^3: attention keys/values and the feed-forward input (the feed-forward modules scale their input).
+# peft's defaults, entry for entry, so a recipe without target_modules matches a peft adapter.
 IA3_TARGETS: dict[str, list[str]] = {
     "t5": ["k", "v", "wo"],
     "mt5": ["k", "v", "wi_1"],
@@ -56,15 +57,27 @@ IA3_TARGETS: dict[str, list[str]] = {
     "gpt_neox": ["query_key_value", "dense_4h_to_h"],
     "gpt_neo": ["q_proj", "v_proj", "c_proj"],
     "bart": ["q_proj", "v_proj", "fc2"],
+    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
     "llama": ["k_proj", "v_proj", "down_proj"],
+    "llama4": ["q_proj", "v_proj", "down_proj"],
     "mistral": ["k_proj", "v_proj", "down_proj"],
-    "qwen2": ["k_proj", "v_proj", "down_proj"],
+    "mixtral": ["k_proj", "v_proj", "w2"],
     "bert": ["key", "value", "output.dense"],
     "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "deberta": ["in_proj", "output.dense"],
+    "RefinedWebModel": ["query_key_value", "dense_4h_to_h"],
+    "RefinedWeb": ["query_key_value", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "phi": ["q_proj", "v_proj", "fc2"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
 }
 IA3_FEEDFORWARD: dict[str, list[str]] = {
     "t5": ["wo"],
-    "mt5": ["wi_1"],
+    "mt5": [],
     "gpt2": ["mlp.c_proj"],
     "bloom": ["mlp.dense_4h_to_h"],
     "roberta": ["output.dense"],
@@ -73,11 +86,23 @@ IA3_FEEDFORWARD: dict[str, list[str]] = {
     "gpt_neox": ["dense_4h_to_h"],
     "gpt_neo": ["c_proj"],
     "bart": ["fc2"],
+    "gpt_bigcode": ["mlp.c_proj"],
     "llama": ["down_proj"],
+    "llama4": ["down_proj"],
     "mistral": ["down_proj"],
-    "qwen2": ["down_proj"],
+    "mixtral": ["w2"],
     "bert": ["output.dense"],
     "deberta-v2": ["output.dense"],
+    "deberta": ["output.dense"],
+    "RefinedWeb": ["dense_4h_to_h"],
+    "RefinedWebModel": ["dense_4h_to_h"],
+    "falcon": ["dense_4h_to_h"],
+    "phi": ["fc2"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "gemma3_text": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
 }
 
 LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
@@ -187,3 +212,46 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+# AdaLoRA: peft's defaults (wider than LoRA's for encoders and T5: every projection of the block).
+ADALORA_TARGETS: dict[str, list[str]] = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "gpt_bigcode": ["c_attn"],
+    "deberta": ["in_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+}
+
+# Bottleneck adapters sit on each sub-layer's output projection: (attention, feed-forward) regexes
+# over full module paths (a regex, because BERT's ffn `output.dense` is a suffix of `attention.output.dense`).
+_BERT_LIKE = (r".*\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense")
+_LLAMA_LIKE = (r".*\.self_attn\.o_proj", r".*\.mlp\.down_proj")
+SUBLAYER_OUTPUTS: dict[str, tuple[str, str]] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "t5": (r".*\.(SelfAttention|EncDecAttention)\.o", r".*\.DenseReluDense\.wo"),
+    "mt5": (r".*\.(SelfAttention|EncDecAttention)\.o", r".*\.DenseReluDense\.wo"),
+    "gpt2": (r".*\.(attn|crossattention)\.c_proj", r".*\.mlp\.c_proj"),
+    "bloom": (r".*\.self_attention\.dense", r".*\.mlp\.dense_4h_to_h"),
+}

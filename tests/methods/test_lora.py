@@ -39,7 +39,9 @@ def _ids(case):
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
 def test_peftrun_adapter_loads_in_peft(case, tmp_path):
     arch, task, extra = case
-    ours = wrap(tiny_model(arch, task), task, "lora", LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **extra))
+    ours = wrap(
+        tiny_model(arch, task), task, "lora", LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **extra)
+    )
     if extra.get("bias") == "lora_only":
         with torch.no_grad():
             for name, p in ours.named_parameters():
@@ -65,7 +67,8 @@ def test_peftrun_adapter_loads_in_peft(case, tmp_path):
 def test_peft_adapter_loads_in_peftrun(case, tmp_path):
     arch, task, extra = case
     theirs = peft.get_peft_model(
-        tiny_model(arch, task), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type=task, **extra)
+        tiny_model(arch, task),
+        peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type=task, **extra),
     ).eval()
     theirs.save_pretrained(tmp_path)
     config, state = read_adapter(tmp_path)
@@ -79,10 +82,13 @@ def test_peft_adapter_loads_in_peftrun(case, tmp_path):
 
 
 def test_checkpoint_keys_and_config_match_peft(tmp_path):
-    ours = wrap(tiny_model("roberta", "SEQ_CLS"), "SEQ_CLS", "lora", LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1))
+    ours = wrap(
+        tiny_model("roberta", "SEQ_CLS"), "SEQ_CLS", "lora", LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1)
+    )
     save_adapter(ours, tmp_path / "ours", base_model="tiny")
     theirs = peft.get_peft_model(
-        tiny_model("roberta", "SEQ_CLS"), peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, task_type="SEQ_CLS")
+        tiny_model("roberta", "SEQ_CLS"),
+        peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, task_type="SEQ_CLS"),
     )
     theirs.save_pretrained(tmp_path / "theirs")
     a = load_file(tmp_path / "ours" / "adapter_model.safetensors")
@@ -92,7 +98,16 @@ def test_checkpoint_keys_and_config_match_peft(tmp_path):
     assert "base_model.model.classifier.out_proj.weight" in a
     ca = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     cb = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    for key in ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "bias", "use_rslora", "use_dora"):
+    for key in (
+        "peft_type",
+        "task_type",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "bias",
+        "use_rslora",
+        "use_dora",
+    ):
         assert ca[key] == cb[key], key
     assert sorted(ca["target_modules"]) == sorted(cb["target_modules"])
 
@@ -105,14 +120,19 @@ def test_fresh_lora_equals_base_and_scaling():
         assert torch.equal(model(**batch).logits, base(**batch).logits)  # B = 0 at init
     layer = model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == 2.0
-    rs = wrap(tiny_model("llama", "CAUSAL_LM"), "CAUSAL_LM", "lora", LoraConfig(r=4, lora_alpha=8, use_rslora=True))
+    rs = wrap(
+        tiny_model("llama", "CAUSAL_LM"), "CAUSAL_LM", "lora", LoraConfig(r=4, lora_alpha=8, use_rslora=True)
+    )
     assert rs.model.model.layers[0].self_attn.q_proj.scaling["default"] == 4.0
 
 
 @pytest.mark.parametrize("extra", [{}, {"use_dora": True}], ids=["lora", "dora"])
 def test_merge_unmerge_exact(extra):
     model = wrap(
-        tiny_model("gpt2", "CAUSAL_LM"), "CAUSAL_LM", "lora", LoraConfig(r=4, init_lora_weights=False, **extra)
+        tiny_model("gpt2", "CAUSAL_LM"),
+        "CAUSAL_LM",
+        "lora",
+        LoraConfig(r=4, init_lora_weights=False, **extra),
     )
     batch = tiny_batch(model.model, "CAUSAL_LM")
     before = {n: p.detach().clone() for n, p in model.model.named_parameters() if "base_layer" in n}
@@ -143,9 +163,15 @@ def _train(model, batch, steps: int = 20) -> list[float]:
 
 
 @pytest.mark.parametrize("extra", [{}, {"use_dora": True}], ids=["lora", "dora"])
-def test_lora_learns_like_peft_and_base_stays_frozen(extra):
+def test_lora_learns_like_peft_and_base_stays_frozen(extra, monkeypatch):
     """Same start, same batches: our loss curve is peft's, it goes down, and the base never moves."""
     from peft.utils import get_peft_model_state_dict
+
+    from peftrun.methods.lora import LoraLayer
+
+    # the plain path runs peft's operations in peft's order, so 20 steps at lr 3e-2 agree to 1e-4; the fused
+    # path rounds differently (<= 1e-5 a step) and is held to the same curve in tests/test_fastpath.py
+    monkeypatch.setattr(LoraLayer, "fast_path", False)
 
     theirs = peft.get_peft_model(
         tiny_model("llama", "CAUSAL_LM"),

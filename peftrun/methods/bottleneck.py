@@ -1,0 +1,137 @@
+r"""Bottleneck adapters (Houlsby et al., 2019): a small residual MLP after each sub-layer.
+
+On the output projection of a transformer sub-layer (attention, feed-forward), before its residual add:
+
+    h = W_o a + b_o,     h <- h + W_up f(W_down dropout(h) + b_down) + b_up,
+    W_down ∈ R^{m×d},  W_up ∈ R^{d×m},  m = bottleneck_size or d // reduction_factor,
+
+with f one of relu/gelu/silu/tanh and W_up, b_up zero at init, so the adapted model starts equal to the
+base. Each adapted layer trains 2·d·m + m + d parameters.
+
+peft has no such method; its checkpoint is peft-shaped all the same: adapter_config.json with
+peft_type "BOTTLENECK" and these fields, and adapter_model.safetensors with, per adapted module,
+
+    base_model.model.<module path>.adapter_down.weight  (m, d)     .adapter_down.bias  (m,)
+    base_model.model.<module path>.adapter_up.weight    (d, m)     .adapter_up.bias    (d,)
+
+The adapter is nonlinear in h, so it cannot be folded into W_o: merging is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from peftrun.errors import PeftrunError
+from peftrun.methods import Method, TunerConfig
+from peftrun.methods.inject import add_modules_to_save, freeze_base, resolve_targets, wrap_layers
+from peftrun.methods.layers import AdapterLayer
+from peftrun.methods.targets import SUBLAYER_OUTPUTS
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+DEFAULT_REDUCTION = 16
+
+
+class BottleneckConfig(TunerConfig):
+    reduction_factor: float | None = Field(default=None, gt=0)
+    bottleneck_size: int | None = Field(default=None, ge=1)
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    # Which sub-layers get an adapter (ignored when target_modules names the output projections itself).
+    sublayers: list[Literal["attention", "ffn"]] = Field(
+        default_factory=lambda: ["attention", "ffn"], min_length=1
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    init_weights: bool = True
+
+    @model_validator(mode="after")
+    def _one_size(self) -> BottleneckConfig:
+        if self.reduction_factor is not None and self.bottleneck_size is not None:
+            raise ValueError("give reduction_factor or bottleneck_size, not both")
+        return self
+
+    def peft_fields(self) -> dict:
+        """Left to defaults, the adapted modules follow from model type and `sublayers`; saved that way."""
+        body = super().peft_fields()
+        if body.get("target_modules") is None:
+            body.pop("target_modules", None)
+        return body
+
+    def size_for(self, hidden: int) -> int:
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        return max(1, int(hidden // (self.reduction_factor or DEFAULT_REDUCTION)))
+
+
+class BottleneckLayer(AdapterLayer):
+    adapter_attrs = ("adapter_down", "adapter_up")
+
+    def __init__(self, base_layer: nn.Module, name: str = ""):
+        super().__init__(base_layer)
+        self.module_name = name
+        self.adapter_down = nn.ModuleDict()
+        self.adapter_up = nn.ModuleDict()
+        self.adapter_act = nn.ModuleDict()
+        self.adapter_dropout = nn.ModuleDict()
+
+    def add_adapter(self, name: str, config: BottleneckConfig) -> None:
+        hidden, size = self.out_features, config.size_for(self.out_features)
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32  # adapters train in fp32
+        self.adapter_down[name] = nn.Linear(hidden, size, device=weight.device, dtype=dtype)
+        self.adapter_up[name] = nn.Linear(size, hidden, device=weight.device, dtype=dtype)
+        self.adapter_act[name] = ACTIVATIONS[config.non_linearity]()
+        self.adapter_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        if config.init_weights and not weight.is_meta:
+            nn.init.zeros_(self.adapter_up[name].weight)
+            nn.init.zeros_(self.adapter_up[name].bias)
+        self.active_adapters = [name]
+
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        down, up = self.adapter_down[name], self.adapter_up[name]
+        h = self.adapter_dropout[name](result.to(down.weight.dtype))
+        return result + up(self.adapter_act[name](down(h))).to(result.dtype)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        for container in (self.adapter_act, self.adapter_dropout):
+            if name in container:
+                del container[name]
+
+
+def sublayer_regex(model_type: str, sublayers: list[str]) -> str:
+    if model_type not in SUBLAYER_OUTPUTS:
+        raise PeftrunError(
+            f"bottleneck has no default sub-layer outputs for model type '{model_type}'",
+            where="method.target_modules",
+            hint="name the output projections to adapt, e.g. target_modules: [o_proj, down_proj]",
+        )
+    attention, ffn = SUBLAYER_OUTPUTS[model_type]
+    chosen = [p for kind, p in (("attention", attention), ("ffn", ffn)) if kind in sublayers]
+    return "|".join(f"(?:{p})" for p in chosen)
+
+
+def apply(peft_model, config: BottleneckConfig, adapter_name: str) -> None:
+    model = peft_model.model
+    if config.target_modules is None:
+        regex = sublayer_regex(getattr(model.config, "model_type", "?"), config.sublayers)
+        targeting = config.model_copy(update={"target_modules": regex})
+    else:
+        targeting = config
+    names = resolve_targets(model, targeting, {}, "bottleneck", peft_model.task_type)
+    wrap_layers(model, names, adapter_name, config, BottleneckLayer, BottleneckLayer)
+    add_modules_to_save(model, config, adapter_name, peft_model.task_type)
+    freeze_base(model)
+
+
+METHOD = Method(
+    name="bottleneck",
+    peft_type="BOTTLENECK",
+    kind="additive",
+    summary="Houlsby adapters: down-project, nonlinearity, up-project, residual, after attention and feed-forward",
+    mergeable=False,
+    Config=BottleneckConfig,
+    apply=apply,
+)

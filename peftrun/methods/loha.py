@@ -1,0 +1,59 @@
+r"""LoHa (Hyeon-Woo et al., 2022, FedPara): a low-rank Hadamard-product update.
+
+For a frozen layer y = W x + b, LoHa learns
+
+    ΔW = (W1a W1b) ⊙ (W2a W2b) · alpha / r,    W1a, W2a ∈ R^{out×r},  W1b, W2b ∈ R^{r×in},
+    y  = W x + b + ΔW x,
+
+whose rank can reach r² with the parameters of two rank-r LoRAs. With init_weights (the default) W2b = 0,
+so training starts from the base model; the other factors are He-uniform. rank_dropout and module_dropout
+as in `lycoris.py`. peft keys: `hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`. Merge: W <- W + ΔW.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peftrun.methods import Method
+from peftrun.methods.lycoris import LycorisConfig, LycorisLayer, apply_lycoris
+
+
+class LoHaConfig(LycorisConfig):
+    pass
+
+
+class LoHaLayer(LycorisLayer):
+    adapter_attrs = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+    def __init__(self, base_layer: nn.Module, name: str = ""):
+        super().__init__(base_layer, name)
+        for attr in self.adapter_attrs:
+            setattr(self, attr, nn.ParameterDict())
+
+    def create_factors(self, name: str, config: LoHaConfig) -> None:
+        r, out_f, in_f = self.r[name], self.out_features, self.in_features
+        self.hada_w1_a[name] = self.new_factor(out_f, r)
+        self.hada_w1_b[name] = self.new_factor(r, in_f)
+        self.hada_w2_a[name] = self.new_factor(out_f, r)
+        self.hada_w2_b[name] = self.new_factor(r, in_f, zero=config.init_weights)
+
+    def make_delta(self, name: str) -> torch.Tensor:
+        w1 = self.hada_w1_a[name] @ self.hada_w1_b[name]
+        w2 = self.hada_w2_a[name] @ self.hada_w2_b[name]
+        return w1 * w2
+
+
+def apply(peft_model, config: LoHaConfig, adapter_name: str) -> None:
+    apply_lycoris(peft_model, config, adapter_name, LoHaLayer, "loha")
+
+
+METHOD = Method(
+    name="loha",
+    peft_type="LOHA",
+    kind="reparameterisation",
+    summary="low-rank Hadamard product update (W1a·W1b)⊙(W2a·W2b) added to frozen weights (FedPara/LyCORIS)",
+    mergeable=True,
+    Config=LoHaConfig,
+    apply=apply,
+)

@@ -1,0 +1,108 @@
+r"""LoKr (Yeh et al., 2023, LyCORIS): a Kronecker-product update.
+
+Factor the layer's sizes as out = a·b and in = c·d (`factorize`, with a <= b and c <= d). LoKr learns
+
+    ΔW = W1 ⊗ W2 · alpha / r,    W1 ∈ R^{a×c},  W2 ∈ R^{b×d},
+    y  = W x + b + ΔW x.
+
+W2 becomes low rank, W2 = W2a W2b (rank r), when r < max(b, d) / 2; with decompose_both W1 does too
+(W1 = W1a W1b) when r < max(a, c) / 2. init_weights: True zeroes W1 (or W1a) so training starts from the
+base; "lycoris" zeroes W2 (or W2b) instead; False keeps every factor random. rank_dropout (rescaled by
+1 / mean(mask) with rank_dropout_scale) and module_dropout as in `lycoris.py`. peft keys: `lokr_w1`,
+`lokr_w2`, or `lokr_w1_a`/`lokr_w1_b`, `lokr_w2_a`/`lokr_w2_b`. Merge: W <- W + ΔW.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from peftrun.methods import Method
+from peftrun.methods.lycoris import LycorisConfig, LycorisLayer, apply_lycoris
+
+
+class LoKrConfig(LycorisConfig):
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
+    init_weights: bool | Literal["lycoris"] = True
+
+
+def factorize(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split `dimension` into m·n, the factor sizes LoKr uses (peft's rule, so checkpoints agree).
+
+    A positive `factor` that divides the dimension is taken as is: (factor, dimension // factor).
+    Otherwise walk up the divisors of `dimension` while the smaller side stays the smaller one and no
+    larger than `factor` (no limit for -1): the most balanced split the limit allows, smaller side first.
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = dimension if factor == -1 else factor
+    m = 1
+    for divisor in range(2, dimension + 1):
+        if m >= dimension // m:
+            break
+        if dimension % divisor:
+            continue
+        if divisor > limit:
+            break
+        m = divisor
+    n = dimension // m
+    return (m, n) if m <= n else (n, m)
+
+
+class LoKrLayer(LycorisLayer):
+    adapter_attrs = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+    def __init__(self, base_layer: nn.Module, name: str = ""):
+        super().__init__(base_layer, name)
+        for attr in self.adapter_attrs:
+            setattr(self, attr, nn.ParameterDict())
+        self.rescale: dict[str, bool] = {}
+
+    def create_factors(self, name: str, config: LoKrConfig) -> None:
+        r = self.r[name]
+        a, b = factorize(self.out_features, config.decompose_factor)
+        c, d = factorize(self.in_features, config.decompose_factor)
+        self.rescale[name] = config.rank_dropout_scale
+        zero_w1 = config.init_weights is True
+        zero_w2 = config.init_weights == "lycoris"
+        if config.decompose_both and r < max(a, c) / 2:
+            self.lokr_w1_a[name] = self.new_factor(a, r, zero=zero_w1)
+            self.lokr_w1_b[name] = self.new_factor(r, c)
+        else:
+            self.lokr_w1[name] = self.new_factor(a, c, zero=zero_w1)
+        if r < max(b, d) / 2:
+            self.lokr_w2_a[name] = self.new_factor(b, r)
+            self.lokr_w2_b[name] = self.new_factor(r, d, zero=zero_w2)
+        else:
+            self.lokr_w2[name] = self.new_factor(b, d, zero=zero_w2)
+
+    def _factor(self, name: str, which: str) -> torch.Tensor:
+        full = getattr(self, f"lokr_{which}")
+        if name in full:
+            return full[name]
+        return getattr(self, f"lokr_{which}_a")[name] @ getattr(self, f"lokr_{which}_b")[name]
+
+    def make_delta(self, name: str) -> torch.Tensor:
+        return torch.kron(self._factor(name, "w1"), self._factor(name, "w2"))
+
+    def rescales_rank_dropout(self, name: str) -> bool:
+        return self.rescale[name]
+
+
+def apply(peft_model, config: LoKrConfig, adapter_name: str) -> None:
+    apply_lycoris(peft_model, config, adapter_name, LoKrLayer, "lokr")
+
+
+METHOD = Method(
+    name="lokr",
+    peft_type="LOKR",
+    kind="reparameterisation",
+    summary="Kronecker-product update W1⊗W2 (optionally low-rank factors) added to frozen weights (LyCORIS)",
+    mergeable=True,
+    Config=LoKrConfig,
+    apply=apply,
+)

@@ -1,0 +1,111 @@
+r"""What LoHa and LoKr share (the LyCORIS family): a structured weight update ΔW applied as x ΔWᵀ.
+
+Each method builds its (out, in) update ΔW from small factors and a scale s = alpha / r. Training adds two
+regularisers from LyCORIS:
+  - rank_dropout: each output row of ΔW is kept with probability 1 - p (the kept rows are rescaled by
+    1 / mean(mask) where the method asks for it);
+  - module_dropout: with probability p a training step skips the adapter of a layer altogether.
+Merge folds ΔW into the base weight (AdapterLayer.merge); unmerge restores it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from peftrun.methods import TunerConfig
+from peftrun.methods.inject import add_modules_to_save, freeze_base, resolve_targets, wrap_layers
+from peftrun.methods.layers import AdapterLayer
+from peftrun.methods.lora import pattern_value
+from peftrun.methods.targets import LORA_TARGETS, default_targets
+
+
+class LycorisConfig(TunerConfig):
+    """peft's LycorisConfig fields (LoHaConfig and LoKrConfig add theirs)."""
+
+    r: int = Field(default=8, ge=1)
+    alpha: float = Field(default=8, gt=0)
+    rank_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    module_dropout: float = Field(default=0.0, ge=0.0, le=1.0)
+    use_effective_conv2d: bool = False  # only changes Conv2d layers, which peftrun does not adapt
+    init_weights: bool = True
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+
+
+class LycorisLayer(AdapterLayer):
+    """A layer whose adapter is a full (out, in) update built by `make_delta`; dropout as above."""
+
+    def __init__(self, base_layer: nn.Module, name: str = ""):
+        super().__init__(base_layer)
+        self.module_name = name
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.rank_dropout: dict[str, float] = {}
+        self.module_dropout: dict[str, float] = {}
+
+    def make_delta(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
+        """The method's unscaled (out, in) update."""
+        raise NotImplementedError
+
+    def add_adapter(self, name: str, config: LycorisConfig) -> None:
+        r = pattern_value(config.rank_pattern, self.module_name, config.r)
+        alpha = pattern_value(config.alpha_pattern, self.module_name, config.alpha)
+        self.r[name] = r
+        self.scaling[name] = alpha / r
+        self.rank_dropout[name] = config.rank_dropout
+        self.module_dropout[name] = config.module_dropout
+        self.create_factors(name, config)
+        self.active_adapters = [name]
+
+    def create_factors(self, name: str, config: LycorisConfig) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rescales_rank_dropout(self, name: str) -> bool:
+        """Whether rows kept by rank_dropout are scaled by 1 / mean(mask) (LoHa always; LoKr on request)."""
+        return True
+
+    def new_factor(self, *shape: int, zero: bool = False) -> nn.Parameter:
+        """A factor with He-uniform init (a = sqrt 5, as nn.Linear), or zeros."""
+        tensor = torch.empty(shape, **self.adapter_tensor_kwargs())
+        if zero:
+            nn.init.zeros_(tensor)
+        elif not tensor.is_meta:
+            nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+        return nn.Parameter(tensor)
+
+    def delta_weight(self, name: str, *, rank_dropout: bool = False) -> torch.Tensor:
+        delta = self.make_delta(name) * self.scaling[name]
+        if rank_dropout:
+            keep = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout[name]).to(delta.dtype)
+            if self.rescales_rank_dropout(name):
+                keep = keep / keep.mean().clamp_min(1e-12)  # all rows dropped: ΔW = 0
+            delta = delta * keep.unsqueeze(1)
+        return delta
+
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        # One draw per training forward whatever p is, as peft does, so seeded runs agree with it.
+        if self.training and torch.rand(1).item() <= self.module_dropout[name]:
+            return result
+        drop = self.training and self.rank_dropout[name] > 0
+        delta = self.delta_weight(name, rank_dropout=drop)
+        return result + nn.functional.linear(x.to(delta.dtype), delta).to(result.dtype)
+
+
+def apply_lycoris(
+    peft_model, config: LycorisConfig, adapter_name: str, layer_cls: type[LycorisLayer], method: str
+):
+    """Wrap the targets (peft's LoRA defaults per architecture), add task heads, freeze the base."""
+    model = peft_model.model
+    if config.target_modules is None:
+        # Resolved now so that adapter_config.json names them, as peft writes them.
+        config.target_modules = default_targets(
+            LORA_TARGETS, getattr(model.config, "model_type", "?"), method
+        )
+    names = resolve_targets(model, config, LORA_TARGETS, method, peft_model.task_type)
+    wrap_layers(model, names, adapter_name, config, layer_cls, layer_cls)
+    add_modules_to_save(model, config, adapter_name, peft_model.task_type)
+    freeze_base(model)

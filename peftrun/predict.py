@@ -1,0 +1,230 @@
+"""`peftrun eval` and `peftrun predict`: a saved adapter (or the bare base model) on the recipe's eval
+split, or on an unlabelled file whose predictions are written as csv or jsonl, atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from peftrun.checkpoint import read_recipe_copy
+from peftrun.data import (
+    EXTENSIONS,
+    Collator,
+    check_columns,
+    label_names_for,
+    load_file,
+    load_splits,
+    tokenize_split,
+)
+from peftrun.errors import PeftrunError
+from peftrun.evaluate import EvalResult, evaluate, generate_texts, make_constraint
+from peftrun.merge import load_adapted
+from peftrun.models import load_model, load_tokenizer
+
+OUTPUT_FORMATS = (".csv", ".jsonl", ".tsv")
+PREDICTION_COLUMN = "prediction"
+
+
+def _label_names(recipe, adapter: Path | None, splits=None) -> list[str] | None:
+    """Class names as training saw them: the recipe's, the adapter's saved recipe, else the train data."""
+    if recipe.model.task_type not in ("SEQ_CLS", "TOKEN_CLS"):
+        return None
+    if recipe.data.label_names:
+        return list(recipe.data.label_names)
+    saved = (read_recipe_copy(adapter) or {}) if adapter else {}
+    names = (saved.get("data") or {}).get("label_names")
+    if names:
+        return [str(n) for n in names]
+    if splits is None:
+        splits = load_splits(recipe.data, recipe.training.seed)
+    return label_names_for(splits, recipe.data)
+
+
+def load_for_inference(recipe, adapter: str | Path | None, *, allow_pickle: bool = False, splits=None):
+    """(model, tokenizer, label_names): the base with the saved adapter on it, or the bare base."""
+    from accelerate.utils import set_seed
+
+    adapter = Path(adapter) if adapter is not None else None
+    label_names = _label_names(recipe, adapter, splits)
+    if label_names:
+        recipe.model.num_labels = recipe.model.num_labels or len(label_names)
+        recipe.data.label_names = label_names
+    set_seed(recipe.training.seed)  # a random_init base is rebuilt exactly as training built it
+    if adapter is not None:
+        model, tokenizer = load_adapted(adapter, allow_pickle=allow_pickle, model_section=recipe.model)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    else:
+        tokenizer = load_tokenizer(recipe.model)
+        model = load_model(recipe.model, num_labels=len(label_names) if label_names else None)
+    inner = getattr(model, "model", model)
+    if label_names:
+        inner.config.id2label = dict(enumerate(label_names))
+        inner.config.label2id = {n: i for i, n in enumerate(label_names)}
+    if getattr(inner.config, "pad_token_id", None) is None:
+        inner.config.pad_token_id = tokenizer.pad_token_id
+    if torch.cuda.is_available() and not (recipe.model.load_in_8bit or recipe.model.load_in_4bit):
+        model.to("cuda")
+    model.eval()
+    return model, tokenizer, label_names
+
+
+def autocast(recipe):
+    """The training run's mixed precision, so eval and predict compute as training's eval did."""
+    precision = recipe.training.mixed_precision
+    if precision == "no":
+        return contextlib.nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device_type=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def run_eval(recipe, adapter: str | Path | None, *, allow_pickle: bool = False) -> EvalResult:
+    """The recipe's eval split (carved with the recipe's seed, as in training) through the model."""
+    splits = load_splits(recipe.data, recipe.training.seed)
+    model, tokenizer, label_names = load_for_inference(
+        recipe, adapter, allow_pickle=allow_pickle, splits=splits
+    )
+    task = recipe.model.task_type
+    eval_ds = tokenize_split(splits.eval, recipe.data, tokenizer, task, label_names, for_eval=True)
+    loader = DataLoader(
+        eval_ds,
+        batch_size=recipe.training.eval_batch_size or recipe.training.batch_size,
+        shuffle=False,
+        collate_fn=Collator(tokenizer.pad_token_id, task),
+    )
+    with autocast(recipe):
+        return evaluate(
+            model, loader, task_type=task, tokenizer=tokenizer, label_names=label_names, data_cfg=recipe.data
+        )
+
+
+# ------------------------------------------------------------------ predict
+
+
+def _check_output(path: Path) -> None:
+    if path.suffix.lower() not in OUTPUT_FORMATS:
+        raise PeftrunError(
+            f"cannot write '{path.suffix}' files",
+            where=f"--output ({path})",
+            hint=f"name the output with one of {', '.join(OUTPUT_FORMATS)}",
+        )
+    if path.is_dir():
+        raise PeftrunError("the output is a folder; give a file name", where=f"--output ({path})")
+
+
+def _predict_batch(model, batch, tokenizer, task: str, label_names, data_cfg, constraint) -> list[Any]:
+    device = next(model.parameters()).device
+    if task in ("SEQ_2_SEQ_LM", "CAUSAL_LM"):
+        return generate_texts(model, batch, tokenizer, task, data_cfg.target_max_length, constraint)
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    ).logits
+    best = logits.argmax(-1).cpu()
+    if task == "SEQ_CLS":
+        return [label_names[i] for i in best.tolist()]
+    rows = []
+    for ids, words in zip(best.tolist(), batch["word_ids"].tolist()):
+        tags = {w: label_names[i] for i, w in zip(ids, words) if w >= 0}
+        rows.append(tags)
+    return rows
+
+
+@torch.no_grad()
+def predict_rows(recipe, model, tokenizer, label_names, ds, batch_size: int) -> list[Any]:
+    """One prediction per row of `ds`, in its order. Rows are batched shortest first to spare padding."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    task = recipe.model.task_type
+    tokens = tokenize_split(ds, recipe.data, tokenizer, task, label_names, for_eval=True, with_labels=False)
+    lengths = [len(ids) for ids in tokens["input_ids"]]
+    order = sorted(range(len(tokens)), key=lambda i: lengths[i])
+    collate = Collator(tokenizer.pad_token_id, task)
+    constraint = make_constraint(tokenizer, recipe.data, task)
+    out: list[Any] = [None] * len(tokens)
+    progress = Progress(
+        TextColumn("predict"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        transient=True,
+    )
+    with progress:
+        bar = progress.add_task("predict", total=len(order))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = collate([tokens[i] for i in chunk])
+            for i, pred in zip(
+                chunk, _predict_batch(model, batch, tokenizer, task, label_names, recipe.data, constraint)
+            ):
+                out[i] = pred
+            progress.update(bar, advance=len(chunk))
+    if task == "TOKEN_CLS":
+        # words past max_length got no tag from the model: call them outside any entity
+        filler = "O" if "O" in (label_names or []) else None
+        words = ds[recipe.data.tokens_column]
+        out = [[tags.get(w, filler) for w in range(len(row))] for tags, row in zip(out, words)]
+    return out
+
+
+def _cell(value: Any) -> Any:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    """csv / tsv / jsonl by extension, through a temporary file renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            if path.suffix.lower() == ".jsonl":
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            else:
+                names = list(rows[0]) if rows else [PREDICTION_COLUMN]
+                writer = csv.DictWriter(
+                    fh, fieldnames=names, delimiter="\t" if path.suffix.lower() == ".tsv" else ","
+                )
+                writer.writeheader()
+                writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_predict(
+    recipe,
+    adapter: str | Path | None,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    allow_pickle: bool = False,
+    batch_size: int | None = None,
+) -> int:
+    """Predict every row of `input_path`; write its columns plus `prediction` to `output_path`."""
+    output_path = Path(output_path)
+    _check_output(output_path)
+    if Path(input_path).suffix.lower() not in EXTENSIONS:
+        raise PeftrunError(
+            f"cannot read '{Path(input_path).suffix}' files",
+            where=f"--input ({input_path})",
+            hint=f"use one of {', '.join(EXTENSIONS)}",
+        )
+    ds = load_file(input_path, "--input", recipe.data)
+    check_columns(ds, recipe.data, f"--input ({Path(input_path).name})", with_label=False)
+    model, tokenizer, label_names = load_for_inference(recipe, adapter, allow_pickle=allow_pickle)
+    size = batch_size or recipe.training.eval_batch_size or recipe.training.batch_size
+    with autocast(recipe):
+        preds = predict_rows(recipe, model, tokenizer, label_names, ds, size)
+    rows = [{**row, PREDICTION_COLUMN: pred} for row, pred in zip(ds, preds)]
+    write_rows(rows, output_path)
+    return len(rows)
