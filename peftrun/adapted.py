@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ class PeftrunModel(nn.Module):
         self.configs: dict[str, MethodConfig] = {}
         self.methods: dict[str, Method] = {}
         self.active_adapter: str | None = None
+        self.adapter_folders: dict[str, Path] = {}  # where each adapter loaded with load_adapter came from
         self._disabled = False
 
     # -- adapters ------------------------------------------------------------------------------
@@ -36,6 +38,30 @@ class PeftrunModel(nn.Module):
         self.configs[name] = config
         self.methods[name] = method
         self.set_adapter(name)
+
+    def load_adapter(self, folder: str | Path, name: str = "default", *, allow_pickle: bool = False) -> None:
+        """Add a saved adapter (peft format) under `name` beside those already loaded, and make it active."""
+        from peftrun.checkpoint import ADAPTER_CONFIG, config_from_peft, read_adapter
+        from peftrun.methods import method_for_peft_type
+
+        folder = Path(folder)
+        config, state = read_adapter(folder, allow_pickle=allow_pickle)
+        task_type = config.get("task_type")
+        if task_type and task_type != self.task_type:
+            raise PeftrunError(
+                f"this adapter was trained for {task_type}, the model here is {self.task_type}", where=str(folder)
+            )
+        method = method_for_peft_type(config.get("peft_type", ""))
+        previous = self.active_adapter
+        self.add_adapter(name, method, config_from_peft(method, config, where=str(folder / ADAPTER_CONFIG)))
+        try:
+            self.load_adapter_state_dict(state, name)
+        except PeftrunError:
+            self.delete_adapter(name)
+            if previous is not None:
+                self.set_adapter(previous)
+            raise
+        self.adapter_folders[name] = folder
 
     def set_adapter(self, name: str) -> None:
         if name not in self.configs:
@@ -80,6 +106,7 @@ class PeftrunModel(nn.Module):
         if name in self.prompt_encoders:
             del self.prompt_encoders[name]
         del self.configs[name], self.methods[name]
+        self.adapter_folders.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.configs), None)
             if self.active_adapter:
@@ -91,6 +118,12 @@ class PeftrunModel(nn.Module):
         unknown = {n for n in names if n is not None and n not in self.configs}
         if unknown:
             raise PeftrunError(f"no adapter named {sorted(unknown)}", hint=f"loaded: {', '.join(self.configs)}")
+        prompts = sorted({n for n in names if n is not None and self.methods[n].is_prompt_learning})
+        if prompts:
+            raise PeftrunError(
+                f"soft-prompt adapters {prompts} change the input itself and cannot share a mixed batch",
+                hint="run their rows in batches of their own",
+            )
         for layer in self.adapter_modules():
             layer.row_adapters = list(names)
         try:

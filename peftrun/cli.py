@@ -194,6 +194,48 @@ def launch(
         raise typer.Exit(code)
 
 
+# ------------------------------------------------------------------ using adapters: generate, chat, combine
+
+AdaptersOpt = Annotated[
+    list[str] | None,
+    typer.Option("--adapter", help="an adapter folder, or name=DIR; repeat to load several on one base"),
+]
+UseOpt = Annotated[str | None, typer.Option("--use", help="the adapter that answers (default: the first given)")]
+NoAdapterOpt = Annotated[bool, typer.Option("--no-adapter", help="answer with the base model alone")]
+BaseOpt = Annotated[str | None, typer.Option("--base", help="base model, if not the one the adapters name")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16")]
+DeviceMapOpt = Annotated[
+    str | None, typer.Option("--device-map", help="Accelerate's big-model inference: auto, balanced, sequential")
+]
+OffloadOpt = Annotated[str | None, typer.Option("--offload-folder", help="where --device-map offloads to disk")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate at most")]
+SampleOpt = Annotated[bool, typer.Option("--do-sample/--greedy", help="sample (temperature, top-p, top-k) or greedy")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="sampling temperature")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="nucleus sampling: keep this much probability mass")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="sample among the k likeliest tokens (0: all)")]
+BeamsOpt = Annotated[int, typer.Option("--num-beams", help="beam search width (1: no beam search)")]
+RepetitionOpt = Annotated[float, typer.Option("--repetition-penalty", help="above 1 discourages repeats")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="seed for sampling")]
+TemplateOpt = Annotated[
+    str, typer.Option("--template", help="auto (as the adapter trained, else the chat template), chat, alpaca, raw")
+]
+SystemOpt = Annotated[str | None, typer.Option("--system", help="a system message for the chat template")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="accept .bin adapter weights")]
+
+
+def _load_for_generation(adapter, use, no_adapter, base, dtype, device_map, offload_folder, allow_pickle):
+    from peftrun.api import load
+
+    if not adapter and not base:
+        raise PeftrunError("give --adapter DIR (repeat for several: --adapter a=DIR --adapter b=DIR) or --base")
+    if use and no_adapter:
+        raise PeftrunError("--use and --no-adapter exclude each other")
+    return load(
+        base, adapter, use=use, dtype=dtype, device_map=device_map, offload_folder=offload_folder,
+        allow_pickle=allow_pickle,
+    )
+
+
 @app.command()
 @user_errors
 def predict(
@@ -221,6 +263,57 @@ def predict(
 
 @app.command()
 @user_errors
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="the prompt (or --input FILE, or piped stdin)")] = None,
+    adapter: AdaptersOpt = None,
+    use: UseOpt = None,
+    no_adapter: NoAdapterOpt = False,
+    input_: Annotated[
+        Path | None, typer.Option("--input", help=".txt (a prompt a line) or .json/.jsonl rows: prompt, adapter")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="also write the --input rows with answers here")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="rows per generate call with --input", min=1)] = 8,
+    max_new_tokens: MaxNewOpt = 128,
+    do_sample: SampleOpt = False,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 50,
+    num_beams: BeamsOpt = 1,
+    repetition_penalty: RepetitionOpt = 1.0,
+    seed: SeedOpt = None,
+    template: TemplateOpt = "auto",
+    system: SystemOpt = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="print tokens as they come")] = True,
+    base: BaseOpt = None,
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+    offload_folder: OffloadOpt = None,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Generate with an adapter (or several: --adapter a=DIR --adapter b=DIR --use a) on its base model."""
+    from peftrun.generation import DEFAULT, GenerationOptions, answer, read_rows, write_rows
+
+    options = GenerationOptions(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+        num_beams=num_beams, repetition_penalty=repetition_penalty, seed=seed,
+    )
+    if prompt is not None and input_ is not None:
+        raise PeftrunError("give a PROMPT or --input FILE, not both")
+    if prompt is None and input_ is None:
+        if sys.stdin.isatty():
+            raise PeftrunError("give a PROMPT, --input FILE, or pipe the prompt in")
+        prompt = sys.stdin.read().strip()
+    rows = read_rows(input_) if input_ is not None else None  # a wrong file fails before the model loads
+    model = _load_for_generation(adapter, use, no_adapter, base, dtype, device_map, offload_folder, allow_pickle)
+    default = None if no_adapter else DEFAULT
+    if rows is not None:
+        write_rows(model, rows, options, output, default=default, style=template, system=system, batch_size=batch_size)
+    else:
+        answer(model, prompt, options, adapter=default, style=template, system=system, stream=stream)
+
+
+@app.command()
+@user_errors
 def estimate(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -233,6 +326,70 @@ def estimate(
     from peftrun.recipe import load_recipe
 
     typer.echo(render(run(load_recipe(recipe, set_), device_gb=gpu_gb)))
+
+
+@app.command()
+@user_errors
+def chat(
+    adapter: AdaptersOpt = None,
+    use: UseOpt = None,
+    no_adapter: NoAdapterOpt = False,
+    max_new_tokens: MaxNewOpt = 256,
+    do_sample: SampleOpt = False,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 50,
+    num_beams: BeamsOpt = 1,
+    repetition_penalty: RepetitionOpt = 1.0,
+    seed: SeedOpt = None,
+    template: TemplateOpt = "auto",
+    system: SystemOpt = None,
+    base: BaseOpt = None,
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+    offload_folder: OffloadOpt = None,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Talk with an adapted model, a line at a time (/use NAME, /base, /reset, /exit; EOF ends)."""
+    from peftrun.generation import GenerationOptions, chat_loop
+
+    options = GenerationOptions(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+        num_beams=num_beams, repetition_penalty=repetition_penalty, seed=seed,
+    )
+    model = _load_for_generation(adapter, use, no_adapter, base, dtype, device_map, offload_folder, allow_pickle)
+    adapter_name = None if no_adapter else model.active_adapter
+    chat_loop(model, model.tokenizer, options, adapter=adapter_name, style=template, system=system)
+
+
+@app.command()
+@user_errors
+def combine(
+    adapter: Annotated[
+        list[str], typer.Option("--adapter", help="a LoRA adapter and its weight: DIR:0.7 or name=DIR:0.7 (repeat)")
+    ],
+    output: Annotated[Path, typer.Option("--output", help="the new adapter folder")],
+    method: Annotated[str, typer.Option("--method", help="linear, cat, svd, ties, dare_linear, dare_ties")] = "cat",
+    rank: Annotated[int | None, typer.Option("--rank", help="rank of the result for svd, ties, dare_*")] = None,
+    density: Annotated[float, typer.Option("--density", help="share of entries ties/dare keep")] = 0.5,
+    seed: Annotated[int, typer.Option("--seed", help="seed of DARE's random drop")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --output")] = False,
+) -> None:
+    """Combine LoRA adapters with weights into a new adapter folder (peft format)."""
+    from peftrun.api import parse_adapter_spec
+    from peftrun.combination import combine as run
+
+    pairs = []
+    for spec in adapter:
+        _, folder, weight = parse_adapter_spec(spec, with_weight=True)
+        pairs.append((folder, 1.0 if weight is None else weight))
+    result = run(pairs, output, method=method, rank=rank, density=density, seed=seed, overwrite=overwrite)
+    ranks = sorted(set(result.ranks.values()))
+    typer.echo(
+        f"combined {len(pairs)} adapters with {method} into {result.folder}: {len(result.ranks)} modules, "
+        f"rank {'/'.join(map(str, ranks))}; max relative distance from the weighted sum of deltas "
+        f"{result.max_relative_distance:.3g}"
+    )
 
 
 def main() -> None:

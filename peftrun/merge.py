@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from peftrun.adapted import PeftrunModel, wrap
-from peftrun.checkpoint import atomic_dir, config_from_peft, read_adapter, read_recipe_copy
+from peftrun.adapted import PeftrunModel
+from peftrun.checkpoint import atomic_dir, read_adapter, read_recipe_copy
 from peftrun.errors import PeftrunError
 from peftrun.methods import method_for_peft_type
 from peftrun.models import load_model, load_tokenizer
@@ -47,23 +47,23 @@ def load_adapted(
     """A PeftrunModel with the saved adapter loaded, and its tokenizer."""
     folder = Path(folder)
     config, state = read_adapter(folder, allow_pickle=allow_pickle)
-    method = method_for_peft_type(config.get("peft_type", ""))
-    method_config = config_from_peft(method, config, where=str(folder / "adapter_config.json"))
+    method_for_peft_type(config.get("peft_type", ""))  # an unknown method fails before the base loads
     section = model_section or model_section_for(folder, config, base, state)
-    model = load_model(section)
-    peft_model = wrap(model, section.task_type, method, method_config, name=name)
-    peft_model.load_adapter_state_dict(state, name)
-    tokenizer = None
-    if (folder / "tokenizer_config.json").is_file():
+    peft_model = PeftrunModel(load_model(section), section.task_type)
+    peft_model.load_adapter(folder, name, allow_pickle=allow_pickle)
+    return peft_model, adapter_tokenizer(folder, section)
+
+
+def adapter_tokenizer(folder: Path, section: ModelSection):
+    """The tokenizer saved beside the adapter, else the base model's, else None."""
+    if (Path(folder) / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    else:
-        try:
-            tokenizer = load_tokenizer(section)
-        except PeftrunError:
-            tokenizer = None  # a bare model folder: merge and logits need no tokenizer
-    return peft_model, tokenizer
+        return AutoTokenizer.from_pretrained(folder)
+    try:
+        return load_tokenizer(section)
+    except PeftrunError:
+        return None  # a bare model folder: merge and logits need no tokenizer
 
 
 def probe_batch(model, task_type: str, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -269,6 +269,10 @@ def load_model(model_cfg, *, num_labels: int | None = None) -> nn.Module:
         }
         if model_cfg.gguf_file:
             kwargs["gguf_file"] = model_cfg.gguf_file
+        if model_cfg.device_map is not None:
+            kwargs["device_map"] = model_cfg.device_map
+        if model_cfg.offload_folder is not None:
+            kwargs["offload_folder"] = model_cfg.offload_folder
         if num_labels is not None and model_cfg.task_type in ("SEQ_CLS", "TOKEN_CLS"):
             kwargs["num_labels"] = num_labels
         if model_cfg.config_overrides:

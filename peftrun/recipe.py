@@ -47,6 +47,9 @@ class ModelSection(Section):
     gradient_checkpointing: bool = False
     low_cpu_mem_usage: bool = True
     allow_pickle: bool = False
+    # Accelerate's big-model inference: "auto" spreads the layers over GPUs, CPU and disk (offload_folder).
+    device_map: str | dict[str, Any] | None = None
+    offload_folder: str | None = None
 
     @model_validator(mode="after")
     def _one_quantisation(self) -> ModelSection:

@@ -85,9 +85,15 @@ def make_loaders(recipe, tokenizer, splits, label_names):
     eval_ds = tokenize_split(splits.eval, recipe.data, tokenizer, task, label_names, for_eval=True)
     collate = Collator(tokenizer.pad_token_id, task)
     generator = torch.Generator().manual_seed(recipe.training.seed)
+    sampler = None
+    if recipe.data.group_by_length:  # batches of similar lengths: dynamic padding then pads little
+        from peftrun.batching import LengthGroupedSampler
+
+        lengths = [len(ids) for ids in train_ds["input_ids"]]
+        sampler = LengthGroupedSampler(lengths, recipe.training.batch_size, recipe.training.seed)
     train_loader = DataLoader(
-        train_ds, batch_size=recipe.training.batch_size, shuffle=True, collate_fn=collate,
-        generator=generator, num_workers=recipe.training.num_workers,
+        train_ds, batch_size=recipe.training.batch_size, shuffle=sampler is None, sampler=sampler,
+        collate_fn=collate, generator=generator, num_workers=recipe.training.num_workers,
     )
     eval_loader = DataLoader(
         eval_ds, batch_size=recipe.training.eval_batch_size or recipe.training.batch_size,

@@ -26,12 +26,14 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
-    """Run `python -m peftrun ARGS` in a subprocess; returns the CompletedProcess."""
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None, input: str | None = None
+):
+    """Run `python -m peftrun ARGS` in a subprocess (`input` piped to its stdin); returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "peftrun", *args], cwd=cwd or REPO, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, input=input,
     )
 
 

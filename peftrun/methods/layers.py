@@ -28,6 +28,17 @@ def base_weight_shape(layer: nn.Module) -> tuple[int, int]:
     raise PeftrunError(f"cannot adapt a {type(layer).__name__}: only Linear and Conv1D layers are supported")
 
 
+def rows_for_batch(rows: list[str | None], batch_size: int) -> list[str | None]:
+    """The adapter of each row. generate() repeats each input k times in place (beams), so a batch k times
+    longer than the names given repeats each name k times, the same way."""
+    if not rows or batch_size == len(rows):
+        return rows
+    if batch_size % len(rows):
+        raise PeftrunError(f"a batch of {batch_size} rows was given adapter names for {len(rows)} rows")
+    k = batch_size // len(rows)
+    return [name for name in rows for _ in range(k)]
+
+
 class AdapterLayer(nn.Module):
     """A frozen `base_layer` plus adapters keyed by name; subclasses add the maths."""
 
@@ -77,6 +88,15 @@ class AdapterLayer(nn.Module):
         """The base weight as (out, in), whatever the layer stores."""
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
+
+    def adapter_device(self) -> torch.device:
+        """Where new adapter tensors go: beside the base weight, or, when Accelerate's big-model inference
+        has offloaded that weight (left on meta), on the device its hook computes on."""
+        weight = self.base_layer.weight
+        execution = getattr(getattr(self.base_layer, "_hf_hook", None), "execution_device", None)
+        if weight.is_meta and execution is not None:
+            return torch.device(execution)
+        return weight.device
 
     def adapter_names(self) -> list[str]:
         names: list[str] = []
@@ -157,7 +177,7 @@ class AdapterLayer(nn.Module):
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each row of the batch goes through its own adapter (None: the base alone)."""
         out = result.clone()
-        rows = self.row_adapters or []
+        rows = rows_for_batch(self.row_adapters or [], x.shape[0])
         for name in dict.fromkeys(rows):
             if name is None or name not in self.adapter_names():
                 continue
@@ -217,7 +237,8 @@ class ModulesToSave(nn.Module):
             return self.original_module(*args, **kwargs)
         if self.row_adapters is not None:
             outs = []
-            for i, name in enumerate(self.row_adapters):
+            batch = next(a for a in args if torch.is_tensor(a)).shape[0]
+            for i, name in enumerate(rows_for_batch(self.row_adapters, batch)):
                 module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
                 row_args = [a[i : i + 1] if torch.is_tensor(a) else a for a in args]
                 outs.append(module(*row_args, **kwargs))

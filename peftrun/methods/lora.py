@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from peftrun.methods import Method, TunerConfig
+from peftrun.methods import Method, TunerConfig, lora_kernels
 from peftrun.methods.inject import add_modules_to_save, freeze_base, resolve_targets, wrap_layers
 from peftrun.methods.layers import AdapterLayer
 from peftrun.methods.targets import LORA_TARGETS
@@ -55,6 +55,9 @@ def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
 
 class LoraLayer(AdapterLayer):
     adapter_attrs = ("lora_A", "lora_B", "lora_magnitude_vector")
+    # The fused update of lora_kernels.py where it is exact; False (per layer or on the class) runs the
+    # plain modules, as does PEFTRUN_LORA_FASTPATH=0 in the environment.
+    fast_path: bool = lora_kernels.ENABLED
 
     def __init__(self, base_layer: nn.Module, name: str = ""):
         super().__init__(base_layer)
@@ -71,7 +74,7 @@ class LoraLayer(AdapterLayer):
         alpha = pattern_value(config.alpha_pattern, self.module_name, config.lora_alpha)
         self.r[name] = r
         self.scaling[name] = lora_scaling(alpha, r, config.use_rslora)
-        device = self.base_layer.weight.device
+        device = self.adapter_device()
         dtype = self.base_layer.weight.dtype if self.base_layer.weight.is_floating_point() else torch.float32
         dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # adapters train in fp32
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
@@ -108,8 +111,36 @@ class LoraLayer(AdapterLayer):
         w = self.base_weight().to(a.dtype)
         return torch.linalg.norm(w + (b @ a) * self.scaling[name], dim=1).detach()
 
+    def _fast_dropout(self, name: str) -> float | None:
+        """The dropout rate the fused path applies, or None where it does not apply (DoRA, other modules)."""
+        if not self.fast_path or name in self.lora_magnitude_vector:
+            return None
+        dropout = self.lora_dropout[name]
+        if type(dropout) is nn.Identity:
+            return 0.0
+        if type(dropout) is nn.Dropout:
+            return dropout.p if dropout.training else 0.0
+        return None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # One function for the frozen Linear and its single active adapter (lora_kernels.LoraLinear).
+        if args or kwargs or self.disabled or self.merged_adapters or self.row_adapters is not None:
+            return super().forward(x, *args, **kwargs)
+        if len(self.active_adapters) != 1:
+            return super().forward(x, *args, **kwargs)
+        name = self.active_adapters[0]
+        p = self._fast_dropout(name)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if p is None or not lora_kernels.linear_applies(x, self.base_layer, a, b):
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        return lora_kernels.lora_linear(x, base.weight, base.bias, a, b, self.scaling[name], p)
+
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.lora_A[name], self.lora_B[name]
+        p = self._fast_dropout(name)
+        if p is not None and lora_kernels.applies(x, a.weight):
+            return lora_kernels.lora_update(x, result, a.weight, b.weight, self.scaling[name], p)
         xd = self.lora_dropout[name](x.to(a.weight.dtype))
         update = b(a(xd)) * self.scaling[name]
         if name in self.lora_magnitude_vector:

@@ -7,7 +7,8 @@ The virtual tokens come out of a small prompt encoder applied to n learned input
 
 with h = encoder_hidden_size (default: the model's width). The reparameterisation smooths and couples the
 virtual tokens during training; afterwards only its output P is needed, so the checkpoint holds
-`prompt_embeddings` = P (as peft saves it) and a loaded adapter uses P as a fixed table.
+`prompt_embeddings` = P (as peft saves it) and a loaded adapter uses P as a fixed table (so a run that
+trained the encoder cannot resume from a checkpoint; peftrun says so at the first step).
 The MLP always has the three layers above (encoder_num_layers applies to the LSTM only, as in peft).
 """
 
@@ -19,6 +20,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from peftrun.errors import PeftrunError
 from peftrun.methods import PromptConfig
 from peftrun.methods.prompting import (
     PromptEncoder,
@@ -44,6 +46,7 @@ class PTuningEncoder(PromptEncoder):
         self.kind = config.encoder_reparameterization_type
         self.lstm_head: nn.LSTM | None = None
         self.mlp_head: nn.Sequential | None = None
+        self.head_dropped = False
         if config.inference_mode:
             return  # a saved adapter: the table already holds P
         if self.kind == "LSTM":
@@ -79,6 +82,7 @@ class PTuningEncoder(PromptEncoder):
     def load_saved(self, state: dict[str, torch.Tensor]) -> None:
         """A checkpoint holds the encoder's output: use it as the table from now on (the head goes)."""
         self.embedding.weight.data.copy_(take(state, "prompt_embeddings", self.embedding.weight.shape))
+        self.head_dropped = self.mlp_head is not None
         self.lstm_head = None
         self.mlp_head = None
 
@@ -89,6 +93,17 @@ def apply(peft_model, config: PromptEncoderConfig, adapter_name: str) -> None:
         config.encoder_hidden_size = config.token_dim
     device = peft_model.model.get_input_embeddings().weight.device
     attach(peft_model, config, adapter_name, PTuningEncoder(config, device=device))
+
+
+def after_step(peft_model, name: str, step: int, total_steps: int) -> None:
+    """Refuse to train on once a checkpoint has replaced the encoder by its output table (a resumed run):
+    the optimizer would keep stepping a head that no longer computes anything."""
+    if peft_model.prompt_encoders[name].head_dropped:
+        raise PeftrunError(
+            "a p_tuning checkpoint holds the prompt encoder's output (peft's format), not the encoder, so its "
+            "training cannot be resumed",
+            hint="start a new run (or use prompt_tuning, whose checkpoints hold all that trains)",
+        )
 
 
 def check(task_type: str, config: PromptEncoderConfig) -> str | None:
@@ -109,4 +124,5 @@ METHOD = soft_prompt_method(
     Config=PromptEncoderConfig,
     apply=apply,
     check=check,
+    after_step=after_step,
 )

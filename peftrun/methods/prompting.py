@@ -336,6 +336,10 @@ def generate(peft_model, name: str, input_ids=None, attention_mask=None, task_id
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = _prepend(1, batch, n, attention_mask)
+    allowed = kwargs.get("prefix_allowed_tokens_fn")
+    if allowed is not None and task == "CAUSAL_LM":
+        # decoding from embeddings, generate() shows only the new tokens; the caller expects prompt + new
+        kwargs["prefix_allowed_tokens_fn"] = lambda row, seq: allowed(row, torch.cat((input_ids[row], seq)))
     out = model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
     if task == "CAUSAL_LM":
         if isinstance(out, torch.Tensor):

@@ -138,11 +138,27 @@ def name_matches(name: str, targets: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def wrapper_paths(model: nn.Module) -> list[str]:
+    """Paths of modules an adapter already wraps; what lies inside them (base_layer, lora_A...) is no target."""
+    from peftrun.methods.layers import AdapterLayer, ModulesToSave
+
+    return [name for name, m in model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSave))]
+
+
+def _inside(name: str, wrappers: Sequence[str]) -> bool:
+    return any(name.startswith(w + ".") for w in wrappers)
+
+
 def all_linear_names(model: nn.Module) -> list[str]:
     """Suffixes of every Linear/Conv1D except the output head (peft's 'all-linear')."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    wrappers = wrapper_paths(model)
     names = set()
     for name, module in model.named_modules():
+        if _inside(name, wrappers):
+            continue
+        if name in wrappers:
+            module = getattr(module, "base_layer", module)
         if is_adaptable(module) and module is not output and name.split(".")[-1] not in HEAD_NAMES:
             names.add(name.split(".")[-1])
     return sorted(names)
@@ -164,9 +180,12 @@ def find_targets(
     layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or LAYER_PATTERNS)
     found = []
+    wrappers = wrapper_paths(model)  # a second adapter goes into the layers the first one wrapped
     for name, module in model.named_modules():
-        if not name or any(name == s or name.startswith(s + ".") for s in skip):
+        if not name or any(name == s or name.startswith(s + ".") for s in skip) or _inside(name, wrappers):
             continue
+        if name in wrappers:
+            module = getattr(module, "base_layer", module)
         if not name_matches(name, target_modules):
             continue
         if exclude_modules and name_matches(name, exclude_modules):

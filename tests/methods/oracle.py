@@ -249,7 +249,8 @@ def check_quickstart(tmp_path: Path, method: str, min_accuracy: float) -> float:
 
     recipe = REPO / "recipes" / "offline" / f"quickstart_{method}.yaml"
     out = tmp_path / "out"
-    done = run_cli("train", str(recipe), "--set", f"output_dir={out}", "--set", "training.progress_bar=false")
+    args = ("--set", f"output_dir={out}", "--set", "training.progress_bar=false")
+    done = run_cli("train", str(recipe), *args, timeout=1800)
     assert done.returncode == 0, done.stderr[-2000:]
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["accuracy"] >= min_accuracy

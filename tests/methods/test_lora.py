@@ -163,9 +163,15 @@ def _train(model, batch, steps: int = 20) -> list[float]:
 
 
 @pytest.mark.parametrize("extra", [{}, {"use_dora": True}], ids=["lora", "dora"])
-def test_lora_learns_like_peft_and_base_stays_frozen(extra):
+def test_lora_learns_like_peft_and_base_stays_frozen(extra, monkeypatch):
     """Same start, same batches: our loss curve is peft's, it goes down, and the base never moves."""
     from peft.utils import get_peft_model_state_dict
+
+    from peftrun.methods.lora import LoraLayer
+
+    # the plain path runs peft's operations in peft's order, so 20 steps at lr 3e-2 agree to 1e-4; the fused
+    # path rounds differently (<= 1e-5 a step) and is held to the same curve in tests/test_fastpath.py
+    monkeypatch.setattr(LoraLayer, "fast_path", False)
 
     theirs = peft.get_peft_model(
         tiny_model("llama", "CAUSAL_LM"),

@@ -98,6 +98,31 @@ def test_greedy_generation_matches_peft(tmp_path, tiny_dir, arch, task, left_pad
         assert not torch.equal(mine, base)  # the prompt changes what is generated
 
 
+def test_label_constrained_generation_sees_prompt_and_answer(tiny_dir):
+    """evaluate's label constraint reads the answer after the prompt, as plain generate() passes it."""
+    from transformers import ByT5Tokenizer
+
+    from peftrun.evaluate import LabelConstraint
+
+    constraint = LabelConstraint(
+        ByT5Tokenizer(), ["ab", "cd"], "CAUSAL_LM"
+    )  # ids [100, 101, 1], [102, 103, 1]
+    model = wrap(tiny_model("llama", "CAUSAL_LM"), "CAUSAL_LM", METHOD, get_method(METHOD).Config()).eval()
+    ids = torch.randint(4, 100, (3, 5))
+    constraint.start = ids.shape[1]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=3,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        prefix_allowed_tokens_fn=constraint,
+    )
+    assert torch.equal(out[:, :5], ids)
+    assert all(row in ([100, 101, 1], [102, 103, 1]) for row in out[:, 5:].tolist())
+
+
 def test_text_init_copies_the_word_embeddings_like_peft(tmp_path, tiny_dir):
     peft = pytest.importorskip("peft")
     from transformers import ByT5Tokenizer

@@ -1,0 +1,186 @@
+"""The Python API: load a base with several adapters, generate, combine adapters; for notebooks and scripts.
+
+    >>> import peftrun
+    >>> model = peftrun.load(adapters={"a": "out/a", "b": "out/b"})   # a PeftrunModel; model.tokenizer
+    >>> model.set_adapter("b"); model.delete_adapter("a")             # and `with model.disable_adapters():`
+    >>> peftrun.generate(model, ["Hello"], adapters=["b"])            # one adapter name (or None) per prompt
+    >>> peftrun.combine({"a": ("out/a", 0.7), "b": ("out/b", 0.3)}, "out/ab", method="cat")
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftrun.adapted import PeftrunModel
+from peftrun.combination import Combined
+from peftrun.errors import PeftrunError
+from peftrun.generation import DEFAULT, GenerationOptions, build_prompt, generate_texts, prompt_style
+
+NAME = re.compile(r"^[A-Za-z_][\w.-]*$")
+AdapterSpec = str | Path | Mapping[str, str | Path] | Sequence[str | Path] | None
+
+
+def parse_adapter_spec(spec: str, *, with_weight: bool = False) -> tuple[str | None, str, float | None]:
+    """`DIR`, `name=DIR` and, with_weight, `DIR:0.7` / `name=DIR:0.7` -> (name, folder, weight)."""
+    name, folder, weight = None, spec, None
+    left, sep, right = spec.partition("=")
+    if sep and NAME.match(left):
+        name, folder = left, right
+    if with_weight:
+        head, sep, tail = folder.rpartition(":")
+        if sep:
+            try:
+                folder, weight = head, float(tail)
+            except ValueError:
+                pass
+    if not folder:
+        raise PeftrunError(f"'{spec}' names no adapter folder", hint="write DIR or name=DIR")
+    return name, folder, weight
+
+
+def name_adapters(specs: AdapterSpec) -> dict[str, Path]:
+    """A name for each adapter folder: the given one, `default` for a lone folder, else the folder's name."""
+    if specs is None:
+        return {}
+    if isinstance(specs, (str, Path)):
+        specs = [specs]
+    if isinstance(specs, Mapping):
+        return {str(n): Path(f) for n, f in specs.items()}
+    named: dict[str, Path] = {}
+    for spec in specs:
+        name, folder, _ = parse_adapter_spec(str(spec))
+        if name is None:
+            name = "default" if len(specs) == 1 else Path(folder).name
+        if name in named:
+            raise PeftrunError(
+                f"two adapters are named '{name}'", hint="name them: --adapter a=DIR --adapter b=DIR"
+            )
+        named[name] = Path(folder)
+    return named
+
+
+def load(
+    base: str | None = None,
+    adapters: AdapterSpec = None,
+    *,
+    use: str | None = None,
+    task_type: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    offload_folder: str | None = None,
+    allow_pickle: bool = False,
+) -> PeftrunModel:
+    """A base model with adapters loaded side by side (adapters: a folder, a list, or {name: folder}).
+
+    The base is the one the first adapter names unless `base` is given; `use` picks the active adapter
+    (default: the first). device_map ("auto", ...) and offload_folder go to from_pretrained (Accelerate's
+    big-model inference); otherwise the model goes to `device` (default: CUDA when present, else CPU).
+    The tokenizer is `model.tokenizer`.
+    """
+    from peftrun.checkpoint import read_adapter
+    from peftrun.merge import adapter_tokenizer, load_adapted, model_section_for
+    from peftrun.models import load_model
+    from peftrun.recipe import ModelSection
+
+    named = name_adapters(adapters)
+    if not named and not base:
+        raise PeftrunError("give a base model, adapters, or both")
+    if use is not None and use not in named:
+        raise PeftrunError(f"no adapter named '{use}' to use", hint=f"given: {', '.join(named) or 'none'}")
+    extra: dict[str, Any] = {"device_map": device_map, "offload_folder": offload_folder}
+    if dtype:
+        extra["dtype"] = dtype
+    if named:
+        first_name, first = next(iter(named.items()))
+        config, state = read_adapter(first, allow_pickle=allow_pickle)
+        _same_base(named, config, base, allow_pickle)
+        section = model_section_for(first, config, base, state).model_copy(update=extra)
+        section = ModelSection.model_validate(section.model_dump())
+        model, tokenizer = load_adapted(
+            first, name=first_name, model_section=section, allow_pickle=allow_pickle
+        )
+        for name, folder in list(named.items())[1:]:
+            model.load_adapter(folder, name, allow_pickle=allow_pickle)
+        model.set_adapter(use or first_name)
+    else:
+        section = ModelSection(name_or_path=base, task_type=task_type or "CAUSAL_LM", **extra)
+        model = PeftrunModel(load_model(section), section.task_type)
+        tokenizer = adapter_tokenizer(Path(base), section)
+    if device_map is None:
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model.tokenizer = tokenizer
+    return model.eval()
+
+
+def _same_base(named: dict[str, Path], first_config: dict, base: str | None, allow_pickle: bool) -> None:
+    from peftrun.checkpoint import read_adapter
+
+    want = first_config.get("base_model_name_or_path")
+    for name, folder in list(named.items())[1:]:
+        config, _ = read_adapter(folder, allow_pickle=allow_pickle)
+        if base is None and config.get("base_model_name_or_path") != want:
+            raise PeftrunError(
+                f"adapter '{name}' was trained on {config.get('base_model_name_or_path')!r}, the first on {want!r}",
+                where=str(folder),
+                hint="pass base=... (--base) if they share the architecture",
+            )
+
+
+def generate(
+    model: PeftrunModel,
+    prompts: str | Sequence[str],
+    *,
+    adapters: Sequence[str | None] | None = None,
+    template: str = "auto",
+    system: str | None = None,
+    tokenizer=None,
+    **options: Any,
+) -> list[str]:
+    """Answers to prompts; adapters[i] (an adapter name, or None for the base) runs prompt i in one batch.
+
+    template: "auto" (as the adapter's recipe trained, else the chat template), "chat", "alpaca" or "raw".
+    options: max_new_tokens, do_sample, temperature, top_p, top_k, num_beams, repetition_penalty, seed.
+    """
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise PeftrunError("this model has no tokenizer attached; pass tokenizer=...")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    names = list(adapters) if adapters is not None else [DEFAULT] * len(prompts)
+    texts = [
+        build_prompt(
+            tokenizer,
+            prompt_style(model, model.active_adapter if n == DEFAULT else n, tokenizer, template),
+            p,
+            system=system,
+        )
+        for p, n in zip(prompts, names)
+    ]
+    return generate_texts(model, tokenizer, texts, names, GenerationOptions(**options))
+
+
+def combine(
+    adapters: Mapping[str, tuple[str | Path, float]] | Sequence[tuple[str | Path, float]],
+    output: str | Path,
+    *,
+    method: str = "cat",
+    rank: int | None = None,
+    density: float = 0.5,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Combined:
+    """Combine LoRA adapters {name: (folder, weight)} (or [(folder, weight), ...]) into a new adapter folder.
+
+    method: linear, cat, svd, ties, dare_linear or dare_ties (see peftrun.combination for each one's equation).
+    """
+    from peftrun.combination import combine as run
+
+    pairs = list(adapters.values()) if isinstance(adapters, Mapping) else list(adapters)
+    return run(pairs, output, method=method, rank=rank, density=density, seed=seed, overwrite=overwrite)

@@ -1,0 +1,266 @@
+r"""The LoRA update as one autograd function that keeps only what its backward needs.
+
+For a frozen layer's output y0 = W x + b, the adapted output is
+
+    y = y0 + s · B A (m ⊙ x) / (1 - p),     m_ij ~ Bernoulli(1 - p) (m = 1 when p = 0).
+
+Autograd through the plain modules keeps, per adapted layer, the dropped-out copy of x (and the dropout
+mask), so q, k and v reading the same x keep three copies and three masks. The backward needs only
+
+    ∂L/∂B = s · g h^T,   ∂L/∂A = s · (B^T g) (m ⊙ x)^T / (1 - p),   ∂L/∂x += s · m ⊙ (A^T B^T g) / (1 - p),
+
+with g = ∂L/∂y and h = A (m ⊙ x) / (1 - p) (rank r: small). So this function saves x itself (one tensor,
+shared by every adapter that reads it), h, and two integers from which the mask is regenerated.
+
+The mask comes from a counter-based hash of (key, element index) in int32 tensor ops, an order of magnitude
+cheaper than drawing Bernoulli variables from the global generator on CPU; the keys are drawn from torch's
+default generator, so `torch.manual_seed` makes runs repeatable. The keep probability is exact to 2^-24.
+Every matmul is laid out so that the large operand is read along its rows (the skinny (N×r)·(r×D) shapes
+are 4-5x slower on CPU in the other layout).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+ENABLED = os.environ.get("PEFTRUN_LORA_FASTPATH", "1") != "0"
+
+# lowbias32's multipliers (C. Wellons, "Prospecting for hash functions"), as signed int32
+_M1 = 0x7FEB352D
+_M2 = 0x846CA68B - (1 << 32)
+_INT32 = 1 << 32
+
+
+def draw_keys() -> tuple[int, int]:
+    """Two keys from torch's default CPU generator (no device sync on GPU): an odd multiplier, an offset."""
+    k1, k2 = torch.randint(0, 1 << 31, (2,), dtype=torch.int64).tolist()
+    return 2 * k1 + 1, k2
+
+
+def keep_threshold(p: float) -> int:
+    """Element kept when the hash's top 24 bits, as a signed value in [-2^23, 2^23), are below this."""
+    return round((1.0 - p) * (1 << 24)) - (1 << 23)
+
+
+def _int32(values: torch.Tensor) -> torch.Tensor:
+    """int64 values mod 2^32, as int32."""
+    values = torch.remainder(values, _INT32)
+    return torch.where(values >= 1 << 31, values - _INT32, values).to(torch.int32)
+
+
+def dropout_multiplier(rows: int, cols: int, p: float, keys: tuple[int, int], device=None) -> torch.Tensor:
+    """A (rows, cols) float32 tensor of 0 and 1/(1-p), a pure function of (p, keys, shape).
+
+    For element c = i·cols + j, all mod 2^32: h = c·k1 + k2, then lowbias32's rounds h ^= h >>> 16,
+    h *= M1, h ^= h >>> 15, h *= M2; kept when the top 24 bits of h are below (1-p)·2^24. c·k1 + k2 is built as a broadcast sum of a row and a column vector.
+    """
+    k1, k2 = keys
+    rows_part = _int32(torch.arange(rows, dtype=torch.int64, device=device) * (cols * k1) + k2)
+    cols_part = _int32(torch.arange(cols, dtype=torch.int64, device=device) * k1)
+    h = rows_part[:, None] + cols_part[None, :]
+    t = torch.bitwise_right_shift(h, 16)
+    h.bitwise_xor_(t.bitwise_and_(0xFFFF)).mul_(
+        _M1
+    )  # a logical shift: the arithmetic one copies the sign bit
+    torch.bitwise_right_shift(h, 15, out=t)
+    h.bitwise_xor_(t.bitwise_and_(0x1FFFF)).mul_(_M2)
+    torch.bitwise_right_shift(h, 8, out=t)
+    # t < T  <=>  (t - T) < 0: an arithmetic shift by 31 turns that into all-ones, which selects the
+    # bit pattern of the float 1/(1-p); no overflow since |t - T| < 2^24.
+    t.sub_(keep_threshold(p)).bitwise_right_shift_(31)
+    scale_bits = torch.tensor([1.0 / (1.0 - p)], dtype=torch.float32).view(torch.int32).item()
+    return t.bitwise_and_(scale_bits).view(torch.float32)
+
+
+def reference_multiplier(index: int, p: float, keys: tuple[int, int]) -> float:
+    """The same hash for one flat element index in plain Python integers (for tests)."""
+    k1, k2 = keys
+    mask = _INT32 - 1
+    h = (index * k1 + k2) & mask
+    h ^= h >> 16
+    h = h * _M1 & mask
+    h ^= h >> 15
+    h = h * (_M2 & mask) & mask
+    top = h >> 8
+    top = top - (1 << 24) if top >= 1 << 23 else top  # what an arithmetic shift of the signed value gives
+    return 1.0 / (1.0 - p) if top < keep_threshold(p) else 0.0
+
+
+def _mask(p: float, keys, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The multiplier for x2's shape, or None without dropout."""
+    if p == 0.0 or keys is None:
+        return None
+    mult = dropout_multiplier(x2.shape[0], x2.shape[1], p, keys, x2.device)
+    return mult if mult.dtype == dtype else mult.to(dtype)
+
+
+def _dropped(x2: torch.Tensor, dtype: torch.dtype, mult: torch.Tensor | None) -> torch.Tensor:
+    """x2 ⊙ m / (1 - p) in the adapter's dtype (x2 itself when nothing changes)."""
+    xc = x2.to(dtype)
+    return xc if mult is None else xc * mult
+
+
+def _low_rank(ctx, x2, weight_a, p, keys) -> torch.Tensor:
+    """h^T = A drop(x) (r×N), remembering what the backward needs to rebuild drop(x)."""
+    ctx.p, ctx.keys = p, keys
+    return weight_a @ _dropped(x2, weight_a.dtype, _mask(p, keys, x2, weight_a.dtype)).t()
+
+
+def _adapter_grads(ctx, g2, x, h_t, weight_a, weight_b, ia: int):
+    """s · B^T g (r×N), ∂L/∂A, ∂L/∂B and the mask; A and B are the function's inputs ia and ia + 1."""
+    s = ctx.scaling
+    gb_t = (weight_b.t() @ g2.t()).mul_(s)  # (r, N)
+    x2 = x.reshape(-1, x.shape[-1])
+    mult = _mask(ctx.p, ctx.keys, x2, weight_a.dtype)
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[ia]:
+        grad_a = gb_t @ _dropped(x2, weight_a.dtype, mult)
+    if ctx.needs_input_grad[ia + 1]:
+        grad_b = (h_t @ g2).mul_(s).t()  # (out, r)
+    return gb_t, grad_a, grad_b, mult
+
+
+class LoraLinear(torch.autograd.Function):
+    """A frozen nn.Linear and its LoRA update as one function: y = x W^T + b + s · B A drop(x).
+
+    Saves x (shared by every layer that reads it), h^T = A drop(x) (r×N) and the mask's keys; the
+    backward writes ∂L/∂x once (g W, then the low-rank term added in place) instead of two tensors that
+    autograd would then sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_a, weight_b, scaling, p, keys):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        h_t = _low_rank(ctx, x2, weight_a, p, keys)
+        y.addmm_(h_t.t(), weight_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, h_t, weight, weight_a, weight_b)
+        ctx.scaling = scaling
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, h_t, weight, weight_a, weight_b = ctx.saved_tensors
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        gb_t, grad_a, grad_b, mult = _adapter_grads(ctx, g2, x, h_t, weight_a, weight_b, ia=3)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if mult is None:
+                grad_x = (g2 @ weight).addmm_(gb_t.t(), weight_a)
+            else:  # the masked low-rank term first, then g W accumulated onto it inside the matmul
+                grad_x = (gb_t.t() @ weight_a).mul_(mult).addmm_(g2, weight)
+            grad_x = grad_x.view(x.shape)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+class LoraUpdate(torch.autograd.Function):
+    """y = y0 + s · B A drop(x) for any base layer y0 (casts where dtypes differ, none saved)."""
+
+    @staticmethod
+    def forward(ctx, x, result, weight_a, weight_b, scaling, p, keys):
+        h_t = _low_rank(ctx, x.reshape(-1, x.shape[-1]), weight_a, p, keys)
+        out = _add_update(result, h_t, weight_b, scaling)
+        ctx.save_for_backward(x, h_t, weight_a, weight_b)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, h_t, weight_a, weight_b = ctx.saved_tensors
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(weight_b.dtype)
+        gb_t, grad_a, grad_b, mult = _adapter_grads(ctx, g2, x, h_t, weight_a, weight_b, ia=2)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gb_t.t() @ weight_a  # (N, in)
+            if mult is not None:
+                grad_x.mul_(mult)
+            grad_x = grad_x.to(x.dtype).view(x.shape)
+        return grad_x, grad_out, grad_a, grad_b, None, None, None
+
+
+def _add_update(
+    result: torch.Tensor, h_t: torch.Tensor, weight_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """result + s · h^T B^T, in one addmm where the dtypes agree."""
+    r2 = result.reshape(-1, result.shape[-1])
+    if r2.dtype == weight_b.dtype:
+        out = torch.addmm(r2, h_t.t(), weight_b.t(), alpha=scaling)
+    else:
+        out = r2 + torch.mm(h_t.t(), weight_b.t()).mul_(scaling).to(r2.dtype)
+    return out.view(result.shape)
+
+
+def _plain_update(x, weight_a, weight_b, scaling, p, keys) -> torch.Tensor:
+    """s · B A drop(x) with the plain modules' operations, so that inference matches them bit for bit."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xd = _dropped(x2, weight_a.dtype, _mask(p, keys, x2, weight_a.dtype))
+    update = F.linear(F.linear(xd, weight_a), weight_b) * scaling
+    return update.view(*x.shape[:-1], update.shape[-1])
+
+
+def lora_update(
+    x: torch.Tensor,
+    result: torch.Tensor,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    scaling: float,
+    p: float = 0.0,
+    keys: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """result + scaling · B A dropout_p(x); the mask is drawn (or taken from `keys`) when p > 0."""
+    if p > 0.0 and keys is None:
+        keys = draw_keys()
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or result.requires_grad or weight_a.requires_grad or weight_b.requires_grad
+    )
+    if not needs_grad:
+        return result + _plain_update(x, weight_a, weight_b, scaling, p, keys).to(result.dtype)
+    return LoraUpdate.apply(x, result, weight_a, weight_b, scaling, p, keys)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    scaling: float,
+    p: float = 0.0,
+    keys: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) + scaling · B A dropout_p(x) for a frozen weight and bias."""
+    if p > 0.0 and keys is None:
+        keys = draw_keys()
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight_a.requires_grad or weight_b.requires_grad
+    )
+    if not needs_grad:
+        return F.linear(x, weight, bias).add_(_plain_update(x, weight_a, weight_b, scaling, p, keys))
+    return LoraLinear.apply(x, weight, bias, weight_a, weight_b, scaling, p, keys)
+
+
+def linear_applies(
+    x: torch.Tensor, base: torch.nn.Module, weight_a: torch.Tensor, weight_b: torch.Tensor
+) -> bool:
+    """The whole-layer function: a plain nn.Linear, frozen, every tensor of one dtype and device."""
+    if type(base) is not torch.nn.Linear or base.weight.requires_grad:
+        return False
+    if base.bias is not None and base.bias.requires_grad:
+        return False
+    dtype, device = base.weight.dtype, base.weight.device
+    tensors = (x, weight_a, weight_b) + ((base.bias,) if base.bias is not None else ())
+    if any(t.dtype != dtype or t.device != device for t in tensors):
+        return False
+    return applies(x, weight_a)
+
+
+def applies(x: torch.Tensor, weight_a: torch.Tensor) -> bool:
+    """Where the fused update is exact: floating inputs on the adapter's device, no autocast."""
+    if not (x.is_floating_point() and weight_a.is_floating_point()) or x.device != weight_a.device:
+        return False
+    if x.dim() < 1 or x.shape[-1] != weight_a.shape[1]:
+        return False
+    return not torch.is_autocast_enabled(x.device.type)

@@ -1,0 +1,139 @@
+"""The benchmark harness's code paths on tiny models (nothing here is timed or compared to a target)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytest.importorskip("peft")
+bench_run = pytest.importorskip("bench.run")
+from bench import worker  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "model, config",
+    [
+        ("llama", "peftrun-lora-d0.1"),
+        ("t5", "peft-lora-d0"),
+        ("minilm", "limit"),
+        ("llama", "infer-peftrun-merged"),
+    ],
+)
+def test_worker_measures_a_configuration(model, config):
+    result = worker.run(model, config, steps=2, warmup=1, threads=1, tiny=True)
+    assert result["model"] == model and result["config"] == config
+    assert len(result["step_times_s"]) == 2 and result["step_s"] > 0
+    assert result["tokens"] == {"minilm": 16 * 128, "llama": 4 * 256, "t5": 8 * (128 + 32)}[model]
+    assert result["peak_rss_mib"] > 50 and 0.0 <= result["steal"] <= 1.0
+    assert (result["trainable"] > 0) == config.startswith(("peft", "full"))
+
+
+def test_plain_configuration_turns_the_fast_path_off_on_its_own_model():
+    from peftrun.methods.lora import LoraLayer
+
+    spec = worker.MODELS["llama"]
+    model, params = worker.prepare(worker.build_model(spec, tiny=True), spec, "peftrun-plain-d0.1")
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 4 and not any(m.fast_path for m in layers) and LoraLayer.fast_path
+    # 2 layers x (q: A 8x32 + B 32x8; v: A 8x32 + B 16x8, two kv heads of 8)
+    assert sum(p.numel() for p in params) == 2 * (8 * 32 + 32 * 8 + 8 * 32 + 16 * 8)
+
+
+def test_worker_runs_in_its_own_process():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.worker",
+            "minilm",
+            "peftrun-lora-d0",
+            "--tiny",
+            "--steps",
+            "1",
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**bench_run.child_env(1)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")][-1]
+    assert json.loads(line.split(" ", 1)[1])["config"] == "peftrun-lora-d0"
+
+
+def _run(model, config, step_s, rss, steal=0.0, rnd=0):
+    return {
+        "model": model,
+        "config": config,
+        "step_s": step_s,
+        "tokens_per_s": 100 / step_s,
+        "peak_rss_mib": rss,
+        "steal": steal,
+        "round": rnd,
+        "kept": steal <= 0.05,
+    }
+
+
+def test_summary_ratios_drop_stolen_runs_and_report_missed_targets(tmp_path):
+    runs = [
+        _run("llama", "limit", 1.0, 1000),
+        _run("llama", "limit", 1.2, 1000, rnd=1),
+        _run("llama", "peftrun-lora-d0.1", 1.08, 1040),
+        _run("llama", "peftrun-lora-d0.1", 1.32, 1040, rnd=1),
+        _run("llama", "peftrun-lora-d0.1", 9.0, 5000, steal=0.3),  # left out
+        _run("llama", "peft-lora-d0.1", 1.3, 1200),
+        _run("llama", "infer-base", 0.5, 900),
+        _run("llama", "infer-peftrun-merged", 0.505, 900),
+    ]
+    summary = bench_run.summarise(runs)["llama"]
+    assert summary["configs"]["limit"]["step_s"] == pytest.approx(1.1)
+    assert summary["configs"]["peftrun-lora-d0.1"]["runs"] == 2
+    ratios = summary["ratios"]
+    assert ratios["time:peftrun-lora-d0.1/limit"] == pytest.approx(1.2 / 1.1)
+    assert ratios["rss:peftrun-lora-d0.1/limit"] == pytest.approx(1.04)
+    assert ratios["time:peftrun-lora-d0.1/peft-lora-d0.1"] == pytest.approx(1.2 / 1.3)
+    assert ratios["time:infer-peftrun-merged/infer-base"] == pytest.approx(1.01)
+    report = {
+        "command": "python -m bench.run",
+        "date": "today",
+        "load_before": 0.1,
+        "models": {"llama": summary},
+        "machine": {
+            "cpu": "cpu",
+            "cores": 2,
+            "gpu": None,
+            "torch": "t",
+            "transformers": "x",
+            "peft": "p",
+            "python": "3",
+        },
+        "args": {"threads": 2, "rounds": 2, "max_steal": 0.05, "tiny": False},
+        "e2e": {"ratios": {"wall": 0.5, "rss": 0.95, "accuracy_points": -0.4}, "median": {}, "runs": []},
+    }
+    bench_run.write_markdown(tmp_path / "RESULTS.md", report)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| LoRA step time, dropout 0.1, vs the limit | llama | 1.091 | ≤ 1.05 | MISSED |" in text
+    assert "| LoRA peak RSS, dropout 0.1, vs the limit | llama | 1.040 | ≤ 1.05 | met |" in text
+    assert "| merged-adapter inference vs the base | llama | 1.010 | ≤ 1.02 | met |" in text
+    assert "wall time vs HF peft + Trainer | minilm | 0.500 | ≤ 0.60 | met |" in text
+    assert "- SST-2 peak RSS (minilm): 0.950 against ≤ 0.90, 5.6% over." in text
+    assert "LoRA step time, dropout 0.1, vs the limit (llama): 1.091 against ≤ 1.05, 3.9% over." in text
+
+
+@pytest.mark.slow
+def test_end_to_end_pair_runs_on_a_slice_of_sst2(tmp_path):
+    from conftest import shared_data
+
+    data = shared_data("glue_sst2")
+    args = bench_run.argparse.Namespace(tiny=True, threads=2)
+    for impl in ("peftrun", "peft"):
+        res = bench_run.e2e_once(impl, data, tmp_path / impl, args)
+        assert "error" not in res, res.get("error")
+        assert 0.0 <= res["accuracy"] <= 1.0 and res["peak_rss_mib"] > 100 and res["wall_s"] > 0
