@@ -279,11 +279,12 @@ def run(model_name: str, config: str, steps: int, warmup: int, threads: int, tin
     reset_ok = reset_peak_rss()
     steal0, total0 = cpu_times()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     steal1, total1 = cpu_times()
     step_s = statistics.median(times)
     return {
@@ -293,6 +294,7 @@ def run(model_name: str, config: str, steps: int, warmup: int, threads: int, tin
         "threads": threads,
         "step_s": step_s,
         "step_times_s": times,
+        "cpu_s": statistics.median(cpu),
         "tokens": tokens,
         "tokens_per_s": tokens / step_s,
         "peak_rss_mib": peak_rss_mib(),

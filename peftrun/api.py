@@ -1,10 +1,10 @@
 """The Python API: load a base with several adapters, generate, combine adapters; for notebooks and scripts.
 
-import peftrun
-model = peftrun.load(adapters={"a": "out/a", "b": "out/b"})   # a PeftrunModel; model.tokenizer
-model.set_adapter("b"); with model.disable_adapters(): ...; model.delete_adapter("a")
-peftrun.generate(model, ["Hello"], adapters=["a"])            # one adapter name (or None) per prompt
-peftrun.combine({"a": ("out/a", 0.7), "b": ("out/b", 0.3)}, "out/ab", method="cat")
+    >>> import peftrun
+    >>> model = peftrun.load(adapters={"a": "out/a", "b": "out/b"})   # a PeftrunModel; model.tokenizer
+    >>> model.set_adapter("b"); model.delete_adapter("a")             # and `with model.disable_adapters():`
+    >>> peftrun.generate(model, ["Hello"], adapters=["b"])            # one adapter name (or None) per prompt
+    >>> peftrun.combine({"a": ("out/a", 0.7), "b": ("out/b", 0.3)}, "out/ab", method="cat")
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def batch():
 def test_the_documented_example_runs(lm, tmp_path, monkeypatch):
     code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
     folders = re.findall(r'"(out/[\w./-]+)"', code)
-    assert "out/smollm2_alpaca_lora" in folders
+    assert "out/smollm2_alpaca_lora_demo" in folders
     monkeypatch.chdir(tmp_path)
     for i, folder in enumerate(sorted(set(folders) - {"out/blend"})):  # stand-ins: tiny adapters, same names
         save_lora(lm["base"], tmp_path / folder, seed=10 + i)

@@ -116,15 +116,11 @@ class AdaLoraLayer(AdapterLayer):
             )
         rows = None if flags is None else torch.tensor(flags, dtype=torch.bool).nonzero().view(-1)
         r = config.init_r if rows is None else int(rows.numel())
-        weight = self.base_layer.weight
-        device = weight.device
-        dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32  # adapters train in fp32
-        self.lora_A[name] = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
-        self.lora_E[name] = nn.Parameter(torch.empty(r, 1, device=device, dtype=dtype))
-        self.lora_B[name] = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
-        self.ranknum[name] = nn.Parameter(
-            torch.full((1,), float(config.init_r), device=device, dtype=dtype), requires_grad=False
-        )
+        kw = self.adapter_tensor_kwargs()
+        self.lora_A[name] = nn.Parameter(torch.empty(r, self.in_features, **kw))
+        self.lora_E[name] = nn.Parameter(torch.empty(r, 1, **kw))
+        self.lora_B[name] = nn.Parameter(torch.empty(self.out_features, r, **kw))
+        self.ranknum[name] = nn.Parameter(torch.full((1,), float(config.init_r), **kw), requires_grad=False)
         self.lora_dropout[name] = (
             nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         )

@@ -78,13 +78,12 @@ class BottleneckLayer(AdapterLayer):
 
     def add_adapter(self, name: str, config: BottleneckConfig) -> None:
         hidden, size = self.out_features, config.size_for(self.out_features)
-        weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32  # adapters train in fp32
-        self.adapter_down[name] = nn.Linear(hidden, size, device=weight.device, dtype=dtype)
-        self.adapter_up[name] = nn.Linear(size, hidden, device=weight.device, dtype=dtype)
+        kw = self.adapter_tensor_kwargs()
+        self.adapter_down[name] = nn.Linear(hidden, size, **kw)
+        self.adapter_up[name] = nn.Linear(size, hidden, **kw)
         self.adapter_act[name] = ACTIVATIONS[config.non_linearity]()
         self.adapter_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        if config.init_weights and not weight.is_meta:
+        if config.init_weights and not self.adapter_up[name].weight.is_meta:
             nn.init.zeros_(self.adapter_up[name].weight)
             nn.init.zeros_(self.adapter_up[name].bias)
         self.active_adapters = [name]

@@ -78,11 +78,11 @@ class AdapterLayer(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def adapter_tensor_kwargs(self) -> dict:
-        """Device and dtype for new adapter tensors: the base's device, fp32 unless the base is wider."""
+        """Device (see adapter_device) and dtype for new adapter tensors: fp32 unless the base is wider."""
         weight = self.base_layer.weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # adapters train in fp32
-        return {"device": weight.device, "dtype": dtype}
+        return {"device": self.adapter_device(), "dtype": dtype}
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), whatever the layer stores."""

@@ -148,11 +148,10 @@ class LoraLinear(torch.autograd.Function):
         gb_t, grad_a, grad_b, mult = _adapter_grads(ctx, g2, x, h_t, weight_a, weight_b, ia=3)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g2 @ weight
             if mult is None:
-                grad_x.addmm_(gb_t.t(), weight_a)
-            else:
-                grad_x.addcmul_(gb_t.t() @ weight_a, mult)
+                grad_x = (g2 @ weight).addmm_(gb_t.t(), weight_a)
+            else:  # the masked low-rank term first, then g W accumulated onto it inside the matmul
+                grad_x = (gb_t.t() @ weight_a).mul_(mult).addmm_(g2, weight)
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
