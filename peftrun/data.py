@@ -37,8 +37,9 @@ class Splits:
 # ------------------------------------------------------------------ loading
 
 
-def load_file(path: str | Path, where: str, data_cfg=None):
-    """One local file as a `datasets.Dataset`, with the recipe's column mapping applied."""
+def load_file(path: str | Path, where: str, data_cfg=None, *, strict: bool = True):
+    """One local file as a `datasets.Dataset`, with the recipe's column mapping applied
+    (strict=False: mapped columns the file lacks, such as the label of an unlabelled split, are skipped)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -60,21 +61,22 @@ def load_file(path: str | Path, where: str, data_cfg=None):
         raise PeftrunError(
             f"cannot read {path.name}: {str(exc).splitlines()[0][:200]}", where=where
         ) from None
-    return map_columns(ds, data_cfg, f"{where} ({path.name})") if data_cfg is not None else ds
+    return map_columns(ds, data_cfg, f"{where} ({path.name})", strict=strict) if data_cfg is not None else ds
 
 
-def map_columns(ds, data_cfg, where: str):
+def map_columns(ds, data_cfg, where: str, *, strict: bool = True):
     """`columns: {name the recipe uses: column in the data}` (LLaMA-Factory's direction)."""
     if ds is None or not data_cfg.columns:
         return ds
-    missing = [src for src in data_cfg.columns.values() if src not in ds.column_names]
+    mapping = {dst: src for dst, src in data_cfg.columns.items() if strict or src in ds.column_names}
+    missing = [src for src in mapping.values() if src not in ds.column_names]
     if missing:
         raise PeftrunError(
             f"data.columns names column(s) {missing} that the data does not have",
             where=where,
             hint=f"columns there are: {', '.join(ds.column_names)}",
         )
-    renames = {src: dst for dst, src in data_cfg.columns.items() if src != dst}
+    renames = {src: dst for dst, src in mapping.items() if src != dst}
     clashes = [dst for dst in renames.values() if dst in ds.column_names and dst not in renames]
     if clashes:
         ds = ds.remove_columns(clashes)

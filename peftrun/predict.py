@@ -219,7 +219,7 @@ def run_predict(
             where=f"--input ({input_path})",
             hint=f"use one of {', '.join(EXTENSIONS)}",
         )
-    ds = load_file(input_path, "--input", recipe.data)
+    ds = load_file(input_path, "--input", recipe.data, strict=False)
     check_columns(ds, recipe.data, f"--input ({Path(input_path).name})", with_label=False)
     model, tokenizer, label_names = load_for_inference(recipe, adapter, allow_pickle=allow_pickle)
     size = batch_size or recipe.training.eval_batch_size or recipe.training.batch_size

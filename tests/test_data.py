@@ -338,3 +338,12 @@ def test_prediction_inputs_need_no_label(llama_tok):
                           with_labels=False)
     assert rows[0]["prompt_ids"] == llama_tok("the movie was good label : ")["input_ids"]
     assert "labels" not in rows.column_names
+
+
+def test_unlabelled_files_skip_the_label_mapping(tmp_path):
+    f = write_csv(tmp_path / "test.csv", ["index", "#1 String"], [[0, "a"], [1, "b"]])
+    c = cfg(columns={"text": "#1 String", "label": "Quality"})
+    ds = load_file(f, "--input", c, strict=False)
+    assert ds.column_names == ["index", "text"]
+    with pytest.raises(PeftrunError, match=r"\['Quality'\]"):
+        load_file(f, "data.train_file", c)

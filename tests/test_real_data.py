@@ -28,7 +28,7 @@ def _pypi_model(module: str) -> None:
 def _train(recipe: str, out, *overrides: str) -> dict:
     res = run_cli("train", f"recipes/offline/{recipe}", "--set", f"output_dir={out}", "--set", "overwrite=true",
                   "--set", "training.progress_bar=false", *[x for o in overrides for x in ("--set", o)],
-                  timeout=1800)
+                  timeout=7200)
     assert res.returncode == 0, res.stderr[-3000:]
     print(res.stdout[-1500:])
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -36,7 +36,7 @@ def _train(recipe: str, out, *overrides: str) -> dict:
 
 
 def _eval(recipe: str, *args: str) -> dict:
-    res = run_cli("eval", f"recipes/offline/{recipe}", *args, timeout=1800)
+    res = run_cli("eval", f"recipes/offline/{recipe}", *args, timeout=7200)
     assert res.returncode == 0, res.stderr[-3000:]
     print(res.stdout[-1500:])
     return json.loads(res.stdout.strip().splitlines()[-1].removeprefix("metrics="))
@@ -86,7 +86,7 @@ def test_twitter_complaints_predictions_are_valid_labels_for_3399_rows(tmp_path)
     assert last["valid_label_rate"] == 1.0
     predictions = tmp_path / "twitter_predictions.csv"
     res = run_cli("predict", "recipes/offline/smollm2_twitter_lora.yaml", "--adapter", str(out), "--input",
-                  str(folder / "test_unlabeled.csv"), "--output", str(predictions), timeout=3600)
+                  str(folder / "test_unlabeled.csv"), "--output", str(predictions), timeout=7200)
     assert res.returncode == 0, res.stderr[-3000:]
     with open(folder / "test_unlabeled.csv", encoding="utf-8") as fh:
         source = list(csv.DictReader(fh))
