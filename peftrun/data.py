@@ -74,7 +74,7 @@ def map_columns(ds, data_cfg, where: str, *, strict: bool = True):
         raise PeftrunError(
             f"data.columns names column(s) {missing} that the data does not have",
             where=where,
-            hint=f"columns there are: {', '.join(ds.column_names)}",
+            hint=columns_there_are(ds),
         )
     renames = {src: dst for dst, src in mapping.items() if src != dst}
     clashes = [dst for dst in renames.values() if dst in ds.column_names and dst not in renames]
@@ -187,6 +187,11 @@ def _load_hub(data_cfg):
 # ------------------------------------------------------------------ columns
 
 
+def columns_there_are(ds) -> str:
+    """The hint every missing-column error ends with: the data's own column names, quoted."""
+    return "columns there are: " + ", ".join(map(repr, ds.column_names))
+
+
 def check_columns(ds, data_cfg, split: str, with_label: bool = True) -> None:
     """Every column the recipe reads is in the data; else one error listing the columns there are."""
     needed = source_columns(data_cfg, ds) + (target_columns(data_cfg, ds) if with_label else [])
@@ -195,7 +200,7 @@ def check_columns(ds, data_cfg, split: str, with_label: bool = True) -> None:
         raise PeftrunError(
             f"column(s) {missing} not in the {split} data",
             where="data",
-            hint=f"columns there are: {', '.join(map(repr, ds.column_names))}; point data.text_column / "
+            hint=f"{columns_there_are(ds)}; point data.text_column / "
             "data.label_column (or data.template) at them, or rename with data.columns: {name: column}",
         )
 
@@ -427,7 +432,7 @@ def with_task_ids(fn, ds, data_cfg):
     if column not in ds.column_names:
         raise PeftrunError(
             f"task column '{column}' is not in the data", where="data.task_column",
-            hint=f"columns there are: {', '.join(ds.column_names)}",
+            hint=columns_there_are(ds),
         )
     names = {str(n): i for i, n in enumerate(data_cfg.task_names or [])}
 

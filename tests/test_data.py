@@ -86,7 +86,7 @@ def test_column_mapping_renames_in_llamafactory_direction(tmp_path):
     splits = load_splits(cfg(train_file=f, columns={"text": "#1 String", "label": "Quality"}), seed=0)
     assert sorted(splits.train.column_names) == ["label", "text"]
     assert len(splits.train) + len(splits.eval) == 4
-    with pytest.raises(PeftrunError, match=r"\['Nope'\].*columns there are: #1 String, Quality"):
+    with pytest.raises(PeftrunError, match=r"\['Nope'\].*columns there are: '#1 String', 'Quality'"):
         load_splits(cfg(train_file=f, columns={"text": "Nope"}), seed=0)
 
 

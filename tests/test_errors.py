@@ -225,7 +225,7 @@ def test_data_column_missing_lists_the_columns_there_are(work, tmp_path):
     data = base_recipe(work)
     data["data"]["text_column"] = "sentence"
     data["output_dir"] = str(tmp_path / "out")
-    expect_user_error(train(tmp_path, data), "column(s) ['sentence']", "columns there are: text, label")
+    expect_user_error(train(tmp_path, data), "column(s) ['sentence']", "columns there are: 'text', 'label'")
 
 
 def test_target_modules_matching_nothing_lists_candidates(work, tmp_path):
