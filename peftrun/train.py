@@ -75,6 +75,8 @@ def build(recipe, accelerator=None):
         base.config.label2id = {n: i for i, n in enumerate(label_names)}
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
+    if recipe.data.packing:
+        base.config.use_cache = False  # transformers reads packed segments from position_ids only without a cache
     model = wrap(base, task, recipe.method.name, recipe.method_config)
     return tokenizer, splits, label_names, model
 
@@ -91,9 +93,17 @@ def make_loaders(recipe, tokenizer, splits, label_names):
 
         lengths = [len(ids) for ids in train_ds["input_ids"]]
         sampler = LengthGroupedSampler(lengths, recipe.training.batch_size, recipe.training.seed)
+    train_collate = collate
+    if recipe.data.packing:  # whole examples side by side, positions restarting per example
+        from peftrun.batching import PackedCollator, check_packing, pack_rows
+        from peftrun.methods import get_method
+
+        check_packing(task, get_method(recipe.method.name))
+        train_ds, sampler = pack_rows(list(train_ds), recipe.data.max_length), None
+        train_collate = PackedCollator(tokenizer.pad_token_id)
     train_loader = DataLoader(
         train_ds, batch_size=recipe.training.batch_size, shuffle=sampler is None, sampler=sampler,
-        collate_fn=collate, generator=generator, num_workers=recipe.training.num_workers,
+        collate_fn=train_collate, generator=generator, num_workers=recipe.training.num_workers,
     )
     eval_loader = DataLoader(
         eval_ds, batch_size=recipe.training.eval_batch_size or recipe.training.batch_size,
