@@ -244,8 +244,34 @@ def make_accelerator(recipe):
         kwargs_handlers=handlers,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    _fsdp_on_cpu(accelerator)
     _check_deepspeed_accumulation(accelerator, recipe)
     return accelerator
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """FSDP asked for by the launcher on a machine without CUDA: give it to Accelerate's CPU ranks.
+
+    Accelerate turns its FSDP switch into FSDP only for GPU-like process groups; on CPU ranks (MULTI_CPU) it
+    silently trains plain data parallel instead. torch's FSDP (fully_shard, DTensor over gloo) runs on CPU,
+    so the state is moved to FSDP with the plugin accelerate builds from the launcher's environment.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
+        or state.distributed_type != DistributedType.MULTI_CPU
+    ):
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    # every later AcceleratorState() copies the process state's type over its own: change both
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def _check_deepspeed_accumulation(accelerator, recipe) -> None:
@@ -282,6 +308,86 @@ def gathered(params, enabled: bool = True, modifier_rank: int | None = None):
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield
+
+
+def fsdp_version(accelerator) -> int:
+    """1 or 2 when the model is sharded by FSDP, else 0."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return 0
+    return 2 if accelerator.is_fsdp2 else 1
+
+
+@contextlib.contextmanager
+def whole_adapter(accelerator, model, peft_model, name: str):
+    """Adapter `name`'s tensors whole, on every rank (a collective: all ranks must enter).
+
+    ZeRO-3 and FSDP leave each rank a slice of every weight: DeepSpeed's partitioned parameters are
+    gathered in place; FSDP2's DTensors are all-gathered into full tensors (`full_tensor`); FSDP1's
+    flat parameters are summoned whole (`summon_full_params`, no write-back). `model`: the prepared model.
+    """
+    version = fsdp_version(accelerator)
+    if version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=True):
+            yield {k: v.detach() for k, v in peft_model.adapter_state_dict(name).items()}
+        return
+    state = peft_model.adapter_state_dict(name)
+    if version == 2:
+        from torch.distributed.tensor import DTensor
+
+        yield {k: v.detach().full_tensor() if isinstance(v, DTensor) else v.detach() for k, v in state.items()}
+        return
+    with gathered(state.values(), enabled=zero3(accelerator)):
+        yield state
+
+
+def load_whole_adapter(accelerator, model, peft_model, name: str, state: dict) -> None:
+    """Copy whole tensors `state` (as saved) into adapter `name`, sharding them again where training does."""
+    version = fsdp_version(accelerator)
+    if version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=True, recurse=True):
+            peft_model.load_adapter_state_dict(state, name)
+        return
+    own = peft_model.adapter_state_dict(name)
+    if version == 2:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        state = dict(state)
+        for key, tensor in own.items():
+            if isinstance(tensor, DTensor) and key in state and state[key].shape == tensor.shape:
+                state[key] = distribute_tensor(
+                    state[key].to(tensor.dtype), tensor.device_mesh, tensor.placements
+                )
+        peft_model.load_adapter_state_dict(state, name)
+        return
+    with gathered(own.values(), modifier_rank=0):  # ZeRO-3: load whole tensors, partition them again after
+        peft_model.load_adapter_state_dict(state, name)
+
+
+def optimizer_state(accelerator, model, optimizer) -> dict | None:
+    """The optimizer's state with whole tensors, on the main process, for FSDP (None elsewhere: the optimizer's
+    own state_dict holds whole tensors there). A collective under FSDP: every rank calls it."""
+    if not fsdp_version(accelerator):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+
+
+def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
+    """Put back what `optimizer_state` saved (read on the main process, sent to the others)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(
+        model, getattr(optimizer, "optimizer", optimizer), optim_state_dict=state, options=options
+    )
 
 
 def rank_spread(accelerator, tensors) -> float:
