@@ -238,6 +238,7 @@ def make_accelerator(recipe):
     precision = (
         recipe.training.mixed_precision if "mixed_precision" in recipe.training.model_fields_set else None
     )
+    _fsdp1_cpu_env()
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.training.gradient_accumulation_steps,
         mixed_precision=precision,
@@ -247,6 +248,20 @@ def make_accelerator(recipe):
     _fsdp_on_cpu(accelerator)
     _check_deepspeed_accumulation(accelerator, recipe)
     return accelerator
+
+
+def _fsdp1_cpu_env() -> None:
+    """FSDP version 1 on CPU ranks: every rank loads the whole base model itself.
+
+    torch's FSDP1 broadcasts rank 0's weights (sync_module_states) only from GPU tensors, and Accelerate's
+    plugin refuses sync_module_states without a GPU; cpu_ram_efficient_loading needs that broadcast (the other
+    ranks load empty weights). Both are switched off before Accelerate and transformers read them.
+    """
+    if torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    if os.environ.get("FSDP_VERSION", "1") == "1":
+        os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
 
 
 def _fsdp_on_cpu(accelerator) -> None:
@@ -272,6 +287,8 @@ def _fsdp_on_cpu(accelerator) -> None:
     state.distributed_type = DistributedType.FSDP
     # every later AcceleratorState() copies the process state's type over its own: change both
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if plugin.fsdp_version == 1:  # FSDP1 compares its device_id (Accelerate's "cpu:0") with torch's "cpu"
+        state.device = PartialState._shared_state["device"] = torch.device("cpu")
 
 
 def _check_deepspeed_accumulation(accelerator, recipe) -> None:
@@ -370,9 +387,10 @@ def load_whole_adapter(accelerator, model, peft_model, name: str, state: dict) -
 
 
 def optimizer_state(accelerator, model, optimizer) -> dict | None:
-    """The optimizer's state with whole tensors, on the main process, for FSDP (None elsewhere: the optimizer's
-    own state_dict holds whole tensors there). A collective under FSDP: every rank calls it."""
-    if not fsdp_version(accelerator):
+    """The optimizer's state with whole tensors, on the main process, for FSDP2 (None elsewhere: the optimizer's
+    own state_dict holds whole tensors there, or each FSDP1 rank saves its own shard). A collective under FSDP2:
+    every rank calls it."""
+    if fsdp_version(accelerator) != 2:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 

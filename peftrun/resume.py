@@ -285,6 +285,10 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 # ------------------------------------------------------------------ the checkpointer
 
 
+def _rank_optimizer_file(rank: int) -> str:
+    return f"optimizer-rank{rank}.pt"
+
+
 def _is_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
@@ -354,9 +358,11 @@ class Checkpointer:
         _, adapter_state = read_adapter(folder)
         # ZeRO-3 and FSDP: load whole tensors, shard them again after
         load_whole_adapter(acc, self.model, peft_model, peft_model.active_adapter, adapter_state)
-        if fsdp_version(acc):  # whole tensors saved by the main process, sent to every rank's shards
+        if fsdp_version(acc) == 2:  # whole tensors saved by the main process, sent to every rank's shards
             full = safe_torch_load(folder / OPTIMIZER_FILE) if acc.is_main_process else {}
             load_optimizer_state(acc, self.model, self.optimizer, full)
+        elif fsdp_version(acc) == 1:  # each rank's own shard of the flat parameters' state
+            self.optimizer.load_state_dict(safe_torch_load(folder / _rank_optimizer_file(acc.process_index)))
         elif _is_deepspeed(acc):
             self.model.load_checkpoint(
                 str(folder / ENGINE_DIR),
@@ -396,6 +402,8 @@ class Checkpointer:
         acc.wait_for_everyone()
         if _is_deepspeed(acc):  # every rank writes its shard of the optimizer state
             self.model.save_checkpoint(str(tmp / ENGINE_DIR), tag="state", exclude_frozen_parameters=True)
+        if fsdp_version(acc) == 1:  # likewise for FSDP1's flat-parameter shards
+            torch.save(self.optimizer.state_dict(), tmp / _rank_optimizer_file(acc.process_index))
         acc.wait_for_everyone()
         peft_model = acc.unwrap_model(self.model)
         optimizer_whole = optimizer_state(acc, self.model, self.optimizer)  # FSDP: gathered on every rank
@@ -415,7 +423,7 @@ class Checkpointer:
                     fault("checkpoint_write", position.step)
                     if optimizer_whole is not None:
                         torch.save(optimizer_whole, folder / OPTIMIZER_FILE)
-                    elif not _is_deepspeed(acc):
+                    elif not _is_deepspeed(acc) and fsdp_version(acc) != 1:
                         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
                     torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
                     write_rng(folder, states)
