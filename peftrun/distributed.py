@@ -240,6 +240,8 @@ def make_accelerator(recipe):
     )
     _fsdp1_cpu_env()
     accelerator = Accelerator(
+        # FSDP without any accelerator: CPU ranks (ACCELERATE_USE_CPU=1 does the same; a bare launch lacks it)
+        cpu=_fsdp_requested() and launched() and not _has_accelerator(),
         gradient_accumulation_steps=recipe.training.gradient_accumulation_steps,
         mixed_precision=precision,
         kwargs_handlers=handlers,
@@ -250,6 +252,17 @@ def make_accelerator(recipe):
     return accelerator
 
 
+def _fsdp_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    device = getattr(torch, "accelerator", None)  # XPU, MPS, ... (torch >= 2.6)
+    return bool(device is not None and device.is_available())
+
+
 def _fsdp1_cpu_env() -> None:
     """FSDP version 1 on CPU ranks: every rank loads the whole base model itself.
 
@@ -257,7 +270,7 @@ def _fsdp1_cpu_env() -> None:
     plugin refuses sync_module_states without a GPU; cpu_ram_efficient_loading needs that broadcast (the other
     ranks load empty weights). Both are switched off before Accelerate and transformers read them.
     """
-    if torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+    if _has_accelerator() or not _fsdp_requested():
         return
     if os.environ.get("FSDP_VERSION", "1") == "1":
         os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
@@ -275,10 +288,7 @@ def _fsdp_on_cpu(accelerator) -> None:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
-    if (
-        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
-        or state.distributed_type != DistributedType.MULTI_CPU
-    ):
+    if not _fsdp_requested() or state.distributed_type != DistributedType.MULTI_CPU:
         return
     plugin = FullyShardedDataParallelPlugin()
     if state.mixed_precision != "no":
@@ -405,6 +415,22 @@ def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_optimizer_state_dict(
         model, getattr(optimizer, "optimizer", optimizer), optim_state_dict=state, options=options
+    )
+
+
+def shard_line(accelerator, model) -> str | None:
+    """Under FSDP: how many of the model's parameters this process holds (a collective: all ranks call it)."""
+    version = fsdp_version(accelerator)
+    if not version:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+    total = torch.tensor([held], dtype=torch.int64)
+    torch.distributed.all_reduce(total)
+    return (
+        f"FSDP{version}: {accelerator.num_processes} ranks share {int(total):,d} parameters; "
+        f"rank {accelerator.process_index} holds {held:,d}"
     )
 
 
