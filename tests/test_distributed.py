@@ -336,3 +336,112 @@ def test_deepspeed_zero3_cpu_offload_on_gpus(setup):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "GPU Total Peak Memory consumed during the train (max):" in result.stdout
     _check_zero3_adapter(root, out)
+
+
+# ------------------------------------------------------------------ FSDP on CPU ranks
+
+FSDP_CONFIG = REPO / "configs" / "fsdp.yaml"
+LORA_A = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"  # in the adapter file
+LORA_A_PARAM = "model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight"  # in the optimizer's
+
+
+def _needs_fsdp() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("this torch build has no torch.distributed (FSDP's process groups)")
+    if not torch.cuda.is_available() and not dist.is_gloo_available():
+        pytest.skip("FSDP on CPU ranks talks over gloo, which this torch build lacks")
+
+
+def test_fsdp2_two_cpu_ranks_save_a_whole_adapter(setup):
+    """The documented command on CPU: accelerate launch --config_file configs/fsdp.yaml -m peftrun train.
+
+    FSDP version 2 (fully_shard, DTensor) over gloo, frozen base and trainable LoRA weights in the same
+    sharded blocks; precision `no` so that the run can be compared with the fp32 single-process one."""
+    _needs_fsdp()
+    root, path = setup
+    out = root / "fsdp2"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(FSDP_CONFIG),
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        free_port(),
+        "-m",
+        "peftrun",
+        "train",
+        str(path),
+        "--set",
+        "training.batch_size=4",
+        "--set",
+        "training.save_steps=3",
+        "--set",
+        f"output_dir={out}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)  # a bare launch: peftrun finds the CPU ranks itself
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    # really sharded (not data parallel): each rank holds half of the weights
+    assert "FSDP2: 2 ranks share 35,812 parameters; rank 0 holds 17,906" in result.stdout
+    assert [r for r in metrics(out) if "adapter_rank_max_diff" in r][0]["adapter_rank_max_diff"] == 0.0
+    _check_zero3_adapter(root, out)  # full shapes, equal to one process, loads, evaluates and merges alike
+    from peftrun.resume import latest_checkpoint
+
+    last = latest_checkpoint(out)
+    assert last.name == "step-000006" and (last.parent / "step-000003").is_dir()
+    assert_same_adapter(adapter(out), adapter(last), atol=0.0)
+    optimizer = torch.load(last / "optimizer.pt", weights_only=True)  # whole AdamW moments, not one shard
+    assert optimizer["state"][LORA_A_PARAM]["exp_avg"].shape == (4, 32)
+
+
+def test_fsdp1_two_cpu_ranks_resume_after_a_crash(setup):
+    """FSDP version 1 (use_orig_params) through peftrun launch: killed after step 3, resumed from the step-2
+    checkpoint (each rank's optimizer shard), it ends where one process with the whole batch ends."""
+    _needs_fsdp()
+    root, path = setup
+    out = root / "fsdp1"
+    args = [
+        "launch",
+        str(path),
+        "--set",
+        "distributed.strategy=fsdp",
+        "--set",
+        "distributed.fsdp.version=1",
+        "--set",
+        "distributed.num_processes=2",
+        "--set",
+        "training.batch_size=4",
+        "--set",
+        "training.save_steps=2",
+        "--set",
+        "training.auto_resume=true",
+        "--set",
+        f"output_dir={out}",
+    ]
+    killed = run_cli(
+        *args,
+        "--",
+        "--main_process_port",
+        free_port(),
+        env={"OMP_NUM_THREADS": "1", "PEFTRUN_TEST_FAULT": "after_step:3:kill"},
+        timeout=600,
+    )
+    assert killed.returncode != 0
+    assert "FSDP1: 2 ranks share 35,812 parameters; rank 0 holds 17,907" in killed.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert (out / "checkpoints" / "step-000002" / "optimizer-rank1.pt").is_file()
+    assert adapter(out / "checkpoints" / "step-000002")[LORA_A].shape == (4, 32)
+    resumed = run_cli(
+        *args, "--", "--main_process_port", free_port(), env={"OMP_NUM_THREADS": "1"}, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert "resuming from" in resumed.stdout and "step 2" in resumed.stdout
+    ours = adapter(out)
+    assert ours["base_model.model.classifier.weight"].shape == (2, 32)
+    assert_same_adapter(adapter(root / "single"), ours)
