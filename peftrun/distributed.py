@@ -418,6 +418,31 @@ def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
     )
 
 
+def fsdp_generation(accelerator, model) -> None:
+    """Let `generate` run on an FSDP model: it calls the model's parts, not its forward, so FSDP would not
+    gather the weights held by the root (embeddings, heads) for it. FSDP2 runs its forward hooks around it
+    (register_fsdp_forward_method); FSDP1 gathers the root's own weights during the call."""
+    version = fsdp_version(accelerator)
+    if version == 2:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "generate")
+    elif version == 1:
+        import functools
+
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        inner = model.module
+        plain = inner.generate
+
+        @functools.wraps(plain)
+        def generate(*args, **kwargs):
+            with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=False):
+                return plain(*args, **kwargs)
+
+        inner.generate = generate
+
+
 def shard_line(accelerator, model) -> str | None:
     """Under FSDP: how many of the model's parameters this process holds (a collective: all ranks call it)."""
     version = fsdp_version(accelerator)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from peftrun.adapted import PeftrunModel, wrap
 from peftrun.checkpoint import save_adapter
 from peftrun.data import Collator, label_names_for, load_splits, model_inputs, tokenize_split
-from peftrun.distributed import make_accelerator, rank_spread, shard_line, whole_adapter
+from peftrun.distributed import fsdp_generation, make_accelerator, rank_spread, shard_line, whole_adapter
 from peftrun.errors import PeftrunError
 from peftrun.evaluate import evaluate, report_lines
 from peftrun.memory import MemoryTracker
@@ -153,6 +153,7 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
     sharding = shard_line(accelerator, model)
     if sharding:
         accelerator.print(sharding)
+        fsdp_generation(accelerator, model)
     checkpoints = Checkpointer(recipe, out, accelerator, model, optimizer, scheduler)
     pos = checkpoints.begin(resume, total_steps)
     log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
