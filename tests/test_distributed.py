@@ -1,4 +1,5 @@
-"""Several processes for real, on CPU: data parallel over gloo, and DeepSpeed ZeRO-3 with CPU offload.
+"""Several processes for real, on CPU: data parallel over gloo, DeepSpeed ZeRO-3 with CPU offload, and FSDP
+(versions 2 and 1) over gloo.
 
 Both train a tiny BERT classifier (LoRA r=4 on query/value, the head trained whole) for 6 optimizer steps
 with a global batch of 8, and must end where the single-process run with batch 8 ends.
@@ -6,7 +7,8 @@ with a global batch of 8, and must end where the single-process run with batch 8
 Tolerance: 5e-5 absolute on every adapter tensor (entries up to ~0.2). The ranks average two half-batch
 mean gradients where the single process takes one mean over 8 rows: the same sum in another order, so
 each step differs in the last float32 bits, and Adam's division by sqrt(v) carries that through 6 steps
-(measured: 9e-6 for DDP and 1e-5 for ZeRO-3, whose DeepSpeedCPUAdam is a different AdamW kernel).
+(measured: 9e-6 for DDP and 1e-5 for ZeRO-3, whose DeepSpeedCPUAdam is a different AdamW kernel; 9.4e-7
+for FSDP2 and FSDP1, whose reduce-scatter averages the ranks' gradients as DDP's all-reduce does).
 """
 
 from __future__ import annotations
