@@ -447,3 +447,46 @@ def test_fsdp1_two_cpu_ranks_resume_after_a_crash(setup):
     ours = adapter(out)
     assert ours["base_model.model.classifier.weight"].shape == (2, 32)
     assert_same_adapter(adapter(root / "single"), ours)
+
+
+def test_fsdp1_seq2seq_generates_while_sharded(setup):
+    """A tiny T5 under FSDP1: evaluation calls generate(), which bypasses FSDP's forward; the root's sharded
+    weights (the shared embedding) are gathered for it. Ends where one process ends."""
+    _needs_fsdp()
+    from tiny import save_tiny
+
+    root, _ = setup
+    save_tiny(root / "t5", "t5", "SEQ_2_SEQ_LM", dropout_rate=0.0)
+    recipe = yaml.safe_load((root / "recipe.yaml").read_text())
+    recipe["model"] = {"name_or_path": str(root / "t5"), "task_type": "SEQ_2_SEQ_LM", "tokenizer": "byt5"}
+    recipe["method"] = {"name": "lora", "r": 4, "lora_alpha": 8}
+    recipe["data"].update(template="Text : {text} Label : ", label_column="label", target_max_length=3)
+    recipe["output_dir"] = str(root / "t5-single")
+    path = root / "t5.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    single = run_cli("train", str(path), env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    out = root / "t5-fsdp1"
+    result = run_cli(
+        "launch",
+        str(path),
+        "--set",
+        "distributed.fsdp.version=1",
+        "--set",
+        "distributed.num_processes=2",
+        "--set",
+        "training.batch_size=4",
+        "--set",
+        f"output_dir={out}",
+        "--",
+        "--main_process_port",
+        free_port(),
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "FSDP1: 2 ranks share" in result.stdout and "eval_preds[:10]=" in result.stdout
+    assert_same_adapter(adapter(root / "t5-single"), adapter(out))
+    ours, theirs = ([r for r in metrics(d) if "eval_loss" in r][-1] for d in (out, root / "t5-single"))
+    assert abs(ours["eval_loss"] - theirs["eval_loss"]) < 1e-4
+    assert ours["accuracy"] == theirs["accuracy"]
