@@ -7,7 +7,11 @@ environment accelerate sets decides (DeepSpeed, FSDP, processes, precision), not
 
 On a machine without CUDA the same commands run on CPU: ranks talk over gloo, DeepSpeed uses its CPU
 accelerator (DS_ACCELERATOR=cpu), and accelerate's CPU switch is set so that `--multi_gpu` starts the
-processes instead of silently starting one.
+processes instead of silently starting one. FSDP, which Accelerate gives only to GPU ranks, is given to the
+CPU ranks here (torch's FSDP runs over gloo).
+
+Sharded engines (ZeRO-3, FSDP) leave each rank a slice of every weight: `whole_adapter` gathers the
+adapter's tensors on every rank before the main process writes them.
 """
 
 from __future__ import annotations
@@ -388,7 +392,7 @@ def load_whole_adapter(accelerator, model, peft_model, name: str, state: dict) -
         for key, tensor in own.items():
             if isinstance(tensor, DTensor) and key in state and state[key].shape == tensor.shape:
                 state[key] = distribute_tensor(
-                    state[key].to(tensor.dtype), tensor.device_mesh, tensor.placements
+                    state[key].to(dtype=tensor.dtype, device=tensor.device), tensor.device_mesh, tensor.placements
                 )
         peft_model.load_adapter_state_dict(state, name)
         return
@@ -451,7 +455,7 @@ def shard_line(accelerator, model) -> str | None:
     from torch.distributed.tensor import DTensor
 
     held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
-    total = torch.tensor([held], dtype=torch.int64)
+    total = torch.tensor([held], dtype=torch.int64, device=accelerator.device)  # NCCL sums device tensors
     torch.distributed.all_reduce(total)
     return (
         f"FSDP{version}: {accelerator.num_processes} ranks share {int(total):,d} parameters; "
