@@ -27,7 +27,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peftrun.checkpoint import atomic_dir, read_adapter, read_recipe_copy, safe_torch_load, write_adapter
-from peftrun.distributed import gathered
+from peftrun.distributed import (
+    fsdp_version,
+    load_optimizer_state,
+    load_whole_adapter,
+    optimizer_state,
+    whole_adapter,
+)
 from peftrun.errors import PeftrunError
 
 CHECKPOINTS = "checkpoints"
@@ -279,6 +285,10 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 # ------------------------------------------------------------------ the checkpointer
 
 
+def _rank_optimizer_file(rank: int) -> str:
+    return f"optimizer-rank{rank}.pt"
+
+
 def _is_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
@@ -346,10 +356,14 @@ class Checkpointer:
             )
         peft_model = acc.unwrap_model(self.model)
         _, adapter_state = read_adapter(folder)
-        own = peft_model.adapter_state_dict(peft_model.active_adapter).values()
-        with gathered(own, modifier_rank=0):  # ZeRO-3: load whole tensors, partition them again after
-            peft_model.load_adapter_state_dict(adapter_state, peft_model.active_adapter)
-        if _is_deepspeed(acc):
+        # ZeRO-3 and FSDP: load whole tensors, shard them again after
+        load_whole_adapter(acc, self.model, peft_model, peft_model.active_adapter, adapter_state)
+        if fsdp_version(acc) == 2:  # whole tensors saved by the main process, sent to every rank's shards
+            full = safe_torch_load(folder / OPTIMIZER_FILE) if acc.is_main_process else {}
+            load_optimizer_state(acc, self.model, self.optimizer, full)
+        elif fsdp_version(acc) == 1:  # each rank's own shard of the flat parameters' state
+            self.optimizer.load_state_dict(safe_torch_load(folder / _rank_optimizer_file(acc.process_index)))
+        elif _is_deepspeed(acc):
             self.model.load_checkpoint(
                 str(folder / ENGINE_DIR),
                 tag="state",
@@ -388,10 +402,13 @@ class Checkpointer:
         acc.wait_for_everyone()
         if _is_deepspeed(acc):  # every rank writes its shard of the optimizer state
             self.model.save_checkpoint(str(tmp / ENGINE_DIR), tag="state", exclude_frozen_parameters=True)
+        if fsdp_version(acc) == 1:  # likewise for FSDP1's flat-parameter shards
+            torch.save(self.optimizer.state_dict(), tmp / _rank_optimizer_file(acc.process_index))
         acc.wait_for_everyone()
         peft_model = acc.unwrap_model(self.model)
-        own = peft_model.adapter_state_dict(peft_model.active_adapter).values()
-        with gathered(own):  # ZeRO-3 leaves each rank a slice: write whole tensors, not torch.Size([0])
+        optimizer_whole = optimizer_state(acc, self.model, self.optimizer)  # FSDP: gathered on every rank
+        # ZeRO-3 and FSDP leave each rank a slice: write whole tensors, not torch.Size([0]) or one shard
+        with whole_adapter(acc, self.model, peft_model, peft_model.active_adapter) as own:
             if acc.is_main_process:
                 position.metrics_lines = count_lines(self.metrics_path)
                 with atomic_dir(root / name, tmp=tmp) as folder:
@@ -401,9 +418,12 @@ class Checkpointer:
                         peft_model.active_adapter,
                         self.recipe.model.name_or_path,
                         recipe=self.recipe,
+                        state=own,
                     )
                     fault("checkpoint_write", position.step)
-                    if not _is_deepspeed(acc):
+                    if optimizer_whole is not None:
+                        torch.save(optimizer_whole, folder / OPTIMIZER_FILE)
+                    elif not _is_deepspeed(acc) and fsdp_version(acc) != 1:
                         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
                     torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
                     write_rng(folder, states)

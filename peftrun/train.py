@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from peftrun.adapted import PeftrunModel, wrap
 from peftrun.checkpoint import save_adapter
 from peftrun.data import Collator, label_names_for, load_splits, model_inputs, tokenize_split
-from peftrun.distributed import gathered, make_accelerator, rank_spread, zero3
+from peftrun.distributed import fsdp_generation, make_accelerator, rank_spread, shard_line, whole_adapter
 from peftrun.errors import PeftrunError
 from peftrun.evaluate import evaluate, report_lines
 from peftrun.memory import MemoryTracker
@@ -160,6 +160,10 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
     )
     peft_model = accelerator.unwrap_model(model)
     adapter, method = peft_model.active_adapter, peft_model.method
+    sharding = shard_line(accelerator, model)
+    if sharding:
+        accelerator.print(sharding)
+        fsdp_generation(accelerator, model)
     checkpoints = Checkpointer(recipe, out, accelerator, model, optimizer, scheduler)
     pos = checkpoints.begin(resume, total_steps)
     log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
@@ -287,9 +291,8 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
                 break
 
     accelerator.wait_for_everyone()
-    # under ZeRO-3 each rank holds a slice of every tensor: gather the adapter's whole before writing it
-    state = peft_model.adapter_state_dict(adapter)
-    with gathered(state.values(), enabled=zero3(accelerator)):
+    # under ZeRO-3 and FSDP each rank holds a slice of every tensor: gather the adapter's whole before writing it
+    with whole_adapter(accelerator, model, peft_model, adapter) as state:
         if accelerator.num_processes > 1:
             spread = rank_spread(accelerator, state.values())
             accelerator.print(f"adapter on {accelerator.num_processes} ranks: max |difference| {spread:.3g}")
@@ -297,7 +300,7 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
         if accelerator.is_main_process:
             save_adapter(
                 peft_model, out, base_model=recipe.model.name_or_path,
-                tokenizer=tokenizer, recipe=recipe, whole_folder=False,
+                tokenizer=tokenizer, recipe=recipe, whole_folder=False, state=state,
             )
             accelerator.print(f"adapter saved to {out}")
     accelerator.wait_for_everyone()
