@@ -1,6 +1,8 @@
 """Continuing a run that stopped: checkpoints holding everything the loop needs to carry on exactly.
 
-A checkpoint is output_dir/checkpoints/step-NNNNNN/ with the adapter (peft's format), the optimizer and
+A checkpoint is output_dir/checkpoints/step-NNNNNN/ with the adapter (peft's format), every trainable
+parameter by name with the method's own loop state (trainable.safetensors: peft's layout may hold only a
+function of what trains, such as p_tuning's encoder output or AdaLoRA's kept triplets), the optimizer and
 scheduler states, every process's python/numpy/torch RNG state, the data position (epoch, batches of it
 consumed; the order itself is a function of (seed, epoch)) and the resolved recipe. It is written into a
 hidden folder and renamed into place, so a folder named step-* is always complete. Resuming restores the
@@ -36,6 +38,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.json"
 RNG_TENSORS = "rng_state.safetensors"
+TRAINABLE_FILE = "trainable.safetensors"
 ENGINE_DIR = "engine"  # DeepSpeed's own (sharded) optimizer state
 METRICS = "metrics.jsonl"
 STEP_DIR = re.compile(r"step-(\d{6,})")
@@ -285,6 +288,48 @@ def _is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+# ------------------------------------------------------------------ what trains
+
+
+def trainable(peft_model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def trainable_state(peft_model) -> dict[str, torch.Tensor]:
+    """Every trainable parameter ("param.NAME") and the method's loop state ("method.KEY"), on the CPU."""
+    state = {f"param.{n}": p.detach().cpu().contiguous() for n, p in trainable(peft_model).items()}
+    hook = peft_model.method.resume_state
+    if hook is not None:
+        extra = hook(peft_model, peft_model.active_adapter)
+        state.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in extra.items()})
+    return state
+
+
+@torch.no_grad()
+def load_trainable_state(peft_model, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    params = trainable(peft_model)
+    saved = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+    missing, extra = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+    wrong = [
+        f"{n} {tuple(saved[n].shape)} vs {tuple(p.shape)}"
+        for n, p in params.items()
+        if n in saved and saved[n].shape != p.shape
+    ]
+    if missing or extra or wrong:
+        detail = (missing and f"missing {missing[:3]}") or (extra and f"unexpected {extra[:3]}") or wrong[:3]
+        raise PeftrunError(
+            f"the checkpoint's trainable parameters do not fit this model: {detail}",
+            where=str(folder / TRAINABLE_FILE),
+            hint="resume with the recipe and model the run started with",
+        )
+    for n, p in params.items():
+        p.copy_(saved[n])
+    hook = peft_model.method.load_resume_state
+    if hook is not None:
+        extra_state = {k.removeprefix("method."): v for k, v in tensors.items() if k.startswith("method.")}
+        hook(peft_model, peft_model.active_adapter, extra_state)
+
+
 class Checkpointer:
     """Saves and restores the loop's full state; one per run."""
 
@@ -345,10 +390,15 @@ class Checkpointer:
                 hint="restore those values to resume, or start a new run in another output_dir",
             )
         peft_model = acc.unwrap_model(self.model)
-        _, adapter_state = read_adapter(folder)
-        own = peft_model.adapter_state_dict(peft_model.active_adapter).values()
-        with gathered(own, modifier_rank=0):  # ZeRO-3: load whole tensors, partition them again after
-            peft_model.load_adapter_state_dict(adapter_state, peft_model.active_adapter)
+        if (folder / TRAINABLE_FILE).is_file():
+            tensors = load_file(str(folder / TRAINABLE_FILE))
+            with gathered(trainable(peft_model).values(), modifier_rank=0):  # ZeRO-3: whole tensors in
+                load_trainable_state(peft_model, tensors, folder)
+        else:  # a checkpoint from before trainable.safetensors: the adapter holds what trains
+            _, adapter_state = read_adapter(folder)
+            own = peft_model.adapter_state_dict(peft_model.active_adapter).values()
+            with gathered(own, modifier_rank=0):
+                peft_model.load_adapter_state_dict(adapter_state, peft_model.active_adapter)
         if _is_deepspeed(acc):
             self.model.load_checkpoint(
                 str(folder / ENGINE_DIR),
@@ -390,7 +440,9 @@ class Checkpointer:
             self.model.save_checkpoint(str(tmp / ENGINE_DIR), tag="state", exclude_frozen_parameters=True)
         acc.wait_for_everyone()
         peft_model = acc.unwrap_model(self.model)
-        own = peft_model.adapter_state_dict(peft_model.active_adapter).values()
+        own = {id(t): t for t in trainable(peft_model).values()}
+        own.update((id(t), t) for t in peft_model.adapter_state_dict(peft_model.active_adapter).values())
+        own = list(own.values())
         with gathered(own):  # ZeRO-3 leaves each rank a slice: write whole tensors, not torch.Size([0])
             if acc.is_main_process:
                 position.metrics_lines = count_lines(self.metrics_path)
@@ -402,6 +454,7 @@ class Checkpointer:
                         self.recipe.model.name_or_path,
                         recipe=self.recipe,
                     )
+                    save_file(trainable_state(peft_model), str(folder / TRAINABLE_FILE))
                     fault("checkpoint_write", position.step)
                     if not _is_deepspeed(acc):
                         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
