@@ -76,6 +76,10 @@ def build(recipe, accelerator=None):
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     model = wrap(base, task, recipe.method.name, recipe.method_config)
+    if recipe.training.compile:
+        # in place, so parameter names (and so checkpoints) stay those of the plain model
+        backend = "inductor" if recipe.training.compile is True else recipe.training.compile
+        model.model.compile(backend=backend)
     return tokenizer, splits, label_names, model
 
 
