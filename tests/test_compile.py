@@ -21,7 +21,9 @@ def _run(root, name: str, compile_: bool | str) -> tuple[list[float], dict]:
     data["method"]["lora_dropout"] = 0.0
     proc = run_cli("train", str(write_recipe(root / f"{name}.yaml", data)))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = [
+        r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     return losses, load_file(str(out / "adapter_model.safetensors"))
 
 
