@@ -369,7 +369,9 @@ def whole_adapter(accelerator, model, peft_model, name: str):
     if version == 2:
         from torch.distributed.tensor import DTensor
 
-        yield {k: v.detach().full_tensor() if isinstance(v, DTensor) else v.detach() for k, v in state.items()}
+        yield {
+            k: v.detach().full_tensor() if isinstance(v, DTensor) else v.detach() for k, v in state.items()
+        }
         return
     with gathered(state.values(), enabled=zero3(accelerator)):
         yield state
@@ -392,12 +394,74 @@ def load_whole_adapter(accelerator, model, peft_model, name: str, state: dict) -
         for key, tensor in own.items():
             if isinstance(tensor, DTensor) and key in state and state[key].shape == tensor.shape:
                 state[key] = distribute_tensor(
-                    state[key].to(dtype=tensor.dtype, device=tensor.device), tensor.device_mesh, tensor.placements
+                    state[key].to(dtype=tensor.dtype, device=tensor.device),
+                    tensor.device_mesh,
+                    tensor.placements,
                 )
         peft_model.load_adapter_state_dict(state, name)
         return
     with gathered(own.values(), modifier_rank=0):  # ZeRO-3: load whole tensors, partition them again after
         peft_model.load_adapter_state_dict(state, name)
+
+
+def whole_trainable(accelerator, model, peft_model) -> dict[str, torch.Tensor]:
+    """Every trainable parameter by name, whole, as CPU copies (a collective: all ranks call it)."""
+
+    def params():
+        return {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    version = fsdp_version(accelerator)
+    if version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=True):
+            return {n: p.detach().cpu().clone() for n, p in params().items()}
+    if version == 2:
+        from torch.distributed.tensor import DTensor
+
+        return {
+            n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+            for n, p in params().items()
+        }
+    own = params()
+    with gathered(own.values(), enabled=zero3(accelerator)):
+        return {n: p.detach().cpu().clone() for n, p in own.items()}
+
+
+@torch.no_grad()
+def load_whole_trainable(accelerator, model, peft_model, tensors: dict[str, torch.Tensor], check) -> None:
+    """Copy whole tensors (as `whole_trainable` gave them) into the trainable parameters, sharding them again
+    where training does. `check(params)` sees the parameters first and raises on a mismatch."""
+
+    def params():
+        return {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    version = fsdp_version(accelerator)
+    if version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=True, recurse=True):
+            own = params()
+            check(own)
+            for n, p in own.items():
+                p.copy_(tensors[n])
+        return
+    own = params()
+    if version == 2:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        check({n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in own.items()})
+        for n, p in own.items():
+            t = tensors[n].to(dtype=p.dtype, device=p.device)
+            if isinstance(p, DTensor):
+                p.to_local().copy_(distribute_tensor(t, p.device_mesh, p.placements).to_local())
+            else:
+                p.copy_(t)
+        return
+    with gathered(own.values(), modifier_rank=0):  # ZeRO-3: whole tensors in, partitioned again after
+        check(own)
+        for n, p in own.items():
+            p.copy_(tensors[n])
 
 
 def optimizer_state(accelerator, model, optimizer) -> dict | None:

@@ -78,6 +78,10 @@ def build(recipe, accelerator=None):
     if recipe.data.packing:
         base.config.use_cache = False  # transformers reads packed segments from position_ids only without a cache
     model = wrap(base, task, recipe.method.name, recipe.method_config)
+    if recipe.training.compile:
+        # in place, so parameter names (and so checkpoints) stay those of the plain model
+        backend = "inductor" if recipe.training.compile is True else recipe.training.compile
+        model.model.compile(backend=backend)
     return tokenizer, splits, label_names, model
 
 
