@@ -266,4 +266,5 @@ def applies(x: torch.Tensor, weight_a: torch.Tensor) -> bool:
         return False
     if x.dim() < 1 or x.shape[-1] != weight_a.shape[1]:
         return False
-    return not torch.is_autocast_enabled(x.device.type)
+    # meta tensors (peftrun estimate) have no autocast state to ask about
+    return x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type)
