@@ -112,14 +112,26 @@ CONFIGS = TRAIN_CONFIGS + INFER_CONFIGS
 # ------------------------------------------------------------------ what the OS says
 
 
-def cpu_times() -> tuple[int, int]:
-    """(steal, total) jiffies over all CPUs from /proc/stat (zeros where it is absent)."""
+def cpu_times() -> tuple[int, int, int]:
+    """(steal, busy, total) jiffies over all CPUs from /proc/stat (zeros where it is absent)."""
     try:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except OSError:
-        return 0, 0
-    steal = fields[7] if len(fields) > 7 else 0
-    return steal, sum(fields[:8])
+        return 0, 0, 0
+    fields += [0] * (8 - len(fields))
+    idle = fields[3] + fields[4]  # idle + iowait
+    steal = fields[7]
+    total = sum(fields[:8])
+    return steal, total - idle - steal, total
+
+
+def others_share(before: tuple[int, int, int], after: tuple[int, int, int], own_cpu_s: float) -> float:
+    """The share of all CPUs that other processes used between two cpu_times() readings."""
+    total = after[2] - before[2]
+    if total <= 0:
+        return 0.0
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return max(0.0, (after[1] - before[1]) - own_cpu_s * hz) / total
 
 
 def reset_peak_rss() -> bool:
@@ -277,7 +289,7 @@ def run(model_name: str, config: str, steps: int, warmup: int, threads: int, tin
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     reset_ok = reset_peak_rss()
-    steal0, total0 = cpu_times()
+    stat0, own0 = cpu_times(), time.process_time()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     times, cpu = [], []
     for _ in range(steps):
@@ -285,7 +297,7 @@ def run(model_name: str, config: str, steps: int, warmup: int, threads: int, tin
         step()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    steal1, total1 = cpu_times()
+    stat1, own1 = cpu_times(), time.process_time()
     step_s = statistics.median(times)
     return {
         "model": model_name,
@@ -300,7 +312,8 @@ def run(model_name: str, config: str, steps: int, warmup: int, threads: int, tin
         "peak_rss_mib": peak_rss_mib(),
         "peak_rss_window": "timed steps" if reset_ok else "whole process",
         "cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-        "steal": (steal1 - steal0) / (total1 - total0) if total1 > total0 else 0.0,
+        "steal": (stat1[0] - stat0[0]) / (stat1[2] - stat0[2]) if stat1[2] > stat0[2] else 0.0,
+        "others": others_share(stat0, stat1, own1 - own0),
         "loadavg_1m": load,
         "trainable": sum(p.numel() for p in params) if params else 0,
     }

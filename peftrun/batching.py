@@ -48,3 +48,75 @@ class LengthGroupedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         for batch in self.batches():
             yield from batch
+
+
+# ------------------------------------------------------------------ packing (causal LM)
+
+
+def pack_rows(rows: Sequence[dict], max_length: int) -> list[dict]:
+    """Causal-LM rows packed first-fit-decreasing into rows of at most `max_length` tokens.
+
+    Each packed row holds whole examples side by side with `position_ids` restarting at 0 for each, which
+    transformers turns into a block-diagonal causal mask (attention_mask left out). An example's first label
+    becomes -100: in the shifted loss it would be the target of the previous example's last token, and
+    unpacked its first label is never a target either, so the loss terms are exactly the unpacked ones.
+    """
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(rows[i]["input_ids"])
+        slot = next((b for b, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            bins.append([i])
+            room.append(max_length - n)
+        else:
+            bins[slot].append(i)
+            room[slot] -= n
+    packed = []
+    for members in bins:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in sorted(members):  # the rows' own order inside a packed row
+            row_ids, row_labels = list(rows[i]["input_ids"]), list(rows[i]["labels"])
+            ids += row_ids
+            labels += [-100] + row_labels[1:]
+            positions += list(range(len(row_ids)))
+        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return packed
+
+
+class PackedCollator:
+    """Pads packed rows to the batch's longest: pad id, label -100, positions counting on (a segment of its own)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+        for r in rows:
+            extra = width - len(r["input_ids"])
+            out["input_ids"].append(list(r["input_ids"]) + [self.pad] * extra)
+            out["labels"].append(list(r["labels"]) + [-100] * extra)
+            out["position_ids"].append(list(r["position_ids"]) + list(range(extra)))
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def check_packing(task_type: str, method) -> None:
+    """Packing needs a causal LM whose positions come from the batch; soft prompts prepend their own tokens."""
+    from peftrun.errors import PeftrunError
+
+    if task_type != "CAUSAL_LM":
+        raise PeftrunError(
+            f"data.packing packs causal-LM rows; this recipe's task type is {task_type}",
+            where="data.packing",
+            hint="set data.packing: false (data.group_by_length also cuts padding)",
+        )
+    if method.is_prompt_learning:
+        raise PeftrunError(
+            f"data.packing cannot be combined with {method.name}: its virtual tokens would break the segments",
+            where="data.packing",
+            hint="set data.packing: false",
+        )

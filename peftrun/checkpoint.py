@@ -181,10 +181,13 @@ def resolved_fields(peft_model, name: str, body: dict[str, Any]) -> dict[str, An
     return out
 
 
-def write_adapter(tmp: Path, peft_model, name: str, base_model: str, tokenizer=None, recipe=None) -> None:
-    state = {
-        k: v.detach().to("cpu").contiguous().clone() for k, v in peft_model.adapter_state_dict(name).items()
-    }
+def write_adapter(
+    tmp: Path, peft_model, name: str, base_model: str, tokenizer=None, recipe=None, state=None
+) -> None:
+    """`state`: the adapter's tensors when the caller gathered them whole (sharded training)."""
+    if state is None:
+        state = peft_model.adapter_state_dict(name)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = adapter_config_dict(peft_model, name, base_model)
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(scrub(config), indent=2, sort_keys=True) + "\n")
@@ -203,12 +206,15 @@ def save_adapter(
     tokenizer=None,
     recipe=None,
     whole_folder: bool = True,
+    state=None,
 ) -> Path:
-    """Save adapter `name` in peft's format. whole_folder: `folder` is the adapter alone (atomic swap)."""
+    """Save adapter `name` in peft's format. whole_folder: `folder` is the adapter alone (atomic swap).
+
+    `state`: the adapter's tensors, gathered whole where training sharded them (see distributed.whole_adapter)."""
     name = name or peft_model.active_adapter
 
     def write(tmp: Path) -> None:
-        write_adapter(tmp, peft_model, name, base_model, tokenizer, recipe)
+        write_adapter(tmp, peft_model, name, base_model, tokenizer, recipe, state)
 
     if whole_folder:
         with atomic_dir(folder) as tmp:

@@ -417,7 +417,7 @@ class Collator:
         return batch
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "task_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "task_ids", "position_ids")
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

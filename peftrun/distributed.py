@@ -7,7 +7,11 @@ environment accelerate sets decides (DeepSpeed, FSDP, processes, precision), not
 
 On a machine without CUDA the same commands run on CPU: ranks talk over gloo, DeepSpeed uses its CPU
 accelerator (DS_ACCELERATOR=cpu), and accelerate's CPU switch is set so that `--multi_gpu` starts the
-processes instead of silently starting one.
+processes instead of silently starting one. FSDP, which Accelerate gives only to GPU ranks, is given to the
+CPU ranks here (torch's FSDP runs over gloo).
+
+Sharded engines (ZeRO-3, FSDP) leave each rank a slice of every weight: `whole_adapter` gathers the
+adapter's tensors on every rank before the main process writes them.
 """
 
 from __future__ import annotations
@@ -238,14 +242,67 @@ def make_accelerator(recipe):
     precision = (
         recipe.training.mixed_precision if "mixed_precision" in recipe.training.model_fields_set else None
     )
+    _fsdp1_cpu_env()
     accelerator = Accelerator(
+        # FSDP without any accelerator: CPU ranks (ACCELERATE_USE_CPU=1 does the same; a bare launch lacks it)
+        cpu=_fsdp_requested() and launched() and not _has_accelerator(),
         gradient_accumulation_steps=recipe.training.gradient_accumulation_steps,
         mixed_precision=precision,
         kwargs_handlers=handlers,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    _fsdp_on_cpu(accelerator)
     _check_deepspeed_accumulation(accelerator, recipe)
     return accelerator
+
+
+def _fsdp_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    device = getattr(torch, "accelerator", None)  # XPU, MPS, ... (torch >= 2.6)
+    return bool(device is not None and device.is_available())
+
+
+def _fsdp1_cpu_env() -> None:
+    """FSDP version 1 on CPU ranks: every rank loads the whole base model itself.
+
+    torch's FSDP1 broadcasts rank 0's weights (sync_module_states) only from GPU tensors, and Accelerate's
+    plugin refuses sync_module_states without a GPU; cpu_ram_efficient_loading needs that broadcast (the other
+    ranks load empty weights). Both are switched off before Accelerate and transformers read them.
+    """
+    if _has_accelerator() or not _fsdp_requested():
+        return
+    if os.environ.get("FSDP_VERSION", "1") == "1":
+        os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """FSDP asked for by the launcher on a machine without CUDA: give it to Accelerate's CPU ranks.
+
+    Accelerate turns its FSDP switch into FSDP only for GPU-like process groups; on CPU ranks (MULTI_CPU) it
+    silently trains plain data parallel instead. torch's FSDP (fully_shard, DTensor over gloo) runs on CPU,
+    so the state is moved to FSDP with the plugin accelerate builds from the launcher's environment.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if not _fsdp_requested() or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    # every later AcceleratorState() copies the process state's type over its own: change both
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if plugin.fsdp_version == 1:  # FSDP1 compares its device_id (Accelerate's "cpu:0") with torch's "cpu"
+        state.device = PartialState._shared_state["device"] = torch.device("cpu")
 
 
 def _check_deepspeed_accumulation(accelerator, recipe) -> None:
@@ -282,6 +339,192 @@ def gathered(params, enabled: bool = True, modifier_rank: int | None = None):
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield
+
+
+def fsdp_version(accelerator) -> int:
+    """1 or 2 when the model is sharded by FSDP, else 0."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return 0
+    return 2 if accelerator.is_fsdp2 else 1
+
+
+@contextlib.contextmanager
+def whole_adapter(accelerator, model, peft_model, name: str):
+    """Adapter `name`'s tensors whole, on every rank (a collective: all ranks must enter).
+
+    ZeRO-3 and FSDP leave each rank a slice of every weight: DeepSpeed's partitioned parameters are
+    gathered in place; FSDP2's DTensors are all-gathered into full tensors (`full_tensor`); FSDP1's
+    flat parameters are summoned whole (`summon_full_params`, no write-back). `model`: the prepared model.
+    """
+    version = fsdp_version(accelerator)
+    if version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=True):
+            yield {k: v.detach() for k, v in peft_model.adapter_state_dict(name).items()}
+        return
+    state = peft_model.adapter_state_dict(name)
+    if version == 2:
+        from torch.distributed.tensor import DTensor
+
+        yield {
+            k: v.detach().full_tensor() if isinstance(v, DTensor) else v.detach() for k, v in state.items()
+        }
+        return
+    with gathered(state.values(), enabled=zero3(accelerator)):
+        yield state
+
+
+def load_whole_adapter(accelerator, model, peft_model, name: str, state: dict) -> None:
+    """Copy whole tensors `state` (as saved) into adapter `name`, sharding them again where training does."""
+    version = fsdp_version(accelerator)
+    if version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=True, recurse=True):
+            peft_model.load_adapter_state_dict(state, name)
+        return
+    own = peft_model.adapter_state_dict(name)
+    if version == 2:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        state = dict(state)
+        for key, tensor in own.items():
+            if isinstance(tensor, DTensor) and key in state and state[key].shape == tensor.shape:
+                state[key] = distribute_tensor(
+                    state[key].to(dtype=tensor.dtype, device=tensor.device),
+                    tensor.device_mesh,
+                    tensor.placements,
+                )
+        peft_model.load_adapter_state_dict(state, name)
+        return
+    with gathered(own.values(), modifier_rank=0):  # ZeRO-3: load whole tensors, partition them again after
+        peft_model.load_adapter_state_dict(state, name)
+
+
+def whole_trainable(accelerator, model, peft_model) -> dict[str, torch.Tensor]:
+    """Every trainable parameter by name, whole, as CPU copies (a collective: all ranks call it)."""
+
+    def params():
+        return {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    version = fsdp_version(accelerator)
+    if version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=True):
+            return {n: p.detach().cpu().clone() for n, p in params().items()}
+    if version == 2:
+        from torch.distributed.tensor import DTensor
+
+        return {
+            n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+            for n, p in params().items()
+        }
+    own = params()
+    with gathered(own.values(), enabled=zero3(accelerator)):
+        return {n: p.detach().cpu().clone() for n, p in own.items()}
+
+
+@torch.no_grad()
+def load_whole_trainable(accelerator, model, peft_model, tensors: dict[str, torch.Tensor], check) -> None:
+    """Copy whole tensors (as `whole_trainable` gave them) into the trainable parameters, sharding them again
+    where training does. `check(params)` sees the parameters first and raises on a mismatch."""
+
+    def params():
+        return {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    version = fsdp_version(accelerator)
+    if version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=True, recurse=True):
+            own = params()
+            check(own)
+            for n, p in own.items():
+                p.copy_(tensors[n])
+        return
+    own = params()
+    if version == 2:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        check({n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in own.items()})
+        for n, p in own.items():
+            t = tensors[n].to(dtype=p.dtype, device=p.device)
+            if isinstance(p, DTensor):
+                p.to_local().copy_(distribute_tensor(t, p.device_mesh, p.placements).to_local())
+            else:
+                p.copy_(t)
+        return
+    with gathered(own.values(), modifier_rank=0):  # ZeRO-3: whole tensors in, partitioned again after
+        check(own)
+        for n, p in own.items():
+            p.copy_(tensors[n])
+
+
+def optimizer_state(accelerator, model, optimizer) -> dict | None:
+    """The optimizer's state with whole tensors, on the main process, for FSDP2 (None elsewhere: the optimizer's
+    own state_dict holds whole tensors there, or each FSDP1 rank saves its own shard). A collective under FSDP2:
+    every rank calls it."""
+    if fsdp_version(accelerator) != 2:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+
+
+def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
+    """Put back what `optimizer_state` saved (read on the main process, sent to the others)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(
+        model, getattr(optimizer, "optimizer", optimizer), optim_state_dict=state, options=options
+    )
+
+
+def fsdp_generation(accelerator, model) -> None:
+    """Let `generate` run on an FSDP model: it calls the model's parts, not its forward, so FSDP would not
+    gather the weights held by the root (embeddings, heads) for it. FSDP2 runs its forward hooks around it
+    (register_fsdp_forward_method); FSDP1 gathers the root's own weights during the call."""
+    version = fsdp_version(accelerator)
+    if version == 2:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "generate")
+    elif version == 1:
+        import functools
+
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        inner = model.module
+        plain = inner.generate
+
+        @functools.wraps(plain)
+        def generate(*args, **kwargs):
+            with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=False):
+                return plain(*args, **kwargs)
+
+        inner.generate = generate
+
+
+def shard_line(accelerator, model) -> str | None:
+    """Under FSDP: how many of the model's parameters this process holds (a collective: all ranks call it)."""
+    version = fsdp_version(accelerator)
+    if not version:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+    total = torch.tensor([held], dtype=torch.int64, device=accelerator.device)  # NCCL sums device tensors
+    torch.distributed.all_reduce(total)
+    return (
+        f"FSDP{version}: {accelerator.num_processes} ranks share {int(total):,d} parameters; "
+        f"rank {accelerator.process_index} holds {held:,d}"
+    )
 
 
 def rank_spread(accelerator, tensors) -> float:

@@ -149,7 +149,8 @@ class TrainingSection(Section):
     auto_resume: bool = False
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     num_workers: int = Field(default=0, ge=0)
-    compile: bool = False
+    # torch.compile of the base model's forward: true (inductor) or a backend name; the first steps compile.
+    compile: bool | Literal["inductor", "aot_eager", "eager"] = False
     progress_bar: bool = True
 
 

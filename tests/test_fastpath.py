@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny import tiny_batch, tiny_model
+from tiny_text import one_thread  # noqa: F401  (a fixture)
 from torch import nn
 
 from peftrun.adapted import wrap
@@ -323,3 +324,131 @@ def test_fast_path_learns_like_peft():
         curves.append(losses)
     assert curves[0] == pytest.approx(curves[1], rel=1e-3)
     assert curves[0][-1] < 0.95 * curves[0][0]
+
+
+# ------------------------------------------------------------------ packing
+
+
+def test_packed_rows_compute_what_each_example_computes_alone():
+    """Per-token logits and the summed loss of a packed batch equal those of its examples run one by one."""
+    from peftrun.batching import PackedCollator, pack_rows
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", "CAUSAL_LM")
+    model.config.use_cache = False
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for n in (5, 9, 3, 12, 7, 4):
+        ids = torch.randint(4, 128, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    packed = pack_rows(rows, max_length=16)
+    assert sorted(len(p["input_ids"]) for p in packed) == [
+        8,
+        16,
+        16,
+    ]  # first fit decreasing: 12+4 | 9+7 | 5+3
+    batch = PackedCollator(pad_token_id=0)(packed)
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        total = 0.0
+        for row_i, p in enumerate(packed):
+            starts = [i for i, pos in enumerate(p["position_ids"]) if pos == 0]
+            for s, e in zip(starts, starts[1:] + [len(p["position_ids"])]):
+                alone = model(input_ids=torch.tensor([p["input_ids"][s:e]])).logits[0]
+                assert max_diff(logits[row_i, s:e], alone) <= 1e-5
+        for r in rows:  # the unpacked loss terms, summed
+            out = model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]]))
+            total += out.loss.item() * sum(lab != -100 for lab in r["labels"][1:])
+        out = model(**batch)
+        n_targets = (batch["labels"][:, 1:] != -100).sum().item()
+    assert n_targets == sum(sum(lab != -100 for lab in r["labels"][1:]) for r in rows)
+    assert out.loss.item() * n_targets == pytest.approx(total, rel=1e-5)
+
+
+def test_packing_is_refused_where_it_cannot_hold():
+    from peftrun.batching import check_packing
+    from peftrun.errors import PeftrunError
+    from peftrun.methods import get_method
+
+    with pytest.raises(PeftrunError, match="causal-LM"):
+        check_packing("SEQ_CLS", get_method("lora"))
+    check_packing("CAUSAL_LM", get_method("lora"))
+    prompt = next(
+        (
+            m
+            for m in ("prompt_tuning", "prefix_tuning")
+            if m in __import__("peftrun.methods").methods.method_names()
+        ),
+        None,
+    )
+    if prompt:
+        with pytest.raises(PeftrunError, match="virtual tokens"):
+            check_packing("CAUSAL_LM", get_method(prompt))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_packed_training_through_the_loop_learns(tmp_path):
+    """data.packing in a recipe: fewer, position-carrying batches, and the adapter learns as unpacked would."""
+    import json
+    import random
+
+    from tiny_text import save_tiny_with_tokenizer
+
+    from peftrun.predict import run_eval
+    from peftrun.recipe import recipe_from_dict
+    from peftrun.train import build, make_loaders, train
+
+    words = {"positive": ["great", "good", "nice"], "negative": ["awful", "bad", "sad"]}
+    fill = ["the", "movie", "was", "really", "a", "plot", "very", "film"]
+    model_dir = tmp_path / "llama"
+    save_tiny_with_tokenizer(
+        model_dir,
+        "llama",
+        "CAUSAL_LM",
+        [" ".join(sum(words.values(), fill + list(words)))],
+        initializer_range=0.5,
+    )
+    rng = random.Random(0)
+    rows = []
+    for i in range(96):
+        label = "positive" if i % 2 else "negative"
+        text = " ".join(rng.sample(fill, rng.randint(1, 6)) + [rng.choice(words[label])])
+        rows.append({"text": text, "label": label})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def recipe(packing: bool):
+        return recipe_from_dict(
+            {
+                "model": {"name_or_path": str(model_dir), "task_type": "CAUSAL_LM"},
+                "method": {"name": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+                "data": {
+                    "train_file": str(tmp_path / "train.jsonl"),
+                    "eval_fraction": 0.25,
+                    "max_length": 32,
+                    "packing": packing,
+                },
+                "training": {
+                    "num_epochs": 6,
+                    "learning_rate": 1e-2,
+                    "batch_size": 4,
+                    "progress_bar": False,
+                    "seed": 0,
+                    "eval_each_epoch": False,
+                },
+                "output_dir": str(tmp_path / f"out-{packing}"),
+            }
+        )
+
+    loaders = {}
+    for packing in (True, False):
+        r = recipe(packing)
+        tokenizer, splits, label_names, _ = build(r)
+        loaders[packing] = make_loaders(r, tokenizer, splits, label_names)[0]
+    batch = next(iter(loaders[True]))
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert len(loaders[True]) < len(loaders[False]) / 2
+    base = run_eval(recipe(True), None).metrics["eval_loss"]
+    train(recipe(True))
+    trained = run_eval(recipe(True), tmp_path / "out-True").metrics["eval_loss"]
+    assert trained < 0.5 * base, (base, trained)

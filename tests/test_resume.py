@@ -49,12 +49,13 @@ def work(tmp_path_factory):
     return root, model
 
 
-def make_recipe(work, name: str, **training) -> tuple[Path, Path]:
+def make_recipe(work, name: str, method: dict | None = None, **training) -> tuple[Path, Path]:
     root, model = work
     out = root / name
-    recipe = write_recipe(
-        root / f"{name}.yaml", tiny_recipe_dict(model, root / "data", out, save_steps=2, **training)
-    )
+    data = tiny_recipe_dict(model, root / "data", out, save_steps=2, **training)
+    if method is not None:
+        data["method"] = method
+    recipe = write_recipe(root / f"{name}.yaml", data)
     return recipe, out
 
 
@@ -264,3 +265,48 @@ def test_position_next_epoch_resets_the_epoch_counters():
     pos = Position(step=12, epoch=1, batches=2, loss_sum=1.5, seen=2, metrics_lines=14)
     pos.next_epoch(2)
     assert (pos.step, pos.epoch, pos.batches, pos.loss_sum, pos.seen) == (12, 2, 0, 0.0, 0)
+
+
+# Methods whose peft-format adapter holds less than what trains: AdaLoRA writes only the kept triplets and
+# keeps its importance EMAs outside the parameters; p_tuning and prefix_projection write their encoder's
+# output, not the encoder. Their resume checkpoints hold all of it (trainable.safetensors).
+STATEFUL_METHODS = {
+    "adalora": {
+        "name": "adalora",
+        "init_r": 6,
+        "target_r": 2,
+        "tinit": 2,
+        "tfinal": 6,
+        "deltaT": 2,
+        "lora_alpha": 8,
+        "lora_dropout": 0.1,
+    },
+    "p_tuning": {"name": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16},
+    "prefix_projection": {
+        "name": "prefix_tuning",
+        "num_virtual_tokens": 4,
+        "prefix_projection": True,
+        "encoder_hidden_size": 16,
+    },
+}
+
+
+@pytest.mark.parametrize("label", list(STATEFUL_METHODS))
+def test_resume_carries_on_exactly_for_methods_with_state_beyond_the_adapter(work, label):
+    method = STATEFUL_METHODS[label]
+    recipe, reference = make_recipe(work, f"{label}-reference", method)
+    assert run_cli("train", str(recipe)).returncode == 0
+    recipe, out = make_recipe(work, f"{label}-killed", method)
+    proc = popen_train(recipe, fault_spec="after_step:13:kill")
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    last = complete_checkpoints(out)[-1]
+    assert last.name == "step-000012"
+    if label == "adalora":  # the allocator had already pruned when the run died
+        config, _ = read_adapter(last)
+        assert any(not all(flags) for flags in config["rank_pattern"].values())
+    done = run_cli("train", str(recipe), "--resume")
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from {last}" in done.stdout
+    assert_same_as_reference(out, reference)
+    assert read_adapter(out)[0] == read_adapter(reference)[0]  # e.g. AdaLoRA's final rank_pattern

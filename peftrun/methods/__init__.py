@@ -5,7 +5,9 @@ A method is one module exposing `METHOD = Method(...)`:
   - `apply(peft_model, config, adapter_name)`: wraps target layers or registers a prompt encoder;
   - for soft-prompt methods, `forward` (and `generate`) taking over the base model's call;
   - `state` / `load_state` where the checkpoint layout is not the generic per-layer one;
-  - `extra_loss` / `after_step` where training needs more than the task loss (AdaLoRA).
+  - `extra_loss` / `after_step` where training needs more than the task loss (AdaLoRA);
+  - `resume_state` / `load_resume_state` where the loop keeps state outside the parameters (AdaLoRA's
+    importance EMAs and masks), so that a resumed run carries on exactly.
 Adding a method = one file plus one line in `_MODULES`.
 """
 
@@ -79,6 +81,10 @@ class Method:
     # extra_loss(peft_model, name) -> tensor added to the loss; after_step(peft_model, name, step, total_steps).
     extra_loss: Callable[..., Any] | None = None
     after_step: Callable[..., None] | None = None
+    # resume_state(peft_model, name) -> {key: tensor} written to resume checkpoints beside the trainable
+    # parameters; load_resume_state(peft_model, name, tensors) puts it back.
+    resume_state: Callable[..., dict] | None = None
+    load_resume_state: Callable[..., None] | None = None
     notes: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -311,6 +311,38 @@ def after_step(peft_model, name: str, step: int, total_steps: int) -> None:
             layer.ema.pop(name, None)
 
 
+def resume_state(peft_model, name: str) -> dict[str, torch.Tensor]:
+    """The allocator's state for a resume checkpoint: each layer's kept-triplet mask and importance EMAs."""
+    state = {}
+    for layer in layers_of(peft_model, name):
+        if name in layer.keep:
+            state[f"{layer.module_name}.keep"] = layer.keep[name]
+        for attr, (mean, unc) in layer.ema.get(name, {}).items():
+            state[f"{layer.module_name}.{attr}.ema_mean"] = mean
+            state[f"{layer.module_name}.{attr}.ema_uncertainty"] = unc
+    return state
+
+
+def load_resume_state(peft_model, name: str, state: dict[str, torch.Tensor]) -> None:
+    for layer in layers_of(peft_model, name):
+        device = layer.lora_E[name].device
+        keep = state.get(f"{layer.module_name}.keep")
+        if keep is not None:
+            layer.keep[name] = keep.to(device)
+        ema = {
+            attr: (
+                state[f"{layer.module_name}.{attr}.ema_mean"].to(device),
+                state[f"{layer.module_name}.{attr}.ema_uncertainty"].to(device),
+            )
+            for attr in AdaLoraLayer.adapter_attrs
+            if f"{layer.module_name}.{attr}.ema_mean" in state
+        }
+        if ema:
+            layer.ema[name] = ema
+    if any(name in layer.keep for layer in layers_of(peft_model, name)):
+        peft_model.configs[name].rank_pattern = rank_pattern(peft_model, name)
+
+
 def orthogonal_regulariser(peft_model, name: str) -> torch.Tensor:
     """R = mean over adapted matrices of ||Q Q^T - I||_F and ||P^T P - I||_F."""
     norms = []
@@ -341,8 +373,7 @@ def load_state(peft_model, name: str, state: dict[str, torch.Tensor]) -> None:
             raise PeftrunError(
                 f"this AdaLoRA checkpoint keeps {saved.shape[0]} of {rows} triplets at '{layer.module_name}': it was "
                 "pruned to its rank_pattern, which the model being loaded was not built with",
-                hint="load it with its adapter_config.json (peftrun eval/merge --adapter); an AdaLoRA run cannot "
-                "--resume from a checkpoint written after its first pruning step",
+                hint="load it with its adapter_config.json (peftrun eval/merge --adapter)",
             )
 
 
@@ -384,4 +415,6 @@ METHOD = Method(
     load_state=load_state,
     extra_loss=extra_loss,
     after_step=after_step,
+    resume_state=resume_state,
+    load_resume_state=load_resume_state,
 )

@@ -258,9 +258,13 @@ def linear_applies(
 
 
 def applies(x: torch.Tensor, weight_a: torch.Tensor) -> bool:
-    """Where the fused update is exact: floating inputs on the adapter's device, no autocast."""
+    """Where the fused update is exact: floating inputs on the adapter's device, no autocast; not inside
+    torch.compile, which traces the plain modules and plans their memory itself."""
     if not (x.is_floating_point() and weight_a.is_floating_point()) or x.device != weight_a.device:
+        return False
+    if torch.compiler.is_compiling():
         return False
     if x.dim() < 1 or x.shape[-1] != weight_a.shape[1]:
         return False
-    return not torch.is_autocast_enabled(x.device.type)
+    # meta tensors (peftrun estimate) have no autocast state to ask about
+    return x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type)

@@ -7,8 +7,8 @@ The virtual tokens come out of a small prompt encoder applied to n learned input
 
 with h = encoder_hidden_size (default: the model's width). The reparameterisation smooths and couples the
 virtual tokens during training; afterwards only its output P is needed, so the checkpoint holds
-`prompt_embeddings` = P (as peft saves it) and a loaded adapter uses P as a fixed table (so a run that
-trained the encoder cannot resume from a checkpoint; peftrun says so at the first step).
+`prompt_embeddings` = P (as peft saves it) and a loaded adapter uses P as a fixed table. Resume
+checkpoints keep the encoder itself as well (trainable.safetensors), so an interrupted run carries on exactly.
 The MLP always has the three layers above (encoder_num_layers applies to the LSTM only, as in peft).
 """
 
@@ -96,13 +96,13 @@ def apply(peft_model, config: PromptEncoderConfig, adapter_name: str) -> None:
 
 
 def after_step(peft_model, name: str, step: int, total_steps: int) -> None:
-    """Refuse to train on once a checkpoint has replaced the encoder by its output table (a resumed run):
-    the optimizer would keep stepping a head that no longer computes anything."""
+    """Refuse to train an adapter loaded from peft's format, which replaced the encoder by its output
+    table: the optimizer would keep stepping a head that no longer computes anything."""
     if peft_model.prompt_encoders[name].head_dropped:
         raise PeftrunError(
-            "a p_tuning checkpoint holds the prompt encoder's output (peft's format), not the encoder, so its "
-            "training cannot be resumed",
-            hint="start a new run (or use prompt_tuning, whose checkpoints hold all that trains)",
+            "this p_tuning adapter was loaded from peft's format, which holds the prompt encoder's output, not "
+            "the encoder: it cannot train further",
+            hint="continue an interrupted run with --resume (peftrun's checkpoints keep the encoder)",
         )
 
 

@@ -304,16 +304,15 @@ def load_state(peft_model, name: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def after_step(peft_model, name: str, step: int, total_steps: int) -> None:
-    """Refuse to train on after a checkpoint replaced the reparameterisation MLP by its output table.
-
-    The optimizer would keep updating the MLP, which no longer computes anything: training would silently stop.
+    """Refuse to train an adapter loaded from peft's format, which replaced the reparameterisation MLP by
+    its output table: the optimizer would keep updating an MLP that no longer computes anything.
     """
     if peft_model.prompt_encoders[name].projection_dropped:
         raise PeftrunError(
-            "a prefix_projection checkpoint holds the MLP's output (peft's format), not the MLP, so its training "
-            "cannot be resumed",
+            "this prefix_projection adapter was loaded from peft's format, which holds the MLP's output, not the "
+            "MLP: it cannot train further",
             where="method.prefix_projection",
-            hint="start a new run, or train with prefix_projection: false, whose checkpoints hold all that trains",
+            hint="continue an interrupted run with --resume (peftrun's checkpoints keep the MLP)",
         )
 
 

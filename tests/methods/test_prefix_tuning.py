@@ -183,12 +183,12 @@ def test_a_table_of_the_wrong_shape_is_refused(tmp_path):
         ours.load_adapter_state_dict(state)
 
 
-def test_resuming_a_projection_run_is_refused_not_silently_frozen():
+def test_training_a_loaded_projection_table_is_refused_not_silently_frozen():
     ours = _ours("gpt2", "CAUSAL_LM", True)
     method = get_method("prefix_tuning")
     method.after_step(ours, "default", 1, 10)  # a fresh run trains its MLP
-    ours.load_adapter_state_dict(ours.adapter_state_dict())  # what a resumed run does first
-    with pytest.raises(PeftrunError, match="cannot be resumed"):
+    ours.load_adapter_state_dict(ours.adapter_state_dict())  # peft's format: the MLP's output only
+    with pytest.raises(PeftrunError, match="cannot train further"):
         method.after_step(ours, "default", 2, 10)
 
 
