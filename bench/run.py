@@ -261,6 +261,8 @@ def e2e_once(impl: str, data: Path, out: Path, args) -> dict:
         ]
         if args.tiny:
             cmd += ["--set", "data.max_train_samples=64", "--set", "training.num_epochs=1"]
+        elif args.e2e_train_samples:
+            cmd += ["--set", f"data.max_train_samples={args.e2e_train_samples}"]
     else:
         cmd = [
             sys.executable,
@@ -274,6 +276,8 @@ def e2e_once(impl: str, data: Path, out: Path, args) -> dict:
         ]
         if args.tiny:
             cmd += ["--max-train-samples", "64", "--epochs", "1"]
+        elif args.e2e_train_samples:
+            cmd += ["--max-train-samples", str(args.e2e_train_samples)]
     with tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(args.threads), stdout=so, stderr=se, text=True)
@@ -488,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-e2e", action="store_true", help="skip the SST-2 end-to-end comparison")
     parser.add_argument("--e2e-rounds", type=int, default=1)
+    parser.add_argument(
+        "--e2e-train-samples", type=int, default=None, help="SST-2 training rows (default: the recipe's)"
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny models: a smoke run of the code paths")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per process")
     parser.add_argument("--out-dir", default=str(HERE))

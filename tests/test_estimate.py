@@ -122,7 +122,10 @@ def measure(name: str, task: str, method: str, batch: int, seq: int) -> dict:
     """Peak RSS of 2 training steps in a fresh process. glibc's malloc would keep freed activations in its
     heap (its mmap threshold grows as blocks are freed); a fixed threshold returns them, as CUDA's allocator
     statistics (memory_allocated) do for the seed's GPU figures."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    # a clean environment: nothing an earlier test or the caller's shell set reaches the measured process
+    keep = ("PATH", "HOME", "TMPDIR", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(PYTHONPATH=str(REPO), MALLOC_MMAP_THRESHOLD_="65536", TOKENIZERS_PARALLELISM="false")
     cmd = [
         sys.executable,
         str(REPO / "tests" / "memory_probe.py"),
