@@ -404,26 +404,26 @@ def load_whole_adapter(accelerator, model, peft_model, name: str, state: dict) -
         peft_model.load_adapter_state_dict(state, name)
 
 
+def _trainable(peft_model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
 def whole_trainable(accelerator, model, peft_model) -> dict[str, torch.Tensor]:
     """Every trainable parameter by name, whole, as CPU copies (a collective: all ranks call it)."""
-
-    def params():
-        return {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-
     version = fsdp_version(accelerator)
     if version == 1:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=True):
-            return {n: p.detach().cpu().clone() for n, p in params().items()}
+            return {n: p.detach().cpu().clone() for n, p in _trainable(peft_model).items()}
     if version == 2:
         from torch.distributed.tensor import DTensor
 
         return {
             n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
-            for n, p in params().items()
+            for n, p in _trainable(peft_model).items()
         }
-    own = params()
+    own = _trainable(peft_model)
     with gathered(own.values(), enabled=zero3(accelerator)):
         return {n: p.detach().cpu().clone() for n, p in own.items()}
 
@@ -432,21 +432,17 @@ def whole_trainable(accelerator, model, peft_model) -> dict[str, torch.Tensor]:
 def load_whole_trainable(accelerator, model, peft_model, tensors: dict[str, torch.Tensor], check) -> None:
     """Copy whole tensors (as `whole_trainable` gave them) into the trainable parameters, sharding them again
     where training does. `check(params)` sees the parameters first and raises on a mismatch."""
-
-    def params():
-        return {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-
     version = fsdp_version(accelerator)
     if version == 1:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         with FullyShardedDataParallel.summon_full_params(model, writeback=True, recurse=True):
-            own = params()
+            own = _trainable(peft_model)
             check(own)
             for n, p in own.items():
                 p.copy_(tensors[n])
         return
-    own = params()
+    own = _trainable(peft_model)
     if version == 2:
         from torch.distributed.tensor import DTensor, distribute_tensor
 
