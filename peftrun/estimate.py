@@ -235,7 +235,11 @@ def estimate(
     base = build(DTYPES[m.dtype])
     adapted = wrap(base, task, recipe.method.name, recipe.method_config)
     adapted.train()
-    a_method = saved_activation_bytes(adapted, inputs, m.gradient_checkpointing)
+    adapted.chunked_loss = recipe.training.chunked_loss
+    a_method = a_zero3 = saved_activation_bytes(adapted, inputs, m.gradient_checkpointing)
+    if adapted.chunked_loss and task == "CAUSAL_LM":
+        adapted.chunked_loss = False  # ZeRO-3 partitions the output head, which keeps transformers' loss
+        a_zero3 = saved_activation_bytes(adapted, inputs, m.gradient_checkpointing)
     w_method, n_method, n_t = weight_bytes(adapted)
 
     method = recipe.method.name
@@ -243,7 +247,7 @@ def estimate(
     est.rows = [
         _plain_row("full fine-tuning", w_full, n, a_full, baseline),
         _plain_row(method, w_method, n_t, a_method, baseline),
-        _zero3_row(f"{method} + ZeRO-3 CPU offload", w_method, n_method, n_t, a_method, baseline, ranks),
+        _zero3_row(f"{method} + ZeRO-3 CPU offload", w_method, n_method, n_t, a_zero3, baseline, ranks),
     ]
     est.device_gb = device_gb
     if device_gb is not None:

@@ -252,8 +252,8 @@ def _saved_activation_bytes(model_fn) -> int:
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_q_and_v_keep_one_copy_of_their_input(p):
-    """q and v read the same x: the fast path keeps x once and h (r×N) each; the plain path keeps x's cast
-    and dropped-out copies and masks per layer."""
+    """q and v read the same x: the fast path keeps x once, and h (r×N) and with dropout the mask (one byte
+    an element) each; the plain path keeps x's cast and dropped-out copies and masks per layer."""
     n_tokens, hidden, r = 64, 48, 4
     q, v = nn.Linear(hidden, hidden).requires_grad_(False), nn.Linear(hidden, 16).requires_grad_(False)
     x = torch.randn(n_tokens, hidden, requires_grad=True)
@@ -262,7 +262,8 @@ def test_q_and_v_keep_one_copy_of_their_input(p):
         lq, lv = _layer(q, p, fast).train(), _layer(v, p, fast).train()
         saved[fast] = _saved_activation_bytes(lambda lq=lq, lv=lv: (lq(x) + lv(x).sum()).sum())
     x_bytes = n_tokens * hidden * 4
-    assert saved[True] == x_bytes + 2 * r * n_tokens * 4
+    mask_bytes = n_tokens * hidden if p else 0
+    assert saved[True] == x_bytes + 2 * r * n_tokens * 4 + 2 * mask_bytes
     if p:
         assert saved[False] >= 2 * x_bytes + 2 * n_tokens * hidden  # dropped-out copies and bool masks
 

@@ -10,11 +10,13 @@ mask), so q, k and v reading the same x keep three copies and three masks. The b
     ∂L/∂B = s · g h^T,   ∂L/∂A = s · (B^T g) (m ⊙ x)^T / (1 - p),   ∂L/∂x += s · m ⊙ (A^T B^T g) / (1 - p),
 
 with g = ∂L/∂y and h = A (m ⊙ x) / (1 - p) (rank r: small). So this function saves x itself (one tensor,
-shared by every adapter that reads it), h, and two integers from which the mask is regenerated.
+shared by every adapter that reads it), h, and m as one byte an element (a quarter of an fp32 x).
 
-The mask comes from a counter-based hash of (key, element index) in int32 tensor ops, an order of magnitude
-cheaper than drawing Bernoulli variables from the global generator on CPU; the keys are drawn from torch's
-default generator, so `torch.manual_seed` makes runs repeatable. The keep probability is exact to 2^-24.
+The mask comes from a counter-based hash of (key, element index) in int32 tensor ops, cheaper than drawing
+Bernoulli variables from the global generator on CPU; the keys are drawn from torch's default generator, so
+`torch.manual_seed` makes runs repeatable. The keep probability is exact to 2^-24. The hash's ~13 int32
+passes cost about half of a 384x384 matmul on CPU, which is why the backward reads the kept bytes (two
+cheap passes) rather than hashing again.
 Every matmul is laid out so that the large operand is read along its rows (the skinny (N×r)·(r×D) shapes
 are 4-5x slower on CPU in the other layout).
 """
@@ -52,10 +54,16 @@ def _int32(values: torch.Tensor) -> torch.Tensor:
 
 
 def dropout_multiplier(rows: int, cols: int, p: float, keys: tuple[int, int], device=None) -> torch.Tensor:
-    """A (rows, cols) float32 tensor of 0 and 1/(1-p), a pure function of (p, keys, shape).
+    """A (rows, cols) float32 tensor of 0 and 1/(1-p), a pure function of (p, keys, shape)."""
+    return _multiplier(dropout_keep(rows, cols, p, keys, device), p)
+
+
+def dropout_keep(rows: int, cols: int, p: float, keys: tuple[int, int], device=None) -> torch.Tensor:
+    """A (rows, cols) int32 tensor: -1 (all bits set) where the element is kept, 0 where it is dropped.
 
     For element c = i·cols + j, all mod 2^32: h = c·k1 + k2, then lowbias32's rounds h ^= h >>> 16,
-    h *= M1, h ^= h >>> 15, h *= M2; kept when the top 24 bits of h are below (1-p)·2^24. c·k1 + k2 is built as a broadcast sum of a row and a column vector.
+    h *= M1, h ^= h >>> 15, h *= M2; kept when the top 24 bits of h are below (1-p)·2^24. c·k1 + k2 is
+    built as a broadcast sum of a row and a column vector.
     """
     k1, k2 = keys
     rows_part = _int32(torch.arange(rows, dtype=torch.int64, device=device) * (cols * k1) + k2)
@@ -68,11 +76,16 @@ def dropout_multiplier(rows: int, cols: int, p: float, keys: tuple[int, int], de
     torch.bitwise_right_shift(h, 15, out=t)
     h.bitwise_xor_(t.bitwise_and_(0x1FFFF)).mul_(_M2)
     torch.bitwise_right_shift(h, 8, out=t)
-    # t < T  <=>  (t - T) < 0: an arithmetic shift by 31 turns that into all-ones, which selects the
-    # bit pattern of the float 1/(1-p); no overflow since |t - T| < 2^24.
-    t.sub_(keep_threshold(p)).bitwise_right_shift_(31)
+    # t < T  <=>  (t - T) < 0: an arithmetic shift by 31 turns that into all-ones; no overflow since
+    # |t - T| < 2^24.
+    return t.sub_(keep_threshold(p)).bitwise_right_shift_(31)
+
+
+def _multiplier(keep: torch.Tensor, p: float) -> torch.Tensor:
+    """dropout_keep's -1/0 (int32, overwritten) as the float32 multiplier 1/(1-p) or 0: all-ones bits
+    select the bit pattern of the float 1/(1-p)."""
     scale_bits = torch.tensor([1.0 / (1.0 - p)], dtype=torch.float32).view(torch.int32).item()
-    return t.bitwise_and_(scale_bits).view(torch.float32)
+    return keep.bitwise_and_(scale_bits).view(torch.float32)
 
 
 def reference_multiplier(index: int, p: float, keys: tuple[int, int]) -> float:
@@ -91,9 +104,25 @@ def reference_multiplier(index: int, p: float, keys: tuple[int, int]) -> float:
 
 def _mask(p: float, keys, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """The multiplier for x2's shape, or None without dropout."""
+    return _mask_and_bytes(p, keys, x2, dtype)[0]
+
+
+def _mask_and_bytes(p: float, keys, x2: torch.Tensor, dtype: torch.dtype):
+    """(the multiplier, the same mask as int8 1/0 for the backward), or (None, None) without dropout."""
     if p == 0.0 or keys is None:
+        return None, None
+    keep = dropout_keep(x2.shape[0], x2.shape[1], p, keys, x2.device)
+    kept = keep.to(torch.int8).neg_()  # 1 byte an element: a quarter of regenerating it in the backward
+    mult = _multiplier(keep, p)
+    return (mult if mult.dtype == dtype else mult.to(dtype)), kept
+
+
+def _mask_from_bytes(kept: torch.Tensor | None, p: float, dtype: torch.dtype) -> torch.Tensor | None:
+    """The forward's multiplier again from its int8 copy: 1 · float32(1/(1-p)) is the same float."""
+    if kept is None:
         return None
-    mult = dropout_multiplier(x2.shape[0], x2.shape[1], p, keys, x2.device)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    mult = kept.to(torch.float32).mul_(scale)
     return mult if mult.dtype == dtype else mult.to(dtype)
 
 
@@ -103,18 +132,19 @@ def _dropped(x2: torch.Tensor, dtype: torch.dtype, mult: torch.Tensor | None) ->
     return xc if mult is None else xc * mult
 
 
-def _low_rank(ctx, x2, weight_a, p, keys) -> torch.Tensor:
-    """h^T = A drop(x) (r×N), remembering what the backward needs to rebuild drop(x)."""
-    ctx.p, ctx.keys = p, keys
-    return weight_a @ _dropped(x2, weight_a.dtype, _mask(p, keys, x2, weight_a.dtype)).t()
+def _low_rank(ctx, x2, weight_a, p, keys) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """h^T = A drop(x) (r×N), and the mask as int8 for the backward to rebuild drop(x)."""
+    ctx.p = p
+    mult, kept = _mask_and_bytes(p, keys, x2, weight_a.dtype)
+    return weight_a @ _dropped(x2, weight_a.dtype, mult).t(), kept
 
 
-def _adapter_grads(ctx, g2, x, h_t, weight_a, weight_b, ia: int):
+def _adapter_grads(ctx, g2, x, h_t, kept, weight_a, weight_b, ia: int):
     """s · B^T g (r×N), ∂L/∂A, ∂L/∂B and the mask; A and B are the function's inputs ia and ia + 1."""
     s = ctx.scaling
     gb_t = (weight_b.t() @ g2.t()).mul_(s)  # (r, N)
     x2 = x.reshape(-1, x.shape[-1])
-    mult = _mask(ctx.p, ctx.keys, x2, weight_a.dtype)
+    mult = _mask_from_bytes(kept, ctx.p, weight_a.dtype)
     grad_a = grad_b = None
     if ctx.needs_input_grad[ia]:
         grad_a = gb_t @ _dropped(x2, weight_a.dtype, mult)
@@ -135,17 +165,17 @@ class LoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, weight_a, weight_b, scaling, p, keys):
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-        h_t = _low_rank(ctx, x2, weight_a, p, keys)
+        h_t, kept = _low_rank(ctx, x2, weight_a, p, keys)
         y.addmm_(h_t.t(), weight_b.t(), alpha=scaling)
-        ctx.save_for_backward(x, h_t, weight, weight_a, weight_b)
+        ctx.save_for_backward(x, h_t, kept, weight, weight_a, weight_b)
         ctx.scaling = scaling
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, h_t, weight, weight_a, weight_b = ctx.saved_tensors
+        x, h_t, kept, weight, weight_a, weight_b = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        gb_t, grad_a, grad_b, mult = _adapter_grads(ctx, g2, x, h_t, weight_a, weight_b, ia=3)
+        gb_t, grad_a, grad_b, mult = _adapter_grads(ctx, g2, x, h_t, kept, weight_a, weight_b, ia=3)
         grad_x = None
         if ctx.needs_input_grad[0]:
             if mult is None:
@@ -161,17 +191,17 @@ class LoraUpdate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, result, weight_a, weight_b, scaling, p, keys):
-        h_t = _low_rank(ctx, x.reshape(-1, x.shape[-1]), weight_a, p, keys)
+        h_t, kept = _low_rank(ctx, x.reshape(-1, x.shape[-1]), weight_a, p, keys)
         out = _add_update(result, h_t, weight_b, scaling)
-        ctx.save_for_backward(x, h_t, weight_a, weight_b)
+        ctx.save_for_backward(x, h_t, kept, weight_a, weight_b)
         ctx.scaling = scaling
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, h_t, weight_a, weight_b = ctx.saved_tensors
+        x, h_t, kept, weight_a, weight_b = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(weight_b.dtype)
-        gb_t, grad_a, grad_b, mult = _adapter_grads(ctx, g2, x, h_t, weight_a, weight_b, ia=2)
+        gb_t, grad_a, grad_b, mult = _adapter_grads(ctx, g2, x, h_t, kept, weight_a, weight_b, ia=2)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = gb_t.t() @ weight_a  # (N, in)
