@@ -9,7 +9,7 @@ import torch
 from conftest import REPO
 from helpers import assert_merge_refused, recipe_model
 from safetensors.torch import load_file
-from tiny import tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_model, train_losses
 
 from peftrun.adapted import wrap
 from peftrun.checkpoint import config_from_peft, read_adapter, save_adapter
@@ -132,15 +132,7 @@ def test_training_opens_the_gates_lowers_the_loss_and_leaves_the_base_alone():
     batch["labels"] = batch["input_ids"].clone()
     trainable = {n: p for n, p in ours.named_parameters() if p.requires_grad}
     assert len(trainable) == 4 and all(".adaption_prompt." in n or ".adaption_gate." in n for n in trainable)
-    optimizer = torch.optim.AdamW(trainable.values(), lr=5e-2)
-    ours.train()
-    losses = []
-    for _ in range(10):
-        loss = ours(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(ours, batch, lr=5e-2, steps=10)
     assert losses[-1] < losses[0] - 0.05, losses
     gates = [p.item() for n, p in trainable.items() if "adaption_gate" in n]
     assert all(abs(g) > 1e-3 for g in gates), gates

@@ -17,7 +17,7 @@ import torch
 from conftest import REPO
 from helpers import assert_merge_refused, recipe_model
 from safetensors.torch import load_file
-from tiny import tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_model, train_losses
 
 from peftrun.adapted import wrap
 from peftrun.checkpoint import config_from_peft, read_adapter, save_adapter
@@ -275,15 +275,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_alone(arch, task, projecti
         for n, p in ours.named_parameters()
         if p.requires_grad
     )
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    ours.train()
-    losses = []
-    for _ in range(8):
-        loss = ours(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(ours, batch, lr=1e-2, steps=8)
     assert losses[-1] < losses[0] - 0.05, losses
     after = ours.model.state_dict()
     assert all(torch.equal(base_before[k], after[k]) for k in base_before)
