@@ -56,10 +56,11 @@ def tiny_batch(model, task_type: str, batch: int = 2, length: int = 7, seed: int
     return out
 
 
-def train_losses(model, batch: dict, lr: float, steps: int) -> list[float]:
-    """`steps` AdamW steps on one batch, in train mode, over every trainable parameter: each step's loss."""
+def train_losses(model, batch: dict, lr: float, steps: int, train: bool = True) -> list[float]:
+    """`steps` AdamW steps on one batch over every trainable parameter: each step's loss. In train mode,
+    or with `train=False` in eval mode (no dropout: a clean loss curve)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
+    model.train(train)
     losses = []
     for _ in range(steps):
         loss = model(**batch).loss
