@@ -222,9 +222,10 @@ def prepare(model, spec: ModelSpec, config: str):
         return model, None
     impl, dropout = lora_params(config.replace("-plain", "-lora"))
     model = apply_lora(model, spec, impl, dropout)
-    if "-plain-" in config:  # peftrun's plain modules, without the fused function
+    if "-plain-" in config:  # peftrun's plain modules, without the fused function or the chunked loss
         from peftrun.methods.lora import LoraLayer
 
+        model.chunked_loss = False
         for module in model.modules():
             if isinstance(module, LoraLayer):
                 module.fast_path = False

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftrun import lm_loss
 from peftrun.errors import PeftrunError
 from peftrun.methods import Method, MethodConfig, get_method
 from peftrun.methods.layers import AdapterLayer, ModulesToSave
@@ -28,6 +29,7 @@ class PeftrunModel(nn.Module):
         self.active_adapter: str | None = None
         self.adapter_folders: dict[str, Path] = {}  # where each adapter loaded with load_adapter came from
         self._disabled = False
+        self.chunked_loss = True  # a causal LM's training loss without the full logits (lm_loss), where exact
 
     # -- adapters ------------------------------------------------------------------------------
     def add_adapter(self, name: str, method: str | Method, config: MethodConfig) -> None:
@@ -136,6 +138,12 @@ class PeftrunModel(nn.Module):
     def forward(self, *args, **kwargs):
         if self.active_adapter and self.method.forward and not self._disabled:
             return self.method.forward(self, self.active_adapter, *args, **kwargs)
+        return self.run_base(*args, **kwargs)
+
+    def run_base(self, *args, **kwargs):
+        """The base model's forward; a causal LM's training loss in chunks (peftrun.lm_loss) where it applies."""
+        if self.chunked_loss and self.task_type == "CAUSAL_LM" and lm_loss.applies(self.model, kwargs):
+            return lm_loss.causal_lm_forward(self.model, *args, **kwargs)
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):

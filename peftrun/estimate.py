@@ -28,7 +28,8 @@ for host memory (deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_n
 master copy of the trainable weights that DeepSpeed's optimizer partition holds.
 
 Where it errs: transients are left out (the attention-score gradient during backward, the loss's fp32
-copy of the logits, allocator fragmentation), so plain figures run a few percent low on small models;
+copy of the logits, allocator fragmentation), so plain figures run a few percent low on small models
+(the method rows of a causal LM count peftrun's chunked loss, peftrun.lm_loss, which keeps no logits);
 activations are counted in the weights' dtype even under autocast mixed precision (an over-count up to
 2x for A), and autocast's cached half-precision copy of trainable weights (2·N_t) is not counted;
 FlashAttention/SDPA kernels save less than the eager attention counted on the meta device; the ZeRO-3

@@ -151,6 +151,8 @@ class TrainingSection(Section):
     num_workers: int = Field(default=0, ge=0)
     # torch.compile of the base model's forward: true (inductor) or a backend name; the first steps compile.
     compile: bool | Literal["inductor", "aot_eager", "eager"] = False
+    # a causal LM's loss in chunks, never holding the batch's full logits (peftrun/lm_loss.py)
+    chunked_loss: bool = True
     progress_bar: bool = True
 
 

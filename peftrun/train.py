@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
 from peftrun.adapted import PeftrunModel, wrap
@@ -164,6 +165,8 @@ def train(recipe, *, resume: bool = False) -> dict[str, Any]:
     )
     peft_model = accelerator.unwrap_model(model)
     adapter, method = peft_model.active_adapter, peft_model.method
+    # the chunked loss reads the output head whole: not under FSDP, which shards it (lm_loss sees ZeRO-3's)
+    peft_model.chunked_loss = cfg.chunked_loss and accelerator.distributed_type != DistributedType.FSDP
     sharding = shard_line(accelerator, model)
     if sharding:
         accelerator.print(sharding)

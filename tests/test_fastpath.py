@@ -308,6 +308,7 @@ def test_fast_path_learns_like_peft():
     )
     ours.load_adapter_state_dict(get_peft_model_state_dict(theirs))
     assert all(m.fast_path for m in ours.modules() if isinstance(m, LoraLayer))
+    ours.chunked_loss = False  # transformers' loss, as peft's; tests/test_lm_loss.py holds the chunked one
     batch = tiny_batch(ours.model, "CAUSAL_LM", batch=4, length=16)
     batch["labels"] = batch["input_ids"]
     curves = [train_losses(model, batch, lr=3e-2, steps=20) for model in (ours, theirs)]

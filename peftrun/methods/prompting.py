@@ -290,7 +290,7 @@ def forward(
             inputs_embeds, attention_mask, positions = _left_align(inputs_embeds, attention_mask)
             if _accepts(model, "position_ids"):
                 kwargs["position_ids"] = positions
-    return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+    return peft_model.run_base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
 
 def _seq2seq_forward(peft_model, encoder, prompts, inputs_embeds, attention_mask, labels, kwargs):

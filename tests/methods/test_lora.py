@@ -156,8 +156,9 @@ def test_lora_learns_like_peft_and_base_stays_frozen(extra, monkeypatch):
 
     from peftrun.methods.lora import LoraLayer
 
-    # the plain path runs peft's operations in peft's order, so 20 steps at lr 3e-2 agree to 1e-4; the fused
-    # path rounds differently (<= 1e-5 a step) and is held to the same curve in tests/test_fastpath.py
+    # the plain path (plain modules, transformers' loss) runs peft's operations in peft's order, so 20 steps
+    # at lr 3e-2 agree to 1e-4; the fused path rounds differently (<= 1e-5 a step) and is held to the same
+    # curve in tests/test_fastpath.py, the chunked loss step by step in tests/test_lm_loss.py
     monkeypatch.setattr(LoraLayer, "fast_path", False)
 
     theirs = peft.get_peft_model(
@@ -167,6 +168,7 @@ def test_lora_learns_like_peft_and_base_stays_frozen(extra, monkeypatch):
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", **extra)
     ours = wrap(tiny_model("llama", "CAUSAL_LM"), "CAUSAL_LM", "lora", config)
     ours.load_adapter_state_dict(get_peft_model_state_dict(theirs))
+    ours.chunked_loss = False
     frozen = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
     batch = tiny_batch(ours.model, "CAUSAL_LM", batch=4, length=16)
     batch["labels"] = batch["input_ids"]

@@ -1,0 +1,154 @@
+"""The causal-LM training loss in chunks, without the batch's full logits.
+
+transformers computes a causal LM's loss as
+
+    logits = h W^T + b                                  (N x V, then upcast to fp32)
+    loss   = (1/D) * sum_{t: y_t != -100} [ logsumexp(logits_t) - logits_t[y_t] ]
+
+with y the labels shifted one to the left and D the number of counted tokens (or `num_items_in_batch`).
+Autograd then keeps the N x V logits, their log-softmax and, in the backward, their gradient: for a
+SmolLM2-sized vocabulary (49,152) and a 4 x 256 batch that is 192 MiB each, more than all the activations
+LoRA adds. Here the same sum runs over chunks of counted tokens only. Because the loss is the last thing
+in the graph, each chunk's gradient is known at once,
+
+    dloss/dlogits_t = (softmax(logits_t) - onehot(y_t)) / D,
+    dloss/dh_t      = (dloss/dlogits_t) W,     dloss/dW += (dloss/dlogits_t)^T h_t,   dloss/db += sum_t ...
+
+so the forward writes dloss/dh (the size of h) and keeps no logits; the backward only scales it by the
+incoming gradient. Rows whose label is -100 (prompt tokens, padding, each sequence's last position) cost
+nothing. The result equals transformers' loss and gradients up to the order of fp32 sums.
+
+It applies while training (grad enabled, model in train mode) a causal LM whose forward is exactly
+`lm_head(hidden)` then transformers' causal-LM loss, with a plain unsharded `nn.Linear` head; elsewhere
+(eval, generation, ZeRO-3/FSDP-sharded heads, torch.compile, heads with soft-capping or logit scales)
+the model runs as it is. The output then carries the loss and no logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+# causal LMs whose forward is `logits = lm_head(last hidden state)` and whose loss is transformers'
+# ForCausalLM loss, each checked against transformers in tests/test_lm_loss.py
+MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "gpt2", "bloom", "opt", "gpt_neox", "phi"})
+# config fields that change the logits after the head; a model that sets any keeps transformers' loss
+_LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits")
+CHUNK_ELEMENTS = 1 << 23  # logits of one chunk: 8M fp32 values (32 MiB)
+
+
+def applies(model: nn.Module, kwargs: dict) -> bool:
+    """Whether `model(**kwargs)` may take its loss from `causal_lm_forward` (see the module docstring)."""
+    if kwargs.get("labels") is None or not model.training or not torch.is_grad_enabled():
+        return False
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in MODEL_TYPES:
+        return False
+    if any(getattr(config, field, None) for field in _LOGIT_CHANGES):
+        return False
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        return False
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return False
+    # ZeRO-3 partitions a parameter in place (ds_id); FSDP2 turns it into a DTensor
+    return all(type(p) in (torch.Tensor, nn.Parameter) and not hasattr(p, "ds_id") for p in head.parameters())
+
+
+def causal_lm_forward(model: nn.Module, *args, labels: torch.Tensor, **kwargs):
+    """`model(*args, labels=labels, **kwargs)` with the loss from `chunked_loss`; the output has no logits."""
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
+    head = model.get_output_embeddings()
+    seen: list[torch.Tensor] = []
+
+    def keep_hidden(module, inputs):
+        seen.append(inputs[0])
+        return (inputs[0][..., :0, :],)  # the head then computes no logits at all
+
+    handle = head.register_forward_pre_hook(keep_hidden)
+    try:
+        out = model(*args, **kwargs)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise RuntimeError(
+            f"the output head ran {len(seen)} times in one forward"
+        )  # a model this does not fit
+    hidden = seen[0]
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    out.loss = chunked_loss(hidden, head, shift_labels.to(hidden.device), num_items, ignore_index)
+    out.logits = None
+    return out
+
+
+def chunked_loss(
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    targets: torch.Tensor,
+    num_items: torch.Tensor | int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Mean (or sum / num_items) cross-entropy of `head(hidden)` against `targets`, chunk by chunk."""
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    if hidden.is_meta:  # `peftrun estimate`: every row counted, the most this can keep
+        rows = torch.arange(targets.numel(), device=hidden.device)
+    else:
+        rows = (targets != ignore_index).nonzero().squeeze(1)
+    if num_items is None or hidden.is_meta:
+        denominator = float(max(rows.numel(), 1))
+    else:
+        denominator = float(num_items.item() if torch.is_tensor(num_items) else num_items)
+    chunk = max(1, CHUNK_ELEMENTS // head.out_features)
+    loss = _ChunkedCrossEntropy.apply(hidden2d, head.weight, head.bias, targets, rows, denominator, chunk)
+    return loss
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows, denominator, chunk):
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows.numel(), chunk):
+            idx = rows[start : start + chunk]
+            h = hidden.index_select(0, idx)
+            y = targets.index_select(0, idx)
+            logits = nn.functional.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None and grad_bias is None:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            grad[torch.arange(idx.numel(), device=grad.device), y] -= 1.0
+            grad.div_(denominator)
+            grad_low = grad.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden.index_copy_(0, idx, grad_low @ weight.to(h.dtype))
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_low.T.float(), h.float())
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight, grad_bias) if t is not None))
+        ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if has else None for has in ctx.has]
+        grad_hidden, grad_weight, grad_bias = grads
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.dtypes[0])
+        if grad_bias is not None:
+            grad_bias = (grad_bias * grad_loss).to(ctx.dtypes[1])
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None

@@ -1,0 +1,221 @@
+"""The chunked causal-LM loss (peftrun.lm_loss) equals transformers' loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from peftrun import lm_loss
+from peftrun.adapted import wrap
+from peftrun.methods.lora import LoraConfig
+from tests.tiny import ARCH_CONFIGS
+
+EXTRA_CONFIGS = {
+    "mistral": dict(
+        model_type="mistral",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    ),
+    "opt": dict(
+        model_type="opt",
+        vocab_size=128,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=16,
+        pad_token_id=1,
+    ),
+    "gpt_neox": dict(
+        model_type="gpt_neox",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    ),
+    "phi": dict(
+        model_type="phi",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    ),
+}
+
+
+def causal_lm(model_type: str, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = {**ARCH_CONFIGS, **EXTRA_CONFIGS}[model_type]
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec), attn_implementation="eager").float()
+
+
+def lora_model(model_type: str):
+    model = wrap(
+        causal_lm(model_type), "CAUSAL_LM", "lora", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
+    with torch.no_grad():  # B away from zero, so that the gradients of A are not all zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model.train()
+
+
+def batch(prompt_masked: bool = True, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 128, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # a padded row
+    labels = ids.masked_fill(mask == 0, -100)
+    if prompt_masked:
+        labels[:, :4] = -100  # the prompt part is not trained on
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def loss_and_grads(model, inputs, chunked: bool):
+    model.chunked_loss = chunked
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # the same dropout masks in both runs (gpt2, opt and phi train with dropout)
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out, grads
+
+
+@pytest.mark.parametrize("model_type", sorted(lm_loss.MODEL_TYPES))
+def test_chunked_loss_equals_transformers_loss_and_gradients(model_type, monkeypatch):
+    assert model_type in {**ARCH_CONFIGS, **EXTRA_CONFIGS}, "every listed model type is checked here"
+    monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", 128 * 5)  # five rows a chunk: several chunks per batch
+    model = lora_model(model_type)
+    inputs = batch()
+    assert lm_loss.applies(model.model, inputs)
+    plain, plain_grads = loss_and_grads(model, inputs, chunked=False)
+    chunked, chunked_grads = loss_and_grads(model, inputs, chunked=True)
+    assert plain.logits is not None and chunked.logits is None  # the full logits are never built
+    assert abs(chunked.loss.item() - plain.loss.item()) <= 1e-6 * max(1.0, plain.loss.item())
+    assert plain_grads.keys() == chunked_grads.keys() and len(plain_grads) > 4
+    for name, grad in plain_grads.items():
+        assert grad.abs().max() > 0, name
+        assert (chunked_grads[name] - grad).abs().max().item() <= 1e-5, name
+
+
+def test_num_items_in_batch_and_unmasked_labels_match_transformers():
+    model = lora_model("llama")
+    inputs = {**batch(prompt_masked=False), "num_items_in_batch": torch.tensor(17)}
+    plain, plain_grads = loss_and_grads(model, inputs, chunked=False)
+    chunked, chunked_grads = loss_and_grads(model, inputs, chunked=True)
+    assert abs(chunked.loss.item() - plain.loss.item()) <= 1e-6 * plain.loss.item()
+    for name, grad in plain_grads.items():
+        assert (chunked_grads[name] - grad).abs().max().item() <= 1e-5, name
+
+
+def test_trainable_head_with_bias_gets_the_same_gradients():
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9))
+    targets[0, :3] = -100
+    reference = nn.functional.cross_entropy(
+        head(hidden).flatten(0, 1).float(), targets.flatten(), ignore_index=-100
+    )
+    ref = torch.autograd.grad(reference * 3.0, (hidden, head.weight, head.bias))
+    loss = lm_loss.chunked_loss(hidden, head, targets)
+    got = torch.autograd.grad(loss * 3.0, (hidden, head.weight, head.bias))
+    assert abs(loss.item() - reference.item()) <= 1e-6
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max().item() <= 1e-6
+
+
+def test_bf16_base_matches_transformers_in_bf16():
+    model = lora_model("llama")
+    model.model.to(torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # adapters stay fp32 over a bf16 base, as peftrun trains them
+    inputs = batch()
+    plain, plain_grads = loss_and_grads(model, inputs, chunked=False)
+    chunked, chunked_grads = loss_and_grads(model, inputs, chunked=True)
+    assert abs(chunked.loss.item() - plain.loss.item()) <= 2e-2
+    for name, grad in plain_grads.items():
+        scale = grad.abs().max().item()
+        assert (chunked_grads[name] - grad).abs().max().item() <= 2e-2 * scale, name
+
+
+def test_the_model_runs_as_it_is_where_the_chunked_loss_does_not_apply():
+    model = lora_model("llama")
+    inputs = batch()
+    model.eval()
+    assert model(**inputs).logits is not None  # eval: logits for metrics
+    model.train()
+    with torch.no_grad():
+        assert model(**inputs).logits is not None
+    assert model(input_ids=inputs["input_ids"]).loss is None  # no labels, no loss
+    assert not lm_loss.applies(model.model, {"labels": None})
+    softcapped = causal_lm("llama")
+    softcapped.config.final_logit_softcapping = 30.0
+    assert not lm_loss.applies(softcapped.train(), inputs)
+    seq_cls = wrap(causal_lm("llama"), "CAUSAL_LM", "lora", LoraConfig(r=4, modules_to_save=["lm_head"]))
+    assert not lm_loss.applies(
+        seq_cls.model.train(), inputs
+    )  # a trained copy of the head: not a plain Linear
+
+
+def test_prompt_tuning_takes_the_chunked_loss_too():
+    from peftrun.methods.prompt_tuning import PromptTuningConfig
+
+    model = wrap(
+        causal_lm("llama"), "CAUSAL_LM", "prompt_tuning", PromptTuningConfig(num_virtual_tokens=3)
+    ).train()
+    inputs = batch()
+    plain, plain_grads = loss_and_grads(model, inputs, chunked=False)
+    chunked, chunked_grads = loss_and_grads(model, inputs, chunked=True)
+    assert chunked.logits is None
+    assert abs(chunked.loss.item() - plain.loss.item()) <= 1e-6 * plain.loss.item()
+    for name, grad in plain_grads.items():
+        assert grad.abs().max() > 0
+        assert (chunked_grads[name] - grad).abs().max().item() <= 1e-5, name
+
+
+def test_every_step_of_a_training_run_matches_transformers():
+    """20 AdamW steps at lr 3e-2 (the curve of tests/test_fastpath.py): at each step both losses see the same
+    weights, so rounding does not compound; the run follows transformers' gradients and still learns."""
+    model = lora_model("llama")
+    model.model.config.attention_dropout = 0.0
+    inputs = batch()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(20):
+        chunked, chunked_grads = loss_and_grads(model, inputs, chunked=True)
+        plain, plain_grads = loss_and_grads(model, inputs, chunked=False)
+        assert abs(chunked.loss.item() - plain.loss.item()) <= 1e-6 * plain.loss.item()
+        for name, grad in plain_grads.items():
+            assert (chunked_grads[name] - grad).abs().max().item() <= 1e-5, name
+        opt.step()
+        losses.append(plain.loss.item())
+    assert losses[-1] < 0.95 * losses[0]
