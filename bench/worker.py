@@ -55,23 +55,15 @@ LLAMA_SHAPE = dict(
     eos_token_id=2,
     pad_token_id=2,
 )
+# the tiny encoder and decoder share one size: 2 layers of width 32, 4 heads, a 512-token vocabulary
+TINY_SIZE = dict(
+    vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+)
 TINY = {
-    "minilm": dict(
-        model_type="bert",
-        vocab_size=512,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=160,
-    ),
+    "minilm": dict(TINY_SIZE, model_type="bert", max_position_embeddings=160),
     "llama": dict(
+        TINY_SIZE,
         model_type="llama",
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=300,
         tie_word_embeddings=True,

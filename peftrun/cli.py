@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import traceback
@@ -220,7 +221,61 @@ TemplateOpt = Annotated[
     str, typer.Option("--template", help="auto (as the adapter trained, else the chat template), chat, alpaca, raw")
 ]
 SystemOpt = Annotated[str | None, typer.Option("--system", help="a system message for the chat template")]
-PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="accept .bin adapter weights")]
+
+# Flags generate and chat share, each group in --help order: (name, flag, default).
+DECODING = [  # gathered into one GenerationOptions; --max-new-tokens takes its default from the command
+    ("max_new_tokens", MaxNewOpt, None),
+    ("do_sample", SampleOpt, False),
+    ("temperature", TemperatureOpt, 1.0),
+    ("top_p", TopPOpt, 1.0),
+    ("top_k", TopKOpt, 50),
+    ("num_beams", BeamsOpt, 1),
+    ("repetition_penalty", RepetitionOpt, 1.0),
+    ("seed", SeedOpt, None),
+]
+LOADING = [  # how the base model loads: gathered into a dict for _load_for_generation
+    ("base", BaseOpt, None),
+    ("dtype", DtypeOpt, None),
+    ("device_map", DeviceMapOpt, None),
+    ("offload_folder", OffloadOpt, None),
+    ("allow_pickle", PickleOpt, False),
+]
+
+
+def _generation_options(**values):
+    from peftrun.generation import GenerationOptions
+
+    return GenerationOptions(**values)
+
+
+def flag_group(parameter: str, flags: list, gather=dict, **defaults):
+    """Put a group of shared flags where a command declares `parameter` (so --help lists them there) and call
+    the command with their values gathered into one object, `gather(**values)`, before its body runs.
+    `defaults` gives a flag this command's own default."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)  # Typer reads real annotations, not strings
+        defaults_here = {name: default for name, _, default in flags} | defaults
+        group = [
+            inspect.Parameter(
+                name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=flag, default=defaults_here[name]
+            )
+            for name, flag, _ in flags
+        ]
+        parameters = []
+        for each in signature.parameters.values():
+            parameters += group if each.name == parameter else [each]
+
+        @functools.wraps(command)
+        def with_group(**kwargs):
+            kwargs[parameter] = gather(**{name: kwargs.pop(name) for name, _, _ in flags})
+            return command(**kwargs)
+
+        with_group.__signature__ = signature.replace(parameters=parameters)
+        with_group.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": None}
+        return with_group
+
+    return decorate
 
 
 def _load_for_generation(adapter, use, no_adapter, base, dtype, device_map, offload_folder, allow_pickle):
@@ -263,6 +318,8 @@ def predict(
 
 @app.command()
 @user_errors
+@flag_group("options", DECODING, gather=_generation_options, max_new_tokens=128)
+@flag_group("loading", LOADING)
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="the prompt (or --input FILE, or piped stdin)")] = None,
     adapter: AdaptersOpt = None,
@@ -273,30 +330,15 @@ def generate(
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", help="also write the --input rows with answers here")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="rows per generate call with --input", min=1)] = 8,
-    max_new_tokens: MaxNewOpt = 128,
-    do_sample: SampleOpt = False,
-    temperature: TemperatureOpt = 1.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 50,
-    num_beams: BeamsOpt = 1,
-    repetition_penalty: RepetitionOpt = 1.0,
-    seed: SeedOpt = None,
+    options=None,  # the DECODING flags, as one GenerationOptions (see flag_group)
     template: TemplateOpt = "auto",
     system: SystemOpt = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="print tokens as they come")] = True,
-    base: BaseOpt = None,
-    dtype: DtypeOpt = None,
-    device_map: DeviceMapOpt = None,
-    offload_folder: OffloadOpt = None,
-    allow_pickle: PickleOpt = False,
+    loading=None,  # the LOADING flags, as a dict (see flag_group)
 ) -> None:
     """Generate with an adapter (or several: --adapter a=DIR --adapter b=DIR --use a) on its base model."""
-    from peftrun.generation import DEFAULT, GenerationOptions, answer, read_rows, write_rows
+    from peftrun.generation import DEFAULT, answer, read_rows, write_rows
 
-    options = GenerationOptions(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-        num_beams=num_beams, repetition_penalty=repetition_penalty, seed=seed,
-    )
     if prompt is not None and input_ is not None:
         raise PeftrunError("give a PROMPT or --input FILE, not both")
     if prompt is None and input_ is None:
@@ -304,7 +346,7 @@ def generate(
             raise PeftrunError("give a PROMPT, --input FILE, or pipe the prompt in")
         prompt = sys.stdin.read().strip()
     rows = read_rows(input_) if input_ is not None else None  # a wrong file fails before the model loads
-    model = _load_for_generation(adapter, use, no_adapter, base, dtype, device_map, offload_folder, allow_pickle)
+    model = _load_for_generation(adapter, use, no_adapter, **loading)
     default = None if no_adapter else DEFAULT
     if rows is not None:
         write_rows(model, rows, options, output, default=default, style=template, system=system, batch_size=batch_size)
@@ -330,34 +372,21 @@ def estimate(
 
 @app.command()
 @user_errors
+@flag_group("options", DECODING, gather=_generation_options, max_new_tokens=256)
+@flag_group("loading", LOADING)
 def chat(
     adapter: AdaptersOpt = None,
     use: UseOpt = None,
     no_adapter: NoAdapterOpt = False,
-    max_new_tokens: MaxNewOpt = 256,
-    do_sample: SampleOpt = False,
-    temperature: TemperatureOpt = 1.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 50,
-    num_beams: BeamsOpt = 1,
-    repetition_penalty: RepetitionOpt = 1.0,
-    seed: SeedOpt = None,
+    options=None,  # the DECODING flags, as one GenerationOptions (see flag_group)
     template: TemplateOpt = "auto",
     system: SystemOpt = None,
-    base: BaseOpt = None,
-    dtype: DtypeOpt = None,
-    device_map: DeviceMapOpt = None,
-    offload_folder: OffloadOpt = None,
-    allow_pickle: PickleOpt = False,
+    loading=None,  # the LOADING flags, as a dict (see flag_group)
 ) -> None:
     """Talk with an adapted model, a line at a time (/use NAME, /base, /reset, /exit; EOF ends)."""
-    from peftrun.generation import GenerationOptions, chat_loop
+    from peftrun.generation import chat_loop
 
-    options = GenerationOptions(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-        num_beams=num_beams, repetition_penalty=repetition_penalty, seed=seed,
-    )
-    model = _load_for_generation(adapter, use, no_adapter, base, dtype, device_map, offload_folder, allow_pickle)
+    model = _load_for_generation(adapter, use, no_adapter, **loading)
     adapter_name = None if no_adapter else model.active_adapter
     chat_loop(model, model.tokenizer, options, adapter=adapter_name, style=template, system=system)
 

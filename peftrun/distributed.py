@@ -351,56 +351,77 @@ def fsdp_version(accelerator) -> int:
 
 
 @contextlib.contextmanager
-def whole_adapter(accelerator, model, peft_model, name: str):
-    """Adapter `name`'s tensors whole, on every rank (a collective: all ranks must enter).
+def whole_tensors(accelerator, model, tensors_of):
+    """The tensors `tensors_of()` names, whole, on every rank (a collective: all ranks must enter).
 
     ZeRO-3 and FSDP leave each rank a slice of every weight: DeepSpeed's partitioned parameters are
     gathered in place; FSDP2's DTensors are all-gathered into full tensors (`full_tensor`); FSDP1's
-    flat parameters are summoned whole (`summon_full_params`, no write-back). `model`: the prepared model.
+    flat parameters are summoned whole (`summon_full_params`, no write-back), and `tensors_of` is called
+    inside, where its views are whole. `model`: the prepared model.
     """
     version = fsdp_version(accelerator)
     if version == 1:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=True):
-            yield {k: v.detach() for k, v in peft_model.adapter_state_dict(name).items()}
+            yield {k: v.detach() for k, v in tensors_of().items()}
         return
-    state = peft_model.adapter_state_dict(name)
+    tensors = tensors_of()
     if version == 2:
         from torch.distributed.tensor import DTensor
 
         yield {
-            k: v.detach().full_tensor() if isinstance(v, DTensor) else v.detach() for k, v in state.items()
+            k: v.detach().full_tensor() if isinstance(v, DTensor) else v.detach() for k, v in tensors.items()
         }
         return
-    with gathered(state.values(), enabled=zero3(accelerator)):
-        yield state
+    with gathered(tensors.values(), enabled=zero3(accelerator)):
+        yield tensors
+
+
+@contextlib.contextmanager
+def _writable_whole(accelerator, model, tensors_of):
+    """The tensors `tensors_of()` names, to write into whole; on leaving, what was written is sharded again.
+
+    FSDP1 summons its flat parameters whole with write-back; ZeRO-3 gathers its partitioned parameters
+    and partitions rank 0's writes to every rank. FSDP2's DTensors come as they are: a writer copies
+    DTensors into them (`_sharded_like`).
+    """
+    if fsdp_version(accelerator) == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=True, recurse=True):
+            yield tensors_of()
+        return
+    own = tensors_of()
+    with gathered(own.values(), modifier_rank=0):
+        yield own
+
+
+def _sharded_like(own: dict, tensors: dict) -> dict:
+    """Whole `tensors` as DTensors placed like `own`'s FSDP2 shards, where names and shapes match."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    tensors = dict(tensors)
+    for key, tensor in own.items():
+        if isinstance(tensor, DTensor) and key in tensors and tensors[key].shape == tensor.shape:
+            tensors[key] = distribute_tensor(
+                tensors[key].to(dtype=tensor.dtype, device=tensor.device),
+                tensor.device_mesh,
+                tensor.placements,
+            )
+    return tensors
+
+
+def whole_adapter(accelerator, model, peft_model, name: str):
+    """Adapter `name`'s tensors whole, on every rank, as a context manager (see `whole_tensors`)."""
+    return whole_tensors(accelerator, model, lambda: peft_model.adapter_state_dict(name))
 
 
 def load_whole_adapter(accelerator, model, peft_model, name: str, state: dict) -> None:
     """Copy whole tensors `state` (as saved) into adapter `name`, sharding them again where training does."""
-    version = fsdp_version(accelerator)
-    if version == 1:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(model, writeback=True, recurse=True):
-            peft_model.load_adapter_state_dict(state, name)
-        return
-    own = peft_model.adapter_state_dict(name)
-    if version == 2:
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        state = dict(state)
-        for key, tensor in own.items():
-            if isinstance(tensor, DTensor) and key in state and state[key].shape == tensor.shape:
-                state[key] = distribute_tensor(
-                    state[key].to(dtype=tensor.dtype, device=tensor.device),
-                    tensor.device_mesh,
-                    tensor.placements,
-                )
-        peft_model.load_adapter_state_dict(state, name)
-        return
-    with gathered(own.values(), modifier_rank=0):  # ZeRO-3: load whole tensors, partition them again after
+    with _writable_whole(accelerator, model, lambda: peft_model.adapter_state_dict(name)) as own:
+        if fsdp_version(accelerator) == 2:
+            state = _sharded_like(own, state)
         peft_model.load_adapter_state_dict(state, name)
 
 
@@ -410,52 +431,22 @@ def _trainable(peft_model) -> dict[str, torch.nn.Parameter]:
 
 def whole_trainable(accelerator, model, peft_model) -> dict[str, torch.Tensor]:
     """Every trainable parameter by name, whole, as CPU copies (a collective: all ranks call it)."""
-    version = fsdp_version(accelerator)
-    if version == 1:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=True):
-            return {n: p.detach().cpu().clone() for n, p in _trainable(peft_model).items()}
-    if version == 2:
-        from torch.distributed.tensor import DTensor
-
-        return {
-            n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
-            for n, p in _trainable(peft_model).items()
-        }
-    own = _trainable(peft_model)
-    with gathered(own.values(), enabled=zero3(accelerator)):
-        return {n: p.detach().cpu().clone() for n, p in own.items()}
+    with whole_tensors(accelerator, model, lambda: _trainable(peft_model)) as whole:
+        return {n: t.detach().cpu().clone() for n, t in whole.items()}
 
 
 @torch.no_grad()
 def load_whole_trainable(accelerator, model, peft_model, tensors: dict[str, torch.Tensor], check) -> None:
     """Copy whole tensors (as `whole_trainable` gave them) into the trainable parameters, sharding them again
-    where training does. `check(params)` sees the parameters first and raises on a mismatch."""
-    version = fsdp_version(accelerator)
-    if version == 1:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    where training does. `check(params)` sees the parameters first, whole, and raises on a mismatch."""
+    with _writable_whole(accelerator, model, lambda: _trainable(peft_model)) as own:
+        if fsdp_version(accelerator) == 2:
+            from torch.distributed.tensor import DTensor
 
-        with FullyShardedDataParallel.summon_full_params(model, writeback=True, recurse=True):
-            own = _trainable(peft_model)
+            check({n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in own.items()})
+            tensors = _sharded_like(own, tensors)
+        else:
             check(own)
-            for n, p in own.items():
-                p.copy_(tensors[n])
-        return
-    own = _trainable(peft_model)
-    if version == 2:
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        check({n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in own.items()})
-        for n, p in own.items():
-            t = tensors[n].to(dtype=p.dtype, device=p.device)
-            if isinstance(p, DTensor):
-                p.to_local().copy_(distribute_tensor(t, p.device_mesh, p.placements).to_local())
-            else:
-                p.copy_(t)
-        return
-    with gathered(own.values(), modifier_rank=0):  # ZeRO-3: whole tensors in, partitioned again after
-        check(own)
         for n, p in own.items():
             p.copy_(tensors[n])
 

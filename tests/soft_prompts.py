@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import TASK_CLASSES, tiny_batch, tiny_model
+from tiny import TASK_CLASSES, tiny_batch, tiny_model, train_losses
 
 from peftrun.adapted import wrap
 from peftrun.checkpoint import save_adapter
@@ -172,7 +172,7 @@ def train_steps(arch: str, task: str, method: str, steps: int = 15, lr: float = 
     """A few AdamW steps on one batch: (losses, names of base tensors that changed)."""
     base = tiny_model(arch, task)
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    model = wrap(base, task, method, ours_config(method, **kw)).eval()  # no dropout: a clean loss curve
+    model = wrap(base, task, method, ours_config(method, **kw))
     batch = oracle_batch(base, task, kw.get("num_tasks"))
     if task == "CAUSAL_LM":
         batch["labels"] = batch["input_ids"].clone()
@@ -181,14 +181,7 @@ def train_steps(arch: str, task: str, method: str, steps: int = 15, lr: float = 
     elif task == "TOKEN_CLS":
         batch["labels"] = batch["input_ids"] % 3
     torch.manual_seed(0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, batch, lr=lr, steps=steps, train=False)  # no dropout: a clean loss curve
     after = {}
     for n, p in base.named_parameters():
         if ".modules_to_save." in n:

@@ -115,6 +115,48 @@ def launch_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def sets(*settings: str) -> list[str]:
+    """`--set KEY=VALUE` for each setting."""
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
+def peftrun_launch(path: Path, *settings: str, env: dict[str, str], timeout: int = 600):
+    """`peftrun launch RECIPE --set ... -- --main_process_port PORT` on a free port."""
+    return run_cli(
+        "launch",
+        str(path),
+        *sets(*settings),
+        "--",
+        "--main_process_port",
+        free_port(),
+        env=env,
+        timeout=timeout,
+    )
+
+
+def accelerate_launch(
+    config: Path, launcher: list[str], path: Path, *settings: str, env: dict[str, str], timeout: int
+):
+    """`accelerate launch --config_file CONFIG LAUNCHER... -m peftrun train RECIPE --set ...` on a free port;
+    `env` is the whole environment of the launch."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        *launcher,
+        "--main_process_port",
+        free_port(),
+        "-m",
+        "peftrun",
+        "train",
+        str(path),
+        *sets(*settings),
+    ]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 # ------------------------------------------------------------------ configs and refusals (no processes)
 
 
@@ -235,18 +277,11 @@ def test_two_process_ddp_equals_single_process(setup):
     """peftrun launch, 2 CPU ranks over gloo, 4 rows each: the adapter of one process with 8 rows."""
     root, path = setup
     out = root / "ddp"
-    result = run_cli(
-        "launch",
-        str(path),
-        "--set",
+    result = peftrun_launch(
+        path,
         "distributed.num_processes=2",
-        "--set",
         "training.batch_size=4",
-        "--set",
         f"output_dir={out}",
-        "--",
-        "--main_process_port",
-        free_port(),
         env=launch_env(),
         timeout=900,
     )
@@ -264,27 +299,15 @@ def test_two_process_ddp_equals_single_process(setup):
 
 
 def _zero3_run(root: Path, path: Path, out: Path, env: dict[str, str], processes: int):
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(DS_SEED_CONFIG),
-        "--num_processes",
-        str(processes),
-        "--main_process_port",
-        free_port(),
-        "-m",
-        "peftrun",
-        "train",
-        str(path),
-        "--set",
+    return accelerate_launch(
+        DS_SEED_CONFIG,
+        ["--num_processes", str(processes)],
+        path,
         f"training.batch_size={8 // processes}",
-        "--set",
         f"output_dir={out}",
-    ]
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=1500)
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        timeout=1500,
+    )
 
 
 def _check_zero3_adapter(root: Path, out: Path) -> None:
@@ -364,30 +387,18 @@ def test_fsdp2_two_cpu_ranks_save_a_whole_adapter(setup):
     _needs_fsdp()
     root, path = setup
     out = root / "fsdp2"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(FSDP_CONFIG),
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        free_port(),
-        "-m",
-        "peftrun",
-        "train",
-        str(path),
-        "--set",
-        "training.batch_size=4",
-        "--set",
-        "training.save_steps=3",
-        "--set",
-        f"output_dir={out}",
-    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_CPU", None)  # a bare launch: peftrun finds the CPU ranks itself
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = accelerate_launch(
+        FSDP_CONFIG,
+        ["--mixed_precision", "no"],
+        path,
+        "training.batch_size=4",
+        "training.save_steps=3",
+        f"output_dir={out}",
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     # really sharded (not data parallel): each rank holds half of the weights
     assert "FSDP2: 2 ranks share 35,812 parameters; rank 0 holds 17,906" in result.stdout
@@ -408,40 +419,24 @@ def test_fsdp1_two_cpu_ranks_resume_after_a_crash(setup):
     _needs_fsdp()
     root, path = setup
     out = root / "fsdp1"
-    args = [
-        "launch",
-        str(path),
-        "--set",
+    settings = [
         "distributed.strategy=fsdp",
-        "--set",
         "distributed.fsdp.version=1",
-        "--set",
         "distributed.num_processes=2",
-        "--set",
         "training.batch_size=4",
-        "--set",
         "training.save_steps=2",
-        "--set",
         "training.auto_resume=true",
-        "--set",
         f"output_dir={out}",
     ]
-    killed = run_cli(
-        *args,
-        "--",
-        "--main_process_port",
-        free_port(),
-        env={"OMP_NUM_THREADS": "1", "PEFTRUN_TEST_FAULT": "after_step:3:kill"},
-        timeout=600,
+    killed = peftrun_launch(
+        path, *settings, env={"OMP_NUM_THREADS": "1", "PEFTRUN_TEST_FAULT": "after_step:3:kill"}
     )
     assert killed.returncode != 0
     assert "FSDP1: 2 ranks share 35,812 parameters; rank 0 holds 17,907" in killed.stdout
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
     assert (out / "checkpoints" / "step-000002" / "optimizer-rank1.pt").is_file()
     assert adapter(out / "checkpoints" / "step-000002")[LORA_A].shape == (4, 32)
-    resumed = run_cli(
-        *args, "--", "--main_process_port", free_port(), env={"OMP_NUM_THREADS": "1"}, timeout=600
-    )
+    resumed = peftrun_launch(path, *settings, env={"OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
     assert "resuming from" in resumed.stdout and "step 2" in resumed.stdout
     ours = adapter(out)
@@ -467,22 +462,13 @@ def test_fsdp1_seq2seq_generates_while_sharded(setup):
     single = run_cli("train", str(path), env={"OMP_NUM_THREADS": "1"})
     assert single.returncode == 0, single.stderr[-3000:]
     out = root / "t5-fsdp1"
-    result = run_cli(
-        "launch",
-        str(path),
-        "--set",
+    result = peftrun_launch(
+        path,
         "distributed.fsdp.version=1",
-        "--set",
         "distributed.num_processes=2",
-        "--set",
         "training.batch_size=4",
-        "--set",
         f"output_dir={out}",
-        "--",
-        "--main_process_port",
-        free_port(),
         env={"OMP_NUM_THREADS": "1"},
-        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "FSDP1: 2 ranks share" in result.stdout and "eval_preds[:10]=" in result.stdout

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_model, train_losses
 from tiny_text import one_thread  # noqa: F401  (a fixture)
 from torch import nn
 
@@ -312,18 +312,7 @@ def test_fast_path_learns_like_peft():
     ours.chunked_loss = False  # transformers' loss, as peft's; tests/test_lm_loss.py holds the chunked one
     batch = tiny_batch(ours.model, "CAUSAL_LM", batch=4, length=16)
     batch["labels"] = batch["input_ids"]
-    curves = []
-    for model in (ours, theirs):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-        model.train()
-        losses = []
-        for _ in range(20):
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        curves.append(losses)
+    curves = [train_losses(model, batch, lr=3e-2, steps=20) for model in (ours, theirs)]
     assert curves[0] == pytest.approx(curves[1], rel=1e-3)
     assert curves[0][-1] < 0.95 * curves[0][0]
 

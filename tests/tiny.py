@@ -56,6 +56,21 @@ def tiny_batch(model, task_type: str, batch: int = 2, length: int = 7, seed: int
     return out
 
 
+def train_losses(model, batch: dict, lr: float, steps: int, train: bool = True) -> list[float]:
+    """`steps` AdamW steps on one batch over every trainable parameter: each step's loss. In train mode,
+    or with `train=False` in eval mode (no dropout: a clean loss curve)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train(train)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def save_tiny(path, arch: str, task_type: str, seed: int = 0, **overrides):
     model = tiny_model(arch, task_type, seed=seed, **overrides)
     model.save_pretrained(path)

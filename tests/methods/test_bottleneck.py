@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 from conftest import REPO, run_cli
+from helpers import assert_merge_refused
 from safetensors.torch import load_file
-from tiny import tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_model, train_losses
 
 from peftrun.adapted import wrap
 from peftrun.checkpoint import save_adapter
@@ -146,15 +147,7 @@ def test_learns_with_frozen_base_and_refuses_merge():
     before = {n: p.detach().clone() for n, p in ours.model.named_parameters() if id(p) not in trainable}
     batch = tiny_batch(ours.model, "SEQ_CLS", batch=4, seed=5)
     batch["labels"] = torch.tensor([0, 1, 2, 1])
-    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
-    ours.train()
-    losses = []
-    for _ in range(25):
-        loss = ours(**batch).loss
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    losses = train_losses(ours, batch, lr=1e-2, steps=25)
     assert losses[-1] < 0.5 * losses[0], losses
     after = {n: p.detach() for n, p in ours.model.named_parameters() if id(p) not in trainable}
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -165,18 +158,14 @@ def test_learns_with_frozen_base_and_refuses_merge():
 
 
 def test_peftrun_merge_refuses(tmp_path, tiny_dir):
-    base_dir = tiny_dir("roberta", "SEQ_CLS")
     ours = wrap(tiny_model("roberta", "SEQ_CLS"), "SEQ_CLS", "bottleneck", BottleneckConfig())
-    save_adapter(ours, tmp_path / "adapter", base_model=str(base_dir))
-    (tmp_path / "adapter" / "peftrun_recipe.yaml").write_text(
-        f"model: {{name_or_path: '{base_dir}', task_type: SEQ_CLS, tokenizer: byt5}}\n"
+    assert_merge_refused(
+        tmp_path,
+        ours,
+        tiny_dir("roberta", "SEQ_CLS"),
+        "SEQ_CLS",
+        "method 'bottleneck' adds modules of its own and cannot be folded into the base weights",
     )
-    res = run_cli("merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged"))
-    assert res.returncode == 2, res.stderr
-    assert (
-        "method 'bottleneck' adds modules of its own and cannot be folded into the base weights" in res.stderr
-    )
-    assert not (tmp_path / "merged").exists()
 
 
 def test_params_line_for_the_mrpc_recipe():

@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import REPO
+from helpers import assert_merge_refused, recipe_model
 from safetensors.torch import load_file
-from tiny import tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_model, train_losses
 
 from peftrun.adapted import wrap
 from peftrun.checkpoint import config_from_peft, read_adapter, save_adapter
@@ -131,15 +132,7 @@ def test_training_opens_the_gates_lowers_the_loss_and_leaves_the_base_alone():
     batch["labels"] = batch["input_ids"].clone()
     trainable = {n: p for n, p in ours.named_parameters() if p.requires_grad}
     assert len(trainable) == 4 and all(".adaption_prompt." in n or ".adaption_gate." in n for n in trainable)
-    optimizer = torch.optim.AdamW(trainable.values(), lr=5e-2)
-    ours.train()
-    losses = []
-    for _ in range(10):
-        loss = ours(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(ours, batch, lr=5e-2, steps=10)
     assert losses[-1] < losses[0] - 0.05, losses
     gates = [p.item() for n, p in trainable.items() if "adaption_gate" in n]
     assert all(abs(g) > 1e-3 for g in gates), gates
@@ -181,27 +174,19 @@ def test_apply_refuses_other_architectures_and_too_many_layers():
 
 
 def test_merge_is_refused_with_exit_2(tmp_path, tiny_dir):
-    base = tiny_dir("llama", "CAUSAL_LM")
-    adapter = tmp_path / "adapter"
-    save_adapter(_ours(), adapter, base_model=str(base))
-    (adapter / "peftrun_recipe.yaml").write_text(
-        f"model: {{name_or_path: {base}, task_type: CAUSAL_LM, tokenizer: byt5}}\n"
+    assert_merge_refused(
+        tmp_path,
+        _ours(),
+        tiny_dir("llama", "CAUSAL_LM"),
+        "CAUSAL_LM",
+        "method 'llama_adapter' adds modules of its own and cannot be folded",
     )
-    result = run_cli("merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged"))
-    assert result.returncode == 2, result.stderr
-    assert "method 'llama_adapter' adds modules of its own and cannot be folded" in result.stderr
-    assert not (tmp_path / "merged").exists()
 
 
 def test_recipes_validate_and_count():
-    from conftest import REPO
-
-    from peftrun.models import build_from_config
     from peftrun.recipe import load_recipe
 
-    recipe = load_recipe(REPO / "recipes" / "llama2_7b_llama_adapter.yaml")
-    model = build_from_config(recipe.model.name_or_path, recipe.model.task_type, meta=True)
-    ours = wrap(model, recipe.model.task_type, recipe.method.name, recipe.method_config)
+    ours = recipe_model("llama2_7b_llama_adapter.yaml")
     # Llama-2-7B's 6,738,415,616 parameters plus 30 layers x (10 x 4096 prompt + 1 gate): the paper's 1.2M
     assert ours.parameter_counts() == (1_228_830, 6_738_415_616 + 1_228_830)
     twin = load_recipe(REPO / "recipes" / "offline" / "llama_adapter_smollm2.yaml")

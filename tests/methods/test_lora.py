@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_model, train_losses
 
 from peftrun.adapted import wrap
 from peftrun.checkpoint import config_from_peft, read_adapter, save_adapter
@@ -149,19 +149,6 @@ def test_merge_unmerge_exact(extra):
             assert torch.equal(p, before[n]), n
 
 
-def _train(model, batch, steps: int = 20) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.parametrize("extra", [{}, {"use_dora": True}], ids=["lora", "dora"])
 def test_lora_learns_like_peft_and_base_stays_frozen(extra, monkeypatch):
     """Same start, same batches: our loss curve is peft's, it goes down, and the base never moves."""
@@ -185,7 +172,7 @@ def test_lora_learns_like_peft_and_base_stays_frozen(extra, monkeypatch):
     frozen = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
     batch = tiny_batch(ours.model, "CAUSAL_LM", batch=4, length=16)
     batch["labels"] = batch["input_ids"]
-    ours_losses, their_losses = _train(ours, batch), _train(theirs, batch)
+    ours_losses, their_losses = (train_losses(model, batch, lr=3e-2, steps=20) for model in (ours, theirs))
     assert ours_losses == pytest.approx(their_losses, rel=1e-4)
     assert ours_losses[-1] < 0.95 * ours_losses[0]
     for n, p in ours.named_parameters():

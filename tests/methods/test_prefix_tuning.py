@@ -14,9 +14,10 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import REPO
+from helpers import assert_merge_refused, recipe_model
 from safetensors.torch import load_file
-from tiny import tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_model, train_losses
 
 from peftrun.adapted import wrap
 from peftrun.checkpoint import config_from_peft, read_adapter, save_adapter
@@ -274,15 +275,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_alone(arch, task, projecti
         for n, p in ours.named_parameters()
         if p.requires_grad
     )
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    ours.train()
-    losses = []
-    for _ in range(8):
-        loss = ours(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(ours, batch, lr=1e-2, steps=8)
     assert losses[-1] < losses[0] - 0.05, losses
     after = ours.model.state_dict()
     assert all(torch.equal(base_before[k], after[k]) for k in base_before)
@@ -324,33 +317,21 @@ def test_an_architecture_without_a_cache_is_refused():
 
 
 def test_merge_is_refused_with_exit_2(tmp_path, tiny_dir):
-    base = tiny_dir("gpt2", "CAUSAL_LM")
     ours = wrap(
         tiny_model("gpt2", "CAUSAL_LM"),
         "CAUSAL_LM",
         "prefix_tuning",
         PrefixTuningConfig(num_virtual_tokens=N),
     )
-    adapter = tmp_path / "adapter"
-    save_adapter(ours, adapter, base_model=str(base))
-    (adapter / "peftrun_recipe.yaml").write_text(
-        f"model: {{name_or_path: {base}, task_type: CAUSAL_LM, tokenizer: byt5}}\n"
+    assert_merge_refused(
+        tmp_path, ours, tiny_dir("gpt2", "CAUSAL_LM"), "CAUSAL_LM", "cannot be folded into the base weights"
     )
-    result = run_cli("merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged"))
-    assert result.returncode == 2, result.stderr
-    assert "cannot be folded into the base weights" in result.stderr
-    assert not (tmp_path / "merged").exists()
 
 
 def test_recipes_validate_and_count():
-    from conftest import REPO
-
-    from peftrun.models import build_from_config
     from peftrun.recipe import load_recipe
 
-    recipe = load_recipe(REPO / "recipes" / "mt0_large_prefix_tuning.yaml")
-    model = build_from_config(recipe.model.name_or_path, recipe.model.task_type, meta=True)
-    ours = wrap(model, recipe.model.task_type, recipe.method.name, recipe.method_config)
+    ours = recipe_model("mt0_large_prefix_tuning.yaml")
     # mt0-large's 1,229,581,312 base parameters plus 20 tokens x 24 decoder layers x (key + value) x 1024
     assert ours.parameter_counts() == (983_040, 1_229_581_312 + 983_040)
     twin = load_recipe(REPO / "recipes" / "offline" / "prefix_tuning_t5_small.yaml")
