@@ -83,14 +83,15 @@ RATIOS = [
     "time:infer-peft-unmerged/infer-base",
 ]
 WHY = {
-    "time:peftrun-lora-d0.1/limit": "at dropout 0.1 each adapted layer regenerates its mask (a counter hash over "
-    "x, ~9 int32 passes) in the forward and again in the backward, and multiplies x by it twice; these passes "
-    "are memory-bound, so they weigh most where the layer's matmul is small (hidden 384-576, r=8)",
+    "time:peftrun-lora-d0.1/limit": "at dropout 0.1 each adapted layer draws its mask in the forward (a counter "
+    "hash over x, ~12 int32 passes, kept as one byte an element for the backward) and multiplies x by it twice; "
+    "these passes are memory-bound, so they weigh most where the layer's matmul is small (hidden 384-576, r=8)",
     "time:peftrun-lora-d0/limit": "the rank-r products read x, and ∂L/∂y twice, in the forward and backward: "
     "memory-bound passes that a frozen layer does not make",
     "rss:peftrun-lora-d0.1/limit": "∂L/∂A needs each adapted layer's input x: the limit keeps no input of a "
-    "frozen Linear, so LoRA keeps one x per transformer block (q and v share it) beyond the limit",
-    "rss:peftrun-lora-d0/limit": "as at dropout 0.1: x is kept for ∂L/∂A (the mask itself is not kept)",
+    "frozen Linear, so LoRA keeps one x per transformer block (q and v share it) and each layer's dropout "
+    "mask (one byte an element) beyond the limit",
+    "rss:peftrun-lora-d0/limit": "as at dropout 0.1: x is kept for ∂L/∂A",
     "time:infer-peftrun-merged/infer-base": "a wrapped layer's Python call around the same matmul",
     "time:infer-peftrun-unmerged/infer-base": "the rank-r products read x once more per adapted layer",
 }
