@@ -186,12 +186,16 @@ def test_the_model_runs_as_it_is_where_the_chunked_loss_does_not_apply():
     )  # a trained copy of the head: not a plain Linear
 
 
-def test_prompt_tuning_takes_the_chunked_loss_too():
+def soft_prompt_config(name: str):
+    from peftrun.methods.prefix_tuning import PrefixTuningConfig
     from peftrun.methods.prompt_tuning import PromptTuningConfig
 
-    model = wrap(
-        causal_lm("llama"), "CAUSAL_LM", "prompt_tuning", PromptTuningConfig(num_virtual_tokens=3)
-    ).train()
+    return {"prompt_tuning": PromptTuningConfig, "prefix_tuning": PrefixTuningConfig}[name](num_virtual_tokens=3)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_soft_prompts_take_the_chunked_loss_too(method):
+    model = wrap(causal_lm("llama"), "CAUSAL_LM", method, soft_prompt_config(method)).train()
     inputs = batch()
     plain, plain_grads = loss_and_grads(model, inputs, chunked=False)
     chunked, chunked_grads = loss_and_grads(model, inputs, chunked=True)

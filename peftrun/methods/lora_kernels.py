@@ -224,7 +224,7 @@ def _add_update(
 
 
 def _plain_update(x, weight_a, weight_b, scaling, p, keys) -> torch.Tensor:
-    """s · B A drop(x) with the plain modules' operations, so that inference matches them bit for bit."""
+    """s · B A drop(x) with the plain modules' operations (no-grad with dropout, or dtypes that differ)."""
     x2 = x.reshape(-1, x.shape[-1])
     xd = _dropped(x2, weight_a.dtype, _mask(p, keys, x2, weight_a.dtype))
     update = F.linear(F.linear(xd, weight_a), weight_b) * scaling
@@ -247,6 +247,8 @@ def lora_update(
         x.requires_grad or result.requires_grad or weight_a.requires_grad or weight_b.requires_grad
     )
     if not needs_grad:
+        if p == 0.0 and result.dtype == weight_b.dtype == x.dtype:  # inference: one addmm onto the result
+            return _add_update(result, F.linear(x.reshape(-1, x.shape[-1]), weight_a).t(), weight_b, scaling)
         return result + _plain_update(x, weight_a, weight_b, scaling, p, keys).to(result.dtype)
     return LoraUpdate.apply(x, result, weight_a, weight_b, scaling, p, keys)
 
@@ -268,7 +270,13 @@ def lora_linear(
         x.requires_grad or weight_a.requires_grad or weight_b.requires_grad
     )
     if not needs_grad:
-        return F.linear(x, weight, bias).add_(_plain_update(x, weight_a, weight_b, scaling, p, keys))
+        y = F.linear(x, weight, bias)
+        if p > 0.0:
+            return y.add_(_plain_update(x, weight_a, weight_b, scaling, p, keys))
+        # inference: the low-rank term added inside one addmm (no N x out temporaries: 1.29x -> 1.07x the
+        # frozen layer's time for a 2048 x 384 x 384 layer at r=8 on CPU)
+        y.view(-1, y.shape[-1]).addmm_(F.linear(x.reshape(-1, x.shape[-1]), weight_a), weight_b.t(), alpha=scaling)
+        return y
     return LoraLinear.apply(x, weight, bias, weight_a, weight_b, scaling, p, keys)
 
 

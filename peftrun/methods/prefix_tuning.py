@@ -224,7 +224,7 @@ def forward(peft_model, name: str, input_ids=None, attention_mask=None, inputs_e
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = kwargs["position_ids"] + n
     before = cache.get_seq_length()
-    out = model(
+    out = peft_model.run_base(
         input_ids=input_ids,
         attention_mask=attention_mask,
         inputs_embeds=inputs_embeds,
