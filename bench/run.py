@@ -92,7 +92,8 @@ WHY = {
     "frozen Linear, so LoRA keeps one x per transformer block (q and v share it) and each layer's dropout "
     "mask (one byte an element) beyond the limit",
     "rss:peftrun-lora-d0/limit": "as at dropout 0.1: x is kept for ∂L/∂A",
-    "time:infer-peftrun-merged/infer-base": "a wrapped layer's Python call around the same matmul",
+    "time:infer-peftrun-merged/infer-base": "a merged layer runs the base's own matmul behind one Python call; "
+    "a ratio this far from 1 is the machine's process-to-process noise (compare the other models' merged rows)",
     "time:infer-peftrun-unmerged/infer-base": "the rank-r products read x once more per adapted layer",
 }
 
