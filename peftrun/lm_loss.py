@@ -129,10 +129,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad[torch.arange(idx.numel(), device=grad.device), y] -= 1.0
             grad.div_(denominator)
             grad_low = grad.to(h.dtype)
+            # under autocast the matmuls below run in its dtype, as transformers' backward would
             if grad_hidden is not None:
-                grad_hidden.index_copy_(0, idx, grad_low @ weight.to(h.dtype))
+                grad_hidden.index_copy_(0, idx, (grad_low @ weight.to(h.dtype)).to(grad_hidden.dtype))
             if grad_weight is not None:
-                grad_weight.addmm_(grad_low.T.float(), h.float())
+                grad_weight += (grad_low.T @ h).float()
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
         ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight, grad_bias) if t is not None))

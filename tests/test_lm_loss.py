@@ -167,6 +167,20 @@ def test_bf16_base_matches_transformers_in_bf16():
         assert (chunked_grads[name] - grad).abs().max().item() <= 2e-2 * scale, name
 
 
+def test_autocast_bf16_matches_transformers_under_autocast():
+    """training.mixed_precision: bf16 runs the forward under CPU autocast: the head's matmul in bf16."""
+    model = lora_model("llama")
+    inputs = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, plain_grads = loss_and_grads(model, inputs, chunked=False)
+        chunked, chunked_grads = loss_and_grads(model, inputs, chunked=True)
+    assert chunked.loss.dtype == torch.float32
+    assert abs(chunked.loss.item() - plain.loss.item()) <= 1e-3 * plain.loss.item()
+    for name, grad in plain_grads.items():
+        assert chunked_grads[name].dtype == grad.dtype == torch.float32
+        assert (chunked_grads[name] - grad).abs().max().item() <= 2e-2 * grad.abs().max().item(), name
+
+
 def test_the_model_runs_as_it_is_where_the_chunked_loss_does_not_apply():
     model = lora_model("llama")
     inputs = batch()
