@@ -16,7 +16,8 @@ in the graph, each chunk's gradient is known at once,
 
 so the forward writes dloss/dh (the size of h) and keeps no logits; the backward only scales it by the
 incoming gradient. Rows whose label is -100 (prompt tokens, padding, each sequence's last position) cost
-nothing. The result equals transformers' loss and gradients up to the order of fp32 sums.
+nothing. The result equals transformers' loss and gradients up to the order of fp32 sums, except for a
+batch with no counted token at all: 0 here (no gradient), NaN from transformers' mean over nothing.
 
 It applies while training (grad enabled, model in train mode) a causal LM whose forward is exactly
 `lm_head(hidden)` then transformers' causal-LM loss, with a plain unsharded `nn.Linear` head; elsewhere
@@ -74,10 +75,8 @@ def causal_lm_forward(model: nn.Module, *args, labels: torch.Tensor, **kwargs):
         out = model(*args, **kwargs)
     finally:
         handle.remove()
-    if len(seen) != 1:
-        raise RuntimeError(
-            f"the output head ran {len(seen)} times in one forward"
-        )  # a model this does not fit
+    if len(seen) != 1:  # a model whose forward is not what MODEL_TYPES promises
+        raise RuntimeError(f"the output head ran {len(seen)} times in one forward")
     hidden = seen[0]
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -105,8 +104,7 @@ def chunked_loss(
     else:
         denominator = float(num_items.item() if torch.is_tensor(num_items) else num_items)
     chunk = max(1, CHUNK_ELEMENTS // head.out_features)
-    loss = _ChunkedCrossEntropy.apply(hidden2d, head.weight, head.bias, targets, rows, denominator, chunk)
-    return loss
+    return _ChunkedCrossEntropy.apply(hidden2d, head.weight, head.bias, targets, rows, denominator, chunk)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

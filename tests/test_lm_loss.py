@@ -237,3 +237,12 @@ def test_every_step_of_a_training_run_matches_transformers():
         opt.step()
         losses.append(plain.loss.item())
     assert losses[-1] < 0.95 * losses[0]
+
+
+def test_a_batch_with_no_counted_token_gives_zero_loss_and_no_gradient():
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50)
+    hidden = torch.randn(2, 5, 16, requires_grad=True)
+    loss = lm_loss.chunked_loss(hidden, head, torch.full((2, 5), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.abs().max().item() == 0.0
