@@ -153,6 +153,8 @@ def check_rss(name: str, task: str, batch: int, seq: int) -> None:
         got = measure(name, task, method, batch, seq)
         est = estimate(recipe, baseline=got["baseline"]).rows[row]
         predicted = est.device + est.host  # on CPU the device is the host
+        # the figures the README and docs/distributed.md quote (`pytest tests/test_estimate.py -m slow -s`)
+        print(f"{name} {method}: measured {got['peak'] / GB:.3f} GB, estimate {predicted / GB:.3f} GB")
         assert within(predicted, got["peak"]), (method, predicted / GB, got["peak"] / GB)
 
 

@@ -20,6 +20,16 @@ ARCH_CONFIGS = {
     "bloom": dict(model_type="bloom", vocab_size=128, hidden_size=32, n_layer=2, n_head=4, bos_token_id=1,
                   eos_token_id=2, pad_token_id=3),
 }
+# more decoder-only families (the chunked causal-LM loss is checked on each: tests/test_lm_loss.py)
+_DECODER = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=128, pad_token_id=0)
+ARCH_CONFIGS.update(
+    mistral=dict(_DECODER, model_type="mistral", intermediate_size=64, num_key_value_heads=2),
+    qwen2=dict(_DECODER, model_type="qwen2", intermediate_size=64, num_key_value_heads=2),
+    opt=dict(_DECODER, model_type="opt", ffn_dim=64, word_embed_proj_dim=16, pad_token_id=1),
+    gpt_neox=dict(_DECODER, model_type="gpt_neox", intermediate_size=64),
+    phi=dict(_DECODER, model_type="phi", intermediate_size=64),
+)
 TASK_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",

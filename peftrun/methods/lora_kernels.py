@@ -14,9 +14,8 @@ shared by every adapter that reads it), h, and m as one byte an element (a quart
 
 The mask comes from a counter-based hash of (key, element index) in int32 tensor ops, cheaper than drawing
 Bernoulli variables from the global generator on CPU; the keys are drawn from torch's default generator, so
-`torch.manual_seed` makes runs repeatable. The keep probability is exact to 2^-24. The hash's ~13 int32
-passes cost about half of a 384x384 matmul on CPU, which is why the backward reads the kept bytes (two
-cheap passes) rather than hashing again.
+`torch.manual_seed` makes runs repeatable. The keep probability is exact to 2^-24. The backward reads the
+kept bytes (two cheap passes) rather than running the hash's ~13 int32 passes again.
 Every matmul is laid out so that the large operand is read along its rows (the skinny (N×r)·(r×D) shapes
 are 4-5x slower on CPU in the other layout).
 """
@@ -104,7 +103,9 @@ def reference_multiplier(index: int, p: float, keys: tuple[int, int]) -> float:
 
 def _mask(p: float, keys, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """The multiplier for x2's shape, or None without dropout."""
-    return _mask_and_bytes(p, keys, x2, dtype)[0]
+    if p == 0.0 or keys is None:
+        return None
+    return dropout_multiplier(x2.shape[0], x2.shape[1], p, keys, x2.device).to(dtype)
 
 
 def _mask_and_bytes(p: float, keys, x2: torch.Tensor, dtype: torch.dtype):
@@ -112,18 +113,15 @@ def _mask_and_bytes(p: float, keys, x2: torch.Tensor, dtype: torch.dtype):
     if p == 0.0 or keys is None:
         return None, None
     keep = dropout_keep(x2.shape[0], x2.shape[1], p, keys, x2.device)
-    kept = keep.to(torch.int8).neg_()  # 1 byte an element: a quarter of regenerating it in the backward
-    mult = _multiplier(keep, p)
-    return (mult if mult.dtype == dtype else mult.to(dtype)), kept
+    kept = keep.to(torch.int8).neg_()  # one byte an element, a quarter of an fp32 x
+    return _multiplier(keep, p).to(dtype), kept
 
 
 def _mask_from_bytes(kept: torch.Tensor | None, p: float, dtype: torch.dtype) -> torch.Tensor | None:
     """The forward's multiplier again from its int8 copy: 1 · float32(1/(1-p)) is the same float."""
     if kept is None:
         return None
-    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
-    mult = kept.to(torch.float32).mul_(scale)
-    return mult if mult.dtype == dtype else mult.to(dtype)
+    return kept.to(torch.float32).mul_(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)).to(dtype)
 
 
 def _dropped(x2: torch.Tensor, dtype: torch.dtype, mult: torch.Tensor | None) -> torch.Tensor:
@@ -273,9 +271,9 @@ def lora_linear(
         y = F.linear(x, weight, bias)
         if p > 0.0:
             return y.add_(_plain_update(x, weight_a, weight_b, scaling, p, keys))
-        # inference: the low-rank term added inside one addmm (no N x out temporaries: 1.29x -> 1.07x the
-        # frozen layer's time for a 2048 x 384 x 384 layer at r=8 on CPU)
-        y.view(-1, y.shape[-1]).addmm_(F.linear(x.reshape(-1, x.shape[-1]), weight_a), weight_b.t(), alpha=scaling)
+        # inference: the low-rank term added inside one addmm, with no N x out temporaries
+        h = F.linear(x.reshape(-1, x.shape[-1]), weight_a)
+        y.view(-1, y.shape[-1]).addmm_(h, weight_b.t(), alpha=scaling)
         return y
     return LoraLinear.apply(x, weight, bias, weight_a, weight_b, scaling, p, keys)
 
