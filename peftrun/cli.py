@@ -103,7 +103,7 @@ def train(
 ) -> None:
     """Train the recipe's adapter and save it in peft's format in output_dir."""
     from peftrun.recipe import load_recipe
-    from peftrun.train import train as run
+    from peftrun.training.loop import train as run
 
     run(load_recipe(recipe, set_), resume=resume)
 
@@ -186,8 +186,8 @@ def launch(
     """Train on several processes or machines, or on DeepSpeed/FSDP: writes the accelerate config of the
     recipe's distributed section (or uses distributed.accelerate_config) and runs
     `accelerate launch -m peftrun train RECIPE`. Options after `--` go to accelerate launch."""
-    from peftrun.distributed import launch as run
     from peftrun.recipe import load_recipe
+    from peftrun.training.launch import launch as run
 
     r = load_recipe(recipe, set_)
     code = run(r, str(recipe), list(set_ or []), list(ctx.args), dry_run=dry_run)

@@ -20,7 +20,7 @@ from peftrun.adapted import wrap  # noqa: E402
 from peftrun.estimate import _batch, process_baseline  # noqa: E402
 from peftrun.methods.lora import LoraConfig  # noqa: E402
 from peftrun.models import DTYPES, build_from_config  # noqa: E402
-from peftrun.train import adamw_kernel  # noqa: E402
+from peftrun.training.build import adamw_kernel  # noqa: E402
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli
+from faults import fault_env
 from tinyrun import tiny_model_dir, tiny_recipe_dict, write_recipe, write_rows
 
 from peftrun.checkpoint import ADAPTER_CONFIG, atomic_dir, atomic_files, read_adapter
@@ -203,7 +204,7 @@ def test_failed_evaluation_keeps_the_trained_adapter(tmp_path):
     write_rows(tmp_path / "data" / "train.csv", 16)
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(model, tmp_path / "data", out, num_epochs=1))
-    proc = run_cli("train", str(recipe), env={"PEFTRUN_TEST_FAULT": "eval:*:fail"})
+    proc = run_cli("train", str(recipe), env=fault_env("eval:*:fail"))
     assert proc.returncode == 1  # an unexpected failure, reported as such
     step = out / "checkpoints" / "step-000004"  # 16 rows -> 14 train -> 4 batches
     assert f"evaluation failed after epoch 0; the last good checkpoint is {step}" in proc.stderr

@@ -26,6 +26,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, run_cli
+from faults import fault_env
 from safetensors.torch import load_file
 
 ATOL = 5e-5
@@ -161,8 +162,8 @@ def accelerate_launch(
 
 
 def test_recipe_deepspeed_section_gives_the_seed_config(setup):
-    from peftrun.distributed import accelerate_config
     from peftrun.recipe import load_recipe
+    from peftrun.training.launch import accelerate_config
 
     root, path = setup
     recipe = load_recipe(
@@ -181,8 +182,8 @@ def test_recipe_deepspeed_section_gives_the_seed_config(setup):
 
 
 def test_deepspeed_own_keys_inline_become_a_deepspeed_json(setup):
-    from peftrun.distributed import accelerate_config
     from peftrun.recipe import load_recipe
+    from peftrun.training.launch import accelerate_config
 
     root, path = setup
     recipe = load_recipe(path, ["distributed.deepspeed.zero_optimization.stage=2"])
@@ -346,7 +347,7 @@ def test_deepspeed_zero3_cpu_offload_two_ranks(setup):
     assert [r for r in metrics(out) if "adapter_rank_max_diff" in r][0]["adapter_rank_max_diff"] == 0.0
     _check_zero3_adapter(root, out)
     # the resumable checkpoint written at the epoch's end holds the whole tensors too
-    from peftrun.resume import latest_checkpoint
+    from peftrun.training.resume import latest_checkpoint
 
     assert_same_adapter(adapter(out), adapter(latest_checkpoint(out)), atol=0.0)
 
@@ -404,7 +405,7 @@ def test_fsdp2_two_cpu_ranks_save_a_whole_adapter(setup):
     assert "FSDP2: 2 ranks share 35,812 parameters; rank 0 holds 17,906" in result.stdout
     assert [r for r in metrics(out) if "adapter_rank_max_diff" in r][0]["adapter_rank_max_diff"] == 0.0
     _check_zero3_adapter(root, out)  # full shapes, equal to one process, loads, evaluates and merges alike
-    from peftrun.resume import latest_checkpoint
+    from peftrun.training.resume import latest_checkpoint
 
     last = latest_checkpoint(out)
     assert last.name == "step-000006" and (last.parent / "step-000003").is_dir()
@@ -429,7 +430,7 @@ def test_fsdp1_two_cpu_ranks_resume_after_a_crash(setup):
         f"output_dir={out}",
     ]
     killed = peftrun_launch(
-        path, *settings, env={"OMP_NUM_THREADS": "1", "PEFTRUN_TEST_FAULT": "after_step:3:kill"}
+        path, *settings, env=fault_env("after_step:3:kill", {"OMP_NUM_THREADS": "1"})
     )
     assert killed.returncode != 0
     assert "FSDP1: 2 ranks share 35,812 parameters; rank 0 holds 17,907" in killed.stdout

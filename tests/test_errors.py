@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import run_cli
+from faults import fault_env
 from tinyrun import tiny_model_dir, tiny_recipe_dict, write_recipe, write_rows
 
 from peftrun.errors import PeftrunError
@@ -261,7 +262,7 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(work, tmp_path):
     out = tmp_path / "out"
     data["output_dir"] = str(out)
     data["training"]["save_steps"] = 2
-    proc = train(tmp_path, data, env={"PEFTRUN_TEST_FAULT": "loss:3:nan"})
+    proc = train(tmp_path, data, env=fault_env("loss:3:nan"))
     expect_user_error(
         proc,
         "the loss became nan at step 3 (epoch 0, batch 2)",

@@ -388,7 +388,8 @@ def test_packed_training_through_the_loop_learns(tmp_path):
 
     from peftrun.predict import run_eval
     from peftrun.recipe import recipe_from_dict
-    from peftrun.train import build, make_loaders, train
+    from peftrun.training.build import build, make_loaders
+    from peftrun.training.loop import train
 
     words = {"positive": ["great", "good", "nice"], "negative": ["awful", "bad", "sad"]}
     fill = ["the", "movie", "was", "really", "a", "plot", "very", "film"]

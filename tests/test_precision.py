@@ -101,7 +101,7 @@ def recipe(**training):
 def test_mixed_precision_through_accelerate(monkeypatch):
     from accelerate.state import AcceleratorState
 
-    from peftrun.distributed import make_accelerator
+    from peftrun.training.engines import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what accelerate launch --mixed_precision sets
     try:

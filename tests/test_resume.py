@@ -18,24 +18,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli
+from faults import FaultHooks, fault_env
 from safetensors.torch import load_file
 from tinyrun import tiny_model_dir, tiny_recipe_dict, write_recipe, write_rows
 
 from peftrun.checkpoint import read_adapter
-from peftrun.resume import (
-    FAULT_ENV,
+from peftrun.training.hooks import Hooks
+from peftrun.training.resume import (
     Position,
     complete_checkpoints,
     count_lines,
-    fault,
     prune,
-    read_rng,
     recipe_differences,
-    rng_state,
-    set_rng_state,
     truncate_metrics,
-    write_rng,
 )
+from peftrun.training.rng import read_rng, rng_state, set_rng_state, write_rng
 
 STEPS = 30  # 40 rows / batch 4 = 10 steps per epoch, 3 epochs
 
@@ -68,7 +65,7 @@ def reference(work):
 
 
 def popen_train(recipe: Path, *extra: str, fault_spec: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), FAULT_ENV: fault_spec}
+    env = {**os.environ, **fault_env(fault_spec)}
     return subprocess.Popen(
         [sys.executable, "-m", "peftrun", "train", str(recipe), *extra],
         cwd=REPO,
@@ -146,7 +143,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(work, reference):
 def test_kill_inside_a_save_keeps_the_previous_checkpoint_then_sigterm_then_auto_resume(work, reference):
     recipe, out = make_recipe(work, "save_killed")
     # 1. SIGKILL between writing the adapter and the optimizer state of checkpoint 6
-    proc = run_cli("train", str(recipe), env={FAULT_ENV: "checkpoint_write:6:kill"})
+    proc = run_cli("train", str(recipe), env=fault_env("checkpoint_write:6:kill"))
     assert proc.returncode == -signal.SIGKILL
     assert [p.name for p in complete_checkpoints(out)] == ["step-000002", "step-000004"]
     assert not (out / "checkpoints" / "step-000006").exists()
@@ -252,13 +249,13 @@ def test_recipe_differences_ignore_what_does_not_change_the_numbers():
     assert recipe_differences(saved, now) == ["training.learning_rate: 0.01 in the checkpoint, 0.1 now"]
 
 
-def test_fault_hook_is_inert_unless_set(monkeypatch):
-    monkeypatch.delenv(FAULT_ENV, raising=False)
-    assert fault("loss", 3) is None
-    monkeypatch.setenv(FAULT_ENV, "loss:3:nan,after_step:*:sleep0")
-    assert fault("loss", 3) == "nan"
-    assert fault("loss", 4) is None
-    assert fault("after_step", 9) is None
+def test_fault_hooks_act_only_where_asked():
+    loss = torch.tensor(1.5)
+    assert Hooks().at("loss", 3, loss) is loss  # a normal run: hooks do nothing
+    hooks = FaultHooks("loss:3:nan,after_step:*:sleep0")
+    assert torch.isnan(hooks.at("loss", 3, loss))
+    assert hooks.at("loss", 4, loss) is loss
+    assert hooks.at("after_step", 9) is None
 
 
 def test_position_next_epoch_resets_the_epoch_counters():

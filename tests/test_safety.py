@@ -15,7 +15,7 @@ from tinyrun import tiny_model_dir, tiny_recipe_dict, write_recipe, write_rows
 
 from peftrun.checkpoint import read_adapter, safe_torch_load, save_adapter, scrub
 from peftrun.errors import PeftrunError
-from peftrun.resume import remove_inside
+from peftrun.training.resume import remove_inside
 
 FAKE_TOKEN = "hf_" + "Zq8" * 12  # the shape of a hub token, not a real one
 

@@ -13,7 +13,7 @@ from tiny_text import ONE_THREAD_ENV, one_thread, save_tiny_with_tokenizer  # no
 
 from peftrun.predict import run_eval, run_predict
 from peftrun.recipe import recipe_from_dict
-from peftrun.train import train
+from peftrun.training.loop import train
 
 GOOD = ["great", "good", "fine", "nice"]
 BAD = ["awful", "bad", "poor", "sad"]

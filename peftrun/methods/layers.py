@@ -208,7 +208,7 @@ class ModulesToSave(nn.Module):
     def add_adapter(self, name: str, config=None) -> None:
         import copy
 
-        from peftrun.distributed import gathered
+        from peftrun.sharding import gathered
 
         with gathered(list(self.original_module.parameters())):  # ZeRO-3 leaves slices; a copy needs them whole
             copy_ = copy.deepcopy(self.original_module)

@@ -14,40 +14,25 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
-import signal
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from peftrun.checkpoint import atomic_dir, read_adapter, read_recipe_copy, safe_torch_load, write_adapter
-from peftrun.distributed import (
-    fsdp_version,
-    load_optimizer_state,
-    load_whole_adapter,
-    load_whole_trainable,
-    optimizer_state,
-    whole_adapter,
-    whole_trainable,
-)
 from peftrun.errors import PeftrunError
+from peftrun.training.engines import OPTIMIZER_FILE, Engine
+from peftrun.training.hooks import Hooks
+from peftrun.training.rng import read_rng, rng_state, set_rng_state, write_rng
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
-RNG_FILE = "rng_state.json"
-RNG_TENSORS = "rng_state.safetensors"
 TRAINABLE_FILE = "trainable.safetensors"
-ENGINE_DIR = "engine"  # DeepSpeed's own (sharded) optimizer state
 METRICS = "metrics.jsonl"
 STEP_DIR = re.compile(r"step-(\d{6,})")
 # Recipe keys that may change between a run and its resumption: they do not change what is computed.
@@ -64,18 +49,6 @@ RESUME_MAY_CHANGE = (
     "overwrite",
     "output_dir",
 )
-FAULT_ENV = "PEFTRUN_TEST_FAULT"
-
-
-class RunInterrupted(PeftrunError):
-    """SIGINT/SIGTERM stopped the run after a checkpoint was saved; exit 128 + signal number."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-    def render(self) -> str:
-        return self.message
 
 
 @dataclass
@@ -93,90 +66,6 @@ class Position:
 
     def next_epoch(self, epoch: int) -> None:
         self.epoch, self.batches, self.loss_sum, self.seen = epoch, 0, 0.0, 0
-
-
-# ------------------------------------------------------------------ test hook
-
-
-def fault(point: str, step: int) -> str | None:
-    """Failure injection for the reliability tests: PEFTRUN_TEST_FAULT="point:step:action[,...]".
-
-    step is a number or '*'; action is kill (SIGKILL this process), sleepSECONDS, or a word returned to the
-    caller (e.g. nan). Unset in normal use, where this returns None at once.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    for item in spec.split(","):
-        parts = item.strip().split(":")
-        if len(parts) != 3 or parts[0] != point or parts[1] not in ("*", str(step)):
-            continue
-        action = parts[2]
-        if action == "kill":
-            sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        if action.startswith("sleep"):
-            time.sleep(float(action[5:]))
-            return None
-        return action
-    return None
-
-
-# ------------------------------------------------------------------ RNG states
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(legacy=True),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def write_rng(folder: Path, states: list[dict[str, Any]]) -> None:
-    """Per-process RNG states as JSON (python, numpy) and safetensors (torch): no pickle."""
-    meta, tensors = [], {}
-    for rank, state in enumerate(states):
-        version, internal, gauss = state["python"]
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        meta.append(
-            {
-                "python": [version, list(internal), gauss],
-                "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-                "cuda_devices": len(state.get("cuda", [])),
-            }
-        )
-        tensors[f"rank{rank}.torch"] = state["torch"].clone()
-        for i, cuda in enumerate(state.get("cuda", [])):
-            tensors[f"rank{rank}.cuda{i}"] = cuda.clone()
-    (folder / RNG_FILE).write_text(json.dumps(meta))
-    save_file(tensors, str(folder / RNG_TENSORS))
-
-
-def read_rng(folder: Path, rank: int) -> dict[str, Any]:
-    meta = json.loads((folder / RNG_FILE).read_text())[rank]
-    tensors = load_file(str(folder / RNG_TENSORS))
-    version, internal, gauss = meta["python"]
-    kind, keys, pos, has_gauss, cached = meta["numpy"]
-    state = {
-        "python": (version, tuple(internal), gauss),
-        "numpy": (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
-        "torch": tensors[f"rank{rank}.torch"],
-    }
-    if meta["cuda_devices"]:
-        state["cuda"] = [tensors[f"rank{rank}.cuda{i}"] for i in range(meta["cuda_devices"])]
-    return state
 
 
 # ------------------------------------------------------------------ finding and pruning
@@ -287,26 +176,13 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return diffs
 
 
-# ------------------------------------------------------------------ the checkpointer
-
-
-def _rank_optimizer_file(rank: int) -> str:
-    return f"optimizer-rank{rank}.pt"
-
-
-def _is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
 # ------------------------------------------------------------------ what trains
 
 
-def trainable_state(accelerator, model, peft_model) -> dict[str, torch.Tensor]:
+def trainable_state(engine: Engine, model, peft_model) -> dict[str, torch.Tensor]:
     """Every trainable parameter ("param.NAME", whole) and the method's loop state ("method.KEY"), on the CPU.
     A collective under ZeRO-3 and FSDP: every rank calls it."""
-    state = {f"param.{n}": t for n, t in whole_trainable(accelerator, model, peft_model).items()}
+    state = {f"param.{n}": t for n, t in engine.whole_trainable(model, peft_model).items()}
     hook = peft_model.method.resume_state
     if hook is not None:
         extra = hook(peft_model, peft_model.active_adapter)
@@ -314,9 +190,7 @@ def trainable_state(accelerator, model, peft_model) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_trainable_state(
-    accelerator, model, peft_model, tensors: dict[str, torch.Tensor], folder: Path
-) -> None:
+def load_trainable_state(engine: Engine, model, peft_model, tensors: dict[str, torch.Tensor], folder: Path) -> None:
     saved = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
 
     def check(params: dict[str, torch.Tensor]) -> None:
@@ -327,32 +201,36 @@ def load_trainable_state(
             if n in saved and saved[n].shape != p.shape
         ]
         if missing or extra or wrong:
-            detail = (
-                (missing and f"missing {missing[:3]}") or (extra and f"unexpected {extra[:3]}") or wrong[:3]
-            )
+            detail = (missing and f"missing {missing[:3]}") or (extra and f"unexpected {extra[:3]}") or wrong[:3]
             raise PeftrunError(
                 f"the checkpoint's trainable parameters do not fit this model: {detail}",
                 where=str(folder / TRAINABLE_FILE),
                 hint="resume with the recipe and model the run started with",
             )
 
-    load_whole_trainable(accelerator, model, peft_model, saved, check)
+    engine.load_whole_trainable(model, peft_model, saved, check)
     hook = peft_model.method.load_resume_state
     if hook is not None:
         extra_state = {k.removeprefix("method."): v for k, v in tensors.items() if k.startswith("method.")}
         hook(peft_model, peft_model.active_adapter, extra_state)
 
 
-class Checkpointer:
-    """Saves and restores the loop's full state; one per run."""
+# ------------------------------------------------------------------ the checkpointer
 
-    def __init__(self, recipe, out: Path, accelerator, model, optimizer, scheduler):
+
+class Checkpointer:
+    """Saves and restores the loop's full state; one per run. What differs between engines (sharded
+    tensors, optimizer shards) is the engine's business."""
+
+    def __init__(self, recipe, out: Path, accelerator, engine: Engine, model, optimizer, scheduler, hooks: Hooks):
         self.recipe = recipe
         self.out = Path(out)
         self.accelerator = accelerator
+        self.engine = engine
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.hooks = hooks
         self.last: Path | None = None  # newest complete checkpoint of this run
         self._pending_rng: dict[str, Any] | None = None
 
@@ -379,9 +257,7 @@ class Checkpointer:
         position = self.load(folder)
         if acc.is_main_process:
             truncate_metrics(self.metrics_path, position.metrics_lines)
-        acc.print(
-            f"resuming from {folder} (step {position.step}, epoch {position.epoch}, batch {position.batches})"
-        )
+        acc.print(f"resuming from {folder} (step {position.step}, epoch {position.epoch}, batch {position.batches})")
         return position
 
     def load(self, folder: Path) -> Position:
@@ -405,25 +281,11 @@ class Checkpointer:
         peft_model = acc.unwrap_model(self.model)
         if (folder / TRAINABLE_FILE).is_file():
             tensors = load_file(str(folder / TRAINABLE_FILE))
-            load_trainable_state(acc, self.model, peft_model, tensors, folder)
+            load_trainable_state(self.engine, self.model, peft_model, tensors, folder)
         else:  # a checkpoint from before trainable.safetensors: the adapter holds what trains
             _, adapter_state = read_adapter(folder)
-            # ZeRO-3 and FSDP: load whole tensors, shard them again after
-            load_whole_adapter(acc, self.model, peft_model, peft_model.active_adapter, adapter_state)
-        if fsdp_version(acc) == 2:  # whole tensors saved by the main process, sent to every rank's shards
-            full = safe_torch_load(folder / OPTIMIZER_FILE) if acc.is_main_process else {}
-            load_optimizer_state(acc, self.model, self.optimizer, full)
-        elif fsdp_version(acc) == 1:  # each rank's own shard of the flat parameters' state
-            self.optimizer.load_state_dict(safe_torch_load(folder / _rank_optimizer_file(acc.process_index)))
-        elif _is_deepspeed(acc):
-            self.model.load_checkpoint(
-                str(folder / ENGINE_DIR),
-                tag="state",
-                load_module_strict=False,
-                load_lr_scheduler_states=False,
-            )
-        else:
-            self.optimizer.load_state_dict(safe_torch_load(folder / OPTIMIZER_FILE))
+            self.engine.load_whole_adapter(self.model, peft_model, peft_model.active_adapter, adapter_state)
+        self.engine.load_optimizer(self.model, self.optimizer, folder, safe_torch_load)
         self.scheduler.load_state_dict(safe_torch_load(folder / SCHEDULER_FILE))
         self._pending_rng = read_rng(folder, acc.process_index)
         self.last = folder
@@ -452,33 +314,23 @@ class Checkpointer:
                 remove_inside(tmp, root)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        if _is_deepspeed(acc):  # every rank writes its shard of the optimizer state
-            self.model.save_checkpoint(str(tmp / ENGINE_DIR), tag="state", exclude_frozen_parameters=True)
-        if fsdp_version(acc) == 1:  # likewise for FSDP1's flat-parameter shards
-            torch.save(self.optimizer.state_dict(), tmp / _rank_optimizer_file(acc.process_index))
+        optimizer_whole = self.engine.save_optimizer(self.model, self.optimizer, tmp)  # shards: every rank
         acc.wait_for_everyone()
         peft_model = acc.unwrap_model(self.model)
-        optimizer_whole = optimizer_state(acc, self.model, self.optimizer)  # FSDP: gathered on every rank
-        training_state = trainable_state(acc, self.model, peft_model)  # whole tensors, on every rank
+        training_state = trainable_state(self.engine, self.model, peft_model)  # whole tensors, on every rank
         # ZeRO-3 and FSDP leave each rank a slice: write whole tensors, not torch.Size([0]) or one shard
-        with whole_adapter(acc, self.model, peft_model, peft_model.active_adapter) as own:
+        with self.engine.whole_adapter(self.model, peft_model, peft_model.active_adapter) as own:
             if acc.is_main_process:
                 position.metrics_lines = count_lines(self.metrics_path)
                 with atomic_dir(root / name, tmp=tmp) as folder:
                     write_adapter(
-                        folder,
-                        peft_model,
-                        peft_model.active_adapter,
-                        self.recipe.model.name_or_path,
-                        recipe=self.recipe,
-                        state=own,
+                        folder, peft_model, peft_model.active_adapter, self.recipe.model.name_or_path,
+                        recipe=self.recipe, state=own,
                     )
                     save_file(training_state, str(folder / TRAINABLE_FILE))
-                    fault("checkpoint_write", position.step)
+                    self.hooks.at("checkpoint_write", position.step)
                     if optimizer_whole is not None:
                         torch.save(optimizer_whole, folder / OPTIMIZER_FILE)
-                    elif not _is_deepspeed(acc) and fsdp_version(acc) != 1:
-                        torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
                     torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
                     write_rng(folder, states)
                     (folder / STATE_FILE).write_text(json.dumps(asdict(position), indent=1) + "\n")
@@ -505,48 +357,3 @@ def resume_command(recipe) -> str:
     return f"peftrun train {source}{extra} --resume"
 
 
-# ------------------------------------------------------------------ signals
-
-
-class StopRequest:
-    """SIGINT/SIGTERM while training: note it, let the loop save at the next step, then exit.
-
-    A second signal of the same kind acts at once (the default handler is back after the first).
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-        print(
-            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
-            "(send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def requested(self, accelerator) -> int | None:
-        """The signal number when any process got one; every process gets the same answer."""
-        if accelerator.num_processes > 1:
-            flag = torch.tensor([self.signum or 0], device=accelerator.device)
-            flag = accelerator.reduce(flag, reduction="max")
-            return int(flag.item()) or None
-        return self.signum

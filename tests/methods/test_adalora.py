@@ -267,7 +267,7 @@ def test_training_loop_fills_total_step_prunes_and_saves_for_peft(tmp_path):
     peft = pytest.importorskip("peft")
     from tinyrun import tiny_model_dir, tiny_recipe_dict, write_recipe, write_rows
 
-    from peftrun.train import train
+    from peftrun.training.loop import train
 
     model_dir = tiny_model_dir(tmp_path)
     write_rows(tmp_path / "data" / "train.csv")
