@@ -20,11 +20,10 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
-from peftrun.errors import PeftrunError
 from peftrun.methods import Method, TunerConfig
 from peftrun.methods.inject import Injected, inject
 from peftrun.methods.layers import AdapterLayer
-from peftrun.methods.targets import IA3_FEEDFORWARD, IA3_TARGETS
+from peftrun.methods.targets import IA3_FEEDFORWARD, IA3_TARGETS, default_targets
 
 
 class IA3Config(TunerConfig):
@@ -111,13 +110,8 @@ class IA3Layer(AdapterLayer):
 
 
 def default_feedforward(model_type: str) -> list[str]:
-    if model_type not in IA3_FEEDFORWARD:
-        raise PeftrunError(
-            f"ia3 has no default feedforward_modules for model type '{model_type}'",
-            where="method.feedforward_modules",
-            hint="list the targets whose input ia3 scales (e.g. [down_proj]), or [] for none",
-        )
-    return list(IA3_FEEDFORWARD[model_type])
+    hint = "list the targets whose input ia3 scales (e.g. [down_proj]), or [] for none"
+    return default_targets(IA3_FEEDFORWARD, model_type, "ia3", field="feedforward_modules", hint=hint)
 
 
 def apply(peft_model, config: IA3Config, adapter_name: str) -> Injected:
