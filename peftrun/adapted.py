@@ -36,8 +36,10 @@ class PeftrunModel(nn.Module):
         method = get_method(method) if isinstance(method, str) else method
         if name in self.configs:
             raise PeftrunError(f"an adapter named '{name}' is already loaded")
-        method.apply(self, config, name)
-        self.configs[name] = config
+        resolved = method.apply(self, config, name)
+        # The model keeps its own copy of the config, with the defaults apply resolved that adapter_config.json
+        # names (inject's Injected.saved_fields); the caller's object is never written to.
+        self.configs[name] = config.model_copy(update=dict(getattr(resolved, "saved_fields", {})), deep=True)
         self.methods[name] = method
         self.set_adapter(name)
 
@@ -271,7 +273,21 @@ def format_trainable(trainable: int, total: int) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
 
 
-def wrap(model: nn.Module, task_type: str, method: str | Method, config: Any, name: str = "default") -> PeftrunModel:
+def wrap(
+    model: nn.Module,
+    task_type: str,
+    method: str | Method,
+    config: Any,
+    name: str = "default",
+    *,
+    fused_lora: bool = True,
+) -> PeftrunModel:
+    """`model` with adapter `name`. fused_lora: False runs this model's LoRA layers through the plain modules
+    instead of the fused function (a recipe's training.fused_lora)."""
     peft_model = PeftrunModel(model, task_type)
     peft_model.add_adapter(name, method, config)
+    if not fused_lora:
+        from peftrun.methods.lora import use_fused
+
+        use_fused(peft_model, False)
     return peft_model

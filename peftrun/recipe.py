@@ -153,6 +153,8 @@ class TrainingSection(Section):
     compile: bool | Literal["inductor", "aot_eager", "eager"] = False
     # a causal LM's loss in chunks, never holding the batch's full logits (peftrun/lm_loss.py)
     chunked_loss: bool = True
+    # LoRA's update as one fused function (peftrun/methods/lora_kernels.py); false runs the plain modules
+    fused_lora: bool = True
     progress_bar: bool = True
 
 
@@ -434,7 +436,10 @@ def build_method_config(recipe: Recipe, *, lines: dict[tuple[str, ...], int], so
         raise_validation_error(err, schema=method.Config, source=source, lines=lines, prefix=("method",))
     reason = method.unsupported_reason(recipe.model.task_type, config)
     if not reason and method.check_model is not None:
-        reason = method.check_model(recipe.model)
+        from peftrun.models import declared_model_type
+
+        name = recipe.model.name_or_path
+        reason = method.check_model(declared_model_type(name), name)
         if reason:
             raise PeftrunError(
                 f"method '{method.name}' cannot adapt this model: {reason}",

@@ -21,8 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from peftrun.errors import PeftrunError, did_you_mean
-
-TASK_TYPES: tuple[str, ...] = ("SEQ_2_SEQ_LM", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
+from peftrun.tasks import TASK_TYPES  # re-exported for callers that still import it from here
 
 
 class MethodConfig(BaseModel):
@@ -68,15 +67,18 @@ class Method:
     summary: str
     mergeable: bool
     Config: type[MethodConfig]
-    apply: Callable[..., None]
+    # apply(peft_model, config, adapter_name): layer-wrapping methods return inject()'s Injected (what was
+    # resolved from defaults); the config is left as it was given.
+    apply: Callable[..., Any]
     task_types: tuple[str, ...] = TASK_TYPES
     forward: Callable[..., Any] | None = None
     generate: Callable[..., Any] | None = None
     state: Callable[..., dict] | None = None
     load_state: Callable[..., None] | None = None
     check: Callable[[str, Any], str | None] | None = None
-    # check_model(recipe.model) -> reason or None: refuse an architecture before any weights load.
-    check_model: Callable[[Any], str | None] | None = None
+    # check_model(model_type, name_or_path) -> reason or None: refuse an architecture before any weights
+    # load (model_type as the base's config declares it, None where that is not known without loading).
+    check_model: Callable[[str | None, str], str | None] | None = None
     # Training hooks for methods whose update depends on the loop (AdaLoRA's rank allocator):
     # extra_loss(peft_model, name) -> tensor added to the loss; after_step(peft_model, name, step, total_steps).
     extra_loss: Callable[..., Any] | None = None

@@ -40,7 +40,7 @@ from torch import nn
 
 from peftrun.errors import PeftrunError
 from peftrun.methods import Method
-from peftrun.methods.inject import add_modules_to_save, freeze_base, resolve_targets, wrap_layers
+from peftrun.methods.inject import Injected, inject
 from peftrun.methods.layers import AdapterLayer
 from peftrun.methods.lora import LoraConfig
 from peftrun.methods.targets import ADALORA_TARGETS
@@ -380,28 +380,27 @@ def load_state(peft_model, name: str, state: dict[str, torch.Tensor]) -> None:
 # ------------------------------------------------------------------ applying
 
 
-def apply(peft_model, config: AdaLoraConfig, adapter_name: str) -> None:
-    model = peft_model.model
-    names = resolve_targets(model, config, ADALORA_TARGETS, "adalora", peft_model.task_type)
-    unknown = sorted(
-        set(config.rank_pattern or {})
-        - {f"{n}.lora_E" for n in names}
-        - {f"{n}.lora_E.{adapter_name}" for n in names}
+def apply(peft_model, config: AdaLoraConfig, adapter_name: str) -> Injected:
+    def check(names):
+        keys = {f"{n}.lora_E" for n in names} | {f"{n}.lora_E.{adapter_name}" for n in names}
+        unknown = sorted(set(config.rank_pattern or {}) - keys)
+        if unknown:
+            raise PeftrunError(
+                f"rank_pattern names {len(unknown)} module(s) that are not adapted, e.g. {unknown[0]}",
+                where="method.rank_pattern",
+                hint="the keys are '<module path>.lora_E' of the adapted modules",
+            )
+
+    return inject(
+        peft_model,
+        config,
+        adapter_name,
+        method="adalora",
+        layer=AdaLoraLayer,
+        targets=ADALORA_TARGETS,
+        bias=config.bias,
+        check=check,
     )
-    if unknown:
-        raise PeftrunError(
-            f"rank_pattern names {len(unknown)} module(s) that are not adapted, e.g. {unknown[0]}",
-            where="method.rank_pattern",
-            hint="the keys are '<module path>.lora_E' of the adapted modules",
-        )
-    wrap_layers(model, names, adapter_name, config, AdaLoraLayer, AdaLoraLayer)
-    add_modules_to_save(model, config, adapter_name, peft_model.task_type)
-    freeze_base(model)
-    if config.bias != "none":
-        for module in model.modules():
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, nn.Parameter) and (config.bias == "all" or isinstance(module, AdaLoraLayer)):
-                bias.requires_grad_(True)
 
 
 METHOD = Method(

@@ -27,7 +27,7 @@ from torch import nn
 
 from peftrun.errors import PeftrunError
 from peftrun.methods import Method, TunerConfig
-from peftrun.methods.inject import add_modules_to_save, freeze_base, resolve_targets, wrap_layers
+from peftrun.methods.inject import Injected, inject
 from peftrun.methods.layers import AdapterLayer
 from peftrun.methods.targets import SUBLAYER_OUTPUTS
 
@@ -112,17 +112,15 @@ def sublayer_regex(model_type: str, sublayers: list[str]) -> str:
     return "|".join(f"(?:{p})" for p in chosen)
 
 
-def apply(peft_model, config: BottleneckConfig, adapter_name: str) -> None:
-    model = peft_model.model
-    if config.target_modules is None:
-        regex = sublayer_regex(getattr(model.config, "model_type", "?"), config.sublayers)
-        targeting = config.model_copy(update={"target_modules": regex})
-    else:
-        targeting = config
-    names = resolve_targets(model, targeting, {}, "bottleneck", peft_model.task_type)
-    wrap_layers(model, names, adapter_name, config, BottleneckLayer, BottleneckLayer)
-    add_modules_to_save(model, config, adapter_name, peft_model.task_type)
-    freeze_base(model)
+def apply(peft_model, config: BottleneckConfig, adapter_name: str) -> Injected:
+    return inject(
+        peft_model,
+        config,
+        adapter_name,
+        method="bottleneck",
+        layer=BottleneckLayer,
+        targets=lambda model_type: sublayer_regex(model_type, config.sublayers),
+    )
 
 
 METHOD = Method(

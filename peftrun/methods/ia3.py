@@ -20,9 +20,8 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
-from peftrun.errors import PeftrunError
 from peftrun.methods import Method, TunerConfig
-from peftrun.methods.inject import add_modules_to_save, freeze_base, resolve_targets, wrap_layers
+from peftrun.methods.inject import Injected, inject
 from peftrun.methods.layers import AdapterLayer
 from peftrun.methods.targets import IA3_FEEDFORWARD, IA3_TARGETS, default_targets
 
@@ -94,69 +93,42 @@ class IA3Layer(AdapterLayer):
         vec = self.scale(self.active_adapters)
         return self.base_layer((x.to(vec.dtype) * vec).to(x.dtype), *args, **kwargs)
 
-    # (IA)³ rescales rather than adds, and touches the bias: merge and unmerge are its own.
-    def merge(self, names: Iterable[str] | None = None, *, keep_original: bool = True) -> None:
-        todo = [
-            n
-            for n in (list(names) if names is not None else self.active_adapters)
-            if n not in self.merged_adapters
-        ]
-        if not todo:
-            return
+    # (IA)³ rescales rather than adds, and scales the bias with the output: AdapterLayer's merge and
+    # unmerge with its own fold.
+    def merged_tensors(self) -> list[torch.Tensor]:
+        bias = self.bias
+        return [self.base_layer.weight] + ([bias] if bias is not None else [])
+
+    def fold(self, name: str, *, undo: bool = False) -> None:
         weight, bias = self.base_layer.weight, self.bias
-        if keep_original and not self.merged_adapters:
-            self._original_weight = weight.detach().clone()
-            self._original_bias = bias.detach().clone() if bias is not None else None
-        with torch.no_grad():
-            for name in todo:
-                vec = self.ia3_l[name]  # (out, 1) or (1, in): broadcasts over an (out, in) weight
-                weight.mul_((vec.T if self.fan_in_fan_out else vec).to(weight.dtype))
-                if not self.is_feedforward and bias is not None:
-                    bias.mul_(vec.flatten().to(bias.dtype))
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        if not self.merged_adapters:
-            return
-        weight, bias = self.base_layer.weight, self.bias
-        with torch.no_grad():
-            if hasattr(self, "_original_weight"):
-                weight.copy_(self._original_weight)
-                if bias is not None and self._original_bias is not None:
-                    bias.copy_(self._original_bias)
-                del self._original_weight, self._original_bias
-                self.merged_adapters.clear()
-                return
-            while self.merged_adapters:  # no copy kept: divide back (exact up to rounding)
-                vec = self.ia3_l[self.merged_adapters.pop()]
-                weight.div_((vec.T if self.fan_in_fan_out else vec).to(weight.dtype))
-                if not self.is_feedforward and bias is not None:
-                    bias.div_(vec.flatten().to(bias.dtype))
+        vec = self.ia3_l[name]  # (out, 1) or (1, in): broadcasts over an (out, in) weight
+        scale = (vec.T if self.fan_in_fan_out else vec).to(weight.dtype)
+        weight.div_(scale) if undo else weight.mul_(scale)
+        if not self.is_feedforward and bias is not None:
+            bias_scale = vec.flatten().to(bias.dtype)
+            bias.div_(bias_scale) if undo else bias.mul_(bias_scale)
 
 
-def apply(peft_model, config: IA3Config, adapter_name: str) -> None:
-    model = peft_model.model
-    model_type = getattr(model.config, "model_type", "?")
-    # Resolved now so that adapter_config.json names them, as peft writes them.
-    if config.target_modules is None:
-        config.target_modules = default_targets(IA3_TARGETS, model_type, "ia3")
-    if config.feedforward_modules is None:
-        if model_type not in IA3_FEEDFORWARD:
-            raise PeftrunError(
-                f"ia3 has no default feedforward_modules for model type '{model_type}'",
-                where="method.feedforward_modules",
-                hint="list the targets whose input ia3 scales (e.g. [down_proj]), or [] for none",
-            )
-        config.feedforward_modules = list(IA3_FEEDFORWARD[model_type])
-    names = resolve_targets(model, config, IA3_TARGETS, "ia3", peft_model.task_type)
-    ff = config.feedforward_modules
+def default_feedforward(model_type: str) -> list[str]:
+    hint = "list the targets whose input ia3 scales (e.g. [down_proj]), or [] for none"
+    return default_targets(IA3_FEEDFORWARD, model_type, "ia3", field="feedforward_modules", hint=hint)
 
-    def make_layer(module: nn.Module, name: str) -> IA3Layer:
-        return IA3Layer(module, is_feedforward(name, ff))
 
-    wrap_layers(model, names, adapter_name, config, make_layer, IA3Layer)
-    add_modules_to_save(model, config, adapter_name, peft_model.task_type)
-    freeze_base(model)
+def apply(peft_model, config: IA3Config, adapter_name: str) -> Injected:
+    # Defaults taken are named in adapter_config.json, as peft writes them.
+    return inject(
+        peft_model,
+        config,
+        adapter_name,
+        method="ia3",
+        layer=IA3Layer,
+        targets=IA3_TARGETS,
+        more_defaults={"feedforward_modules": default_feedforward},
+        make_layer=lambda module, name, resolved: IA3Layer(
+            module, is_feedforward(name, resolved["feedforward_modules"])
+        ),
+        save_defaults=True,
+    )
 
 
 METHOD = Method(

@@ -1,32 +1,102 @@
-"""Putting a weight-wrapping method into a model: find targets, wrap, freeze, mark what trains."""
+"""Putting a weight-wrapping method into a model: find targets, wrap, mark task heads, freeze, train biases.
+
+Every reparameterisation and additive method (lora, adalora, ia3, bottleneck, loha, lokr) goes through
+`inject()`; its `apply` names the layer class, the default-target table and its own extras. The config is
+read, never written: what was resolved from defaults comes back in `Injected`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 from torch import nn
 
+from peftrun.errors import PeftrunError
 from peftrun.methods import TunerConfig
 from peftrun.methods.layers import AdapterLayer, ModulesToSave
 from peftrun.methods.targets import default_targets, find_targets, set_module
-
-# Task heads that are new for a task and so train whole, as peft does for these task types.
-TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}
+from peftrun.tasks import TASK_HEADS
 
 
-def resolve_targets(
-    model: nn.Module, config: TunerConfig, table: dict[str, list[str]], method: str, task_type: str
-) -> list[str]:
-    targets = config.target_modules
-    if targets is None:
-        targets = default_targets(table, getattr(model.config, "model_type", "?"), method)
-    return find_targets(
+@dataclass(frozen=True)
+class Injected:
+    """What `inject()` resolved for one adapter.
+
+    target_modules: paths of the wrapped layers; modules_to_save: paths of the modules trained whole;
+    defaults: config fields left out and filled from the model type (target_modules, ia3's
+    feedforward_modules...); saved_fields: those of them adapter_config.json writes out, as peft does.
+    """
+
+    target_modules: tuple[str, ...]
+    modules_to_save: tuple[str, ...]
+    defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    saved_fields: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def model_type_of(model: nn.Module) -> str:
+    return getattr(model.config, "model_type", "?")
+
+
+def inject(
+    peft_model,
+    config: TunerConfig,
+    adapter_name: str,
+    *,
+    method: str,
+    layer: type[AdapterLayer],
+    targets: Mapping[str, list[str]] | Callable[[str], str | list[str]],
+    make_layer: Callable[[nn.Module, str, Mapping[str, Any]], AdapterLayer] | None = None,
+    more_defaults: Mapping[str, Callable[[str], Any]] | None = None,
+    save_defaults: bool = False,
+    bias: str = "none",
+    check: Callable[[Sequence[str]], None] | None = None,
+) -> Injected:
+    """Add adapter `adapter_name` of a layer-wrapping method to `peft_model.model`.
+
+    targets: the default targets (table by model type, or a function of it) where config.target_modules
+    is None. more_defaults: other fields the method fills from the model type when left None, resolved in
+    order after the targets (field -> function of the model type). make_layer(module, path, resolved):
+    builds a wrapper, given the resolved fields (default: `layer(module, path)`). save_defaults: whether
+    adapter_config.json names the defaults taken. bias: "none", "all" (every bias trains) or any other
+    value (the biases of this method's layers train). check(paths): refuses the resolved targets before
+    anything is wrapped.
+    """
+    model = peft_model.model
+    model_type = model_type_of(model)
+    defaults: dict[str, Any] = {}
+    if config.target_modules is None:
+        defaults["target_modules"] = (
+            targets(model_type) if callable(targets) else default_targets(targets, model_type, method)
+        )
+    for name, resolve in (more_defaults or {}).items():
+        if getattr(config, name) is None:
+            defaults[name] = resolve(model_type)
+    resolved = {name: getattr(config, name) for name in ("target_modules", *(more_defaults or {}))}
+    resolved.update(defaults)
+
+    names = find_targets(
         model,
-        targets,
+        resolved["target_modules"],
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
         exclude_modules=config.exclude_modules,
-        skip=modules_to_save_names(model, config, task_type),
+        skip=modules_to_save_names(model, config, peft_model.task_type),
+    )
+    if check is not None:
+        check(names)
+    build = make_layer or (lambda module, path, _resolved: layer(module, path))
+    wrap_layers(model, names, adapter_name, config, lambda module, path: build(module, path, resolved), layer)
+    saved = add_modules_to_save(model, config, adapter_name, peft_model.task_type)
+    freeze_base(model)
+    train_biases(model, bias, layer)
+    return Injected(
+        target_modules=tuple(names),
+        modules_to_save=tuple(saved),
+        defaults=MappingProxyType(defaults),
+        saved_fields=MappingProxyType(dict(defaults) if save_defaults else {}),
     )
 
 
@@ -44,8 +114,6 @@ def wrap_layers(
         if isinstance(module, layer_cls):
             layer = module
         elif isinstance(module, AdapterLayer):
-            from peftrun.errors import PeftrunError
-
             raise PeftrunError(
                 f"module '{name}' already carries a {type(module).__name__}; one base layer takes one method kind"
             )
@@ -57,8 +125,7 @@ def wrap_layers(
 
 def modules_to_save_names(model: nn.Module, config, task_type: str | None) -> list[str]:
     names = list(getattr(config, "modules_to_save", None) or [])
-    if task_type in TASK_HEADS:
-        names += [n for n in TASK_HEADS[task_type] if n not in names]
+    names += [n for n in TASK_HEADS.get(task_type, []) if n not in names]
     found = []
     for name, module in model.named_modules():
         if not name or isinstance(module, ModulesToSave) or ".original_module" in name or ".modules_to_save" in name:
@@ -70,8 +137,10 @@ def modules_to_save_names(model: nn.Module, config, task_type: str | None) -> li
     return found
 
 
-def add_modules_to_save(model: nn.Module, config, adapter_name: str, task_type: str) -> None:
-    for name in modules_to_save_names(model, config, task_type):
+def add_modules_to_save(model: nn.Module, config, adapter_name: str, task_type: str) -> list[str]:
+    """Give adapter `adapter_name` its trainable copy of each module trained whole; returns their paths."""
+    names = modules_to_save_names(model, config, task_type)
+    for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
@@ -81,6 +150,8 @@ def add_modules_to_save(model: nn.Module, config, adapter_name: str, task_type: 
         if isinstance(module, ModulesToSave) and adapter_name not in module.adapter_names():
             if any(name == n or name.endswith("." + n) for n in TASK_HEADS.get(task_type, [])):
                 module.add_adapter(adapter_name)
+                names.append(name)
+    return names
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -95,3 +166,13 @@ def freeze_base(model: nn.Module) -> None:
         elif isinstance(module, ModulesToSave):
             for p in module.modules_to_save.parameters():
                 p.requires_grad_(True)
+
+
+def train_biases(model: nn.Module, bias: str, layer: type[AdapterLayer]) -> None:
+    """peft's `bias` option: "all" trains every bias, "<method>_only" those of the method's layers."""
+    if bias == "none":
+        return
+    for module in model.modules():
+        param = getattr(module, "bias", None)
+        if isinstance(param, nn.Parameter) and (bias == "all" or isinstance(module, layer)):
+            param.requires_grad_(True)

@@ -7,7 +7,9 @@ allows) `delta_weight`. Merge, unmerge, switching, deleting and state I/O live h
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +30,30 @@ def base_weight_shape(layer: nn.Module) -> tuple[int, int]:
     raise PeftrunError(f"cannot adapt a {type(layer).__name__}: only Linear and Conv1D layers are supported")
 
 
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of new adapter tensors beside `weight`: fp32 unless the base is wider (adapters train in fp32)."""
+    dtype = weight.dtype if weight.is_floating_point() else torch.float32
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@contextlib.contextmanager
+def gathered(params: Sequence[torch.Tensor], enabled: bool = True, modifier_rank: int | None = None):
+    """Whole ZeRO-3 parameters inside the block, on every rank (a collective: all ranks must enter).
+
+    ZeRO-3 leaves each rank a slice of every weight; anything that reads weights whole (copying a head,
+    embedding a prompt's tokens) runs inside this block. With `modifier_rank`, what that rank writes into
+    them is partitioned back to every rank on leaving.
+    """
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not enabled or not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
+
+
 def rows_for_batch(rows: list[str | None], batch_size: int) -> list[str | None]:
     """The adapter of each row. generate() repeats each input k times in place (beams), so a batch k times
     longer than the names given repeats each name k times, the same way."""
@@ -39,15 +65,27 @@ def rows_for_batch(rows: list[str | None], batch_size: int) -> list[str | None]:
     return [name for name in rows for _ in range(k)]
 
 
+def row_groups(
+    rows: list[str | None], batch_size: int, names: Iterable[str], device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(adapter, indices of its rows) for each adapter of `names` that rows of the batch ask for."""
+    rows = rows_for_batch(rows, batch_size)
+    own = set(names)
+    for name in dict.fromkeys(rows):
+        if name is not None and name in own:
+            yield name, torch.tensor([i for i, r in enumerate(rows) if r == name], device=device)
+
+
 class AdapterLayer(nn.Module):
     """A frozen `base_layer` plus adapters keyed by name; subclasses add the maths."""
 
     adapter_attrs: tuple[str, ...] = ()
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module, shape: tuple[int, int] | None = None):
+        """shape: (out, in) where the base is no single Linear/Conv1D (an attention block); else its weight's."""
         super().__init__()
         self.base_layer = base_layer
-        self.out_features, self.in_features = base_weight_shape(base_layer)
+        self.out_features, self.in_features = shape or base_weight_shape(base_layer)
         # GPT-2's Conv1D stores its weight as (in, out): a "fan_in_fan_out" layer.
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.active_adapters: list[str] = []
@@ -79,10 +117,7 @@ class AdapterLayer(nn.Module):
 
     def adapter_tensor_kwargs(self) -> dict:
         """Device (see adapter_device) and dtype for new adapter tensors: fp32 unless the base is wider."""
-        weight = self.base_layer.weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
-        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # adapters train in fp32
-        return {"device": self.adapter_device(), "dtype": dtype}
+        return {"device": self.adapter_device(), "dtype": adapter_dtype(self.base_layer.weight)}
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), whatever the layer stores."""
@@ -110,33 +145,43 @@ class AdapterLayer(nn.Module):
         own = set(self.adapter_names())
         self.active_adapters = [n for n in names if n in own]
 
+    def merged_tensors(self) -> list[torch.Tensor]:
+        """The base tensors merging writes (the weight; (IA)³ scales the bias too)."""
+        return [self.base_layer.weight]
+
+    def fold(self, name: str, *, undo: bool = False) -> None:
+        """Fold adapter `name` into the base tensors (W <- W + ΔW), or with `undo` take it out again where
+        no original was kept (exact up to rounding)."""
+        weight = self.base_layer.weight
+        delta = self.delta_weight(name).to(weight.dtype)
+        delta = delta.T if self.fan_in_fan_out else delta
+        weight.sub_(delta) if undo else weight.add_(delta)
+
     def merge(self, names: Iterable[str] | None = None, *, keep_original: bool = True) -> None:
         """Fold adapters into the base weight. With keep_original, unmerge restores it bit for bit."""
         todo = [n for n in (list(names) if names is not None else self.active_adapters) if n not in self.merged_adapters]
         if not todo:
             return
-        weight = self.base_layer.weight
         if keep_original and not self.merged_adapters:
-            self._original_weight = weight.detach().clone()
+            self._originals = [t.detach().clone() for t in self.merged_tensors()]
         with torch.no_grad():
             for name in todo:
-                delta = self.delta_weight(name).to(weight.dtype)
-                weight.add_(delta.T if self.fan_in_fan_out else delta)
+                self.fold(name)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         if not self.merged_adapters:
             return
-        original = getattr(self, "_original_weight", None)
+        originals = getattr(self, "_originals", None)
         with torch.no_grad():
-            if original is not None:
-                self.base_layer.weight.copy_(original)
+            if originals is not None:
+                for tensor, original in zip(self.merged_tensors(), originals):
+                    tensor.copy_(original)
                 self.merged_adapters.clear()
-                del self._original_weight
+                del self._originals
                 return
             while self.merged_adapters:
-                delta = self.delta_weight(self.merged_adapters.pop()).to(self.base_layer.weight.dtype)
-                self.base_layer.weight.sub_(delta.T if self.fan_in_fan_out else delta)
+                self.fold(self.merged_adapters.pop(), undo=True)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -177,11 +222,7 @@ class AdapterLayer(nn.Module):
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each row of the batch goes through its own adapter (None: the base alone)."""
         out = result.clone()
-        rows = rows_for_batch(self.row_adapters or [], x.shape[0])
-        for name in dict.fromkeys(rows):
-            if name is None or name not in self.adapter_names():
-                continue
-            idx = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
+        for name, idx in row_groups(self.row_adapters or [], x.shape[0], self.adapter_names(), x.device):
             out[idx] = self.adapter_output(x[idx], result[idx], name)
         return out
 
@@ -206,10 +247,6 @@ class ModulesToSave(nn.Module):
             p.requires_grad_(False)
 
     def add_adapter(self, name: str, config=None) -> None:
-        import copy
-
-        from peftrun.sharding import gathered
-
         with gathered(list(self.original_module.parameters())):  # ZeRO-3 leaves slices; a copy needs them whole
             copy_ = copy.deepcopy(self.original_module)
         for p in copy_.parameters():

@@ -22,9 +22,10 @@ from torch import nn
 
 from peftrun.errors import PeftrunError
 from peftrun.methods import Method, MethodConfig
-from peftrun.methods.inject import freeze_base
-from peftrun.methods.layers import AdapterLayer
+from peftrun.methods.inject import freeze_base, model_type_of
+from peftrun.methods.layers import AdapterLayer, adapter_dtype, row_groups
 from peftrun.methods.targets import set_module
+from peftrun.tasks import CAUSAL_LM
 
 # Architectures whose attention block is Llama's: q/k/v/o projections, rotary queries, grouped keys/values.
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -47,23 +48,17 @@ class AdaptedAttention(AdapterLayer):
     adapter_attrs = ("adaption_prompt", "adaption_gate")
 
     def __init__(self, attention: nn.Module):
-        # An attention block has no single weight, so AdapterLayer's (out, in) bookkeeping does not apply;
-        # the switching, disabling, deleting and state plumbing does.
-        nn.Module.__init__(self)
-        self.base_layer = attention
-        self.fan_in_fan_out = False
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
-        self.row_adapters: list[str | None] | None = None
+        # An attention block has no single weight: (out, in) is (hidden, hidden); AdapterLayer's switching,
+        # disabling, deleting, state and mixed-batch plumbing apply as they are.
+        hidden = attention.config.hidden_size
+        super().__init__(attention, shape=(hidden, hidden))
         self.adaption_prompt = nn.ParameterDict()
         self.adaption_gate = nn.ParameterDict()
 
     def add_adapter(self, name: str, config: AdaptionPromptConfig) -> None:
         weight = self.base_layer.q_proj.weight
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        hidden = self.base_layer.config.hidden_size
-        prompt = torch.empty(1, config.adapter_len, hidden, device=weight.device, dtype=dtype)
+        dtype = adapter_dtype(weight)
+        prompt = torch.empty(1, config.adapter_len, self.in_features, device=weight.device, dtype=dtype)
         if not prompt.is_meta:
             prompt.normal_()  # the official code's embedding init: standard normal
         self.adaption_prompt[name] = nn.Parameter(prompt)
@@ -106,12 +101,7 @@ class AdaptedAttention(AdapterLayer):
                 output = output + self.adaption(hidden, rotary, name).to(output.dtype)
             return (output, *rest)
         extra = torch.zeros_like(output)
-        for name in dict.fromkeys(self.row_adapters):
-            if name not in self.adapter_names():
-                continue
-            idx = torch.tensor(
-                [i for i, r in enumerate(self.row_adapters) if r == name], device=output.device
-            )
+        for name, idx in row_groups(self.row_adapters, output.shape[0], self.adapter_names(), output.device):
             rows = tuple(t[idx] if t.shape[0] == output.shape[0] else t for t in rotary)
             extra[idx] = self.adaption(hidden[idx], rows, name).to(output.dtype)
         return (output + extra, *rest)
@@ -119,7 +109,7 @@ class AdaptedAttention(AdapterLayer):
 
 def apply(peft_model, config: AdaptionPromptConfig, adapter_name: str) -> None:
     model = peft_model.model
-    model_type = getattr(model.config, "model_type", "?")
+    model_type = model_type_of(model)
     if model_type not in LLAMA_FAMILY:
         raise PeftrunError(
             f"LLaMA-Adapter needs a Llama-family model ({', '.join(LLAMA_FAMILY)}); this one is '{model_type}'",
@@ -142,16 +132,13 @@ def apply(peft_model, config: AdaptionPromptConfig, adapter_name: str) -> None:
     freeze_base(model)
 
 
-def check_model(model_section) -> str | None:
-    """Refuse, before loading anything, a base whose declared architecture is not Llama's."""
-    from peftrun.models import declared_model_type
-
-    model_type = declared_model_type(model_section.name_or_path)
+def check_model(model_type: str | None, name_or_path: str) -> str | None:
+    """Refuse, before loading anything, a base whose declared architecture (None: unknown) is not Llama's."""
     if model_type is None or model_type in LLAMA_FAMILY:
         return None
     return (
         f"LLaMA-Adapter needs a Llama-family model ({', '.join(LLAMA_FAMILY)}), and "
-        f"{model_section.name_or_path} is a '{model_type}'"
+        f"{name_or_path} is a '{model_type}'"
     )
 
 
@@ -163,6 +150,6 @@ METHOD = Method(
     mergeable=False,
     Config=AdaptionPromptConfig,
     apply=apply,
-    task_types=("CAUSAL_LM",),
+    task_types=(CAUSAL_LM,),
     check_model=check_model,
 )

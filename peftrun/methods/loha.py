@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from peftrun.methods import Method
+from peftrun.methods.inject import Injected
 from peftrun.methods.lycoris import LycorisConfig, LycorisLayer, apply_lycoris
 
 
@@ -44,8 +45,8 @@ class LoHaLayer(LycorisLayer):
         return w1 * w2
 
 
-def apply(peft_model, config: LoHaConfig, adapter_name: str) -> None:
-    apply_lycoris(peft_model, config, adapter_name, LoHaLayer, "loha")
+def apply(peft_model, config: LoHaConfig, adapter_name: str) -> Injected:
+    return apply_lycoris(peft_model, config, adapter_name, LoHaLayer, "loha")
 
 
 METHOD = Method(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from peftrun.methods import Method
+from peftrun.methods.inject import Injected
 from peftrun.methods.lycoris import LycorisConfig, LycorisLayer, apply_lycoris
 
 
@@ -93,8 +94,8 @@ class LoKrLayer(LycorisLayer):
         return self.rescale[name]
 
 
-def apply(peft_model, config: LoKrConfig, adapter_name: str) -> None:
-    apply_lycoris(peft_model, config, adapter_name, LoKrLayer, "lokr")
+def apply(peft_model, config: LoKrConfig, adapter_name: str) -> Injected:
+    return apply_lycoris(peft_model, config, adapter_name, LoKrLayer, "lokr")
 
 
 METHOD = Method(

@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from peftrun.methods import Method, TunerConfig, lora_kernels
-from peftrun.methods.inject import add_modules_to_save, freeze_base, resolve_targets, wrap_layers
+from peftrun.methods.inject import Injected, inject
 from peftrun.methods.layers import AdapterLayer
 from peftrun.methods.targets import LORA_TARGETS
 
@@ -55,8 +55,9 @@ def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
 
 class LoraLayer(AdapterLayer):
     adapter_attrs = ("lora_A", "lora_B", "lora_magnitude_vector")
-    # The fused update of lora_kernels.py where it is exact; False (per layer or on the class) runs the
-    # plain modules, as does PEFTRUN_LORA_FASTPATH=0 in the environment.
+    # The fused update of lora_kernels.py where it is exact; False (per layer, on the class, or for one
+    # model through `use_fused(model, False)`, which a recipe's training.fused_lora: false asks for) runs
+    # the plain modules.
     fast_path: bool = lora_kernels.ENABLED
 
     def __init__(self, base_layer: nn.Module, name: str = ""):
@@ -74,16 +75,14 @@ class LoraLayer(AdapterLayer):
         alpha = pattern_value(config.alpha_pattern, self.module_name, config.lora_alpha)
         self.r[name] = r
         self.scaling[name] = lora_scaling(alpha, r, config.use_rslora)
-        device = self.adapter_device()
-        dtype = self.base_layer.weight.dtype if self.base_layer.weight.is_floating_point() else torch.float32
-        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # adapters train in fp32
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        kw = self.adapter_tensor_kwargs()
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.reset(name, config.init_lora_weights)
         if config.use_dora:
             with torch.no_grad():
-                norm = self._weight_norm(name).to(dtype)
+                norm = self._weight_norm(name).to(kw["dtype"])
             self.lora_magnitude_vector[name] = nn.Parameter(norm)
         self.active_adapters = [name]
 
@@ -151,18 +150,17 @@ class LoraLayer(AdapterLayer):
         return result + update.to(result.dtype)
 
 
-def apply(peft_model, config: LoraConfig, adapter_name: str) -> None:
-    model = peft_model.model
-    names = resolve_targets(model, config, LORA_TARGETS, "lora", peft_model.task_type)
-    wrap_layers(model, names, adapter_name, config, LoraLayer, LoraLayer)
-    add_modules_to_save(model, config, adapter_name, peft_model.task_type)
-    freeze_base(model)
-    if config.bias != "none":
-        for module in model.modules():
-            if config.bias == "all" or isinstance(module, LoraLayer):
-                bias = getattr(module, "bias", None)
-                if isinstance(bias, nn.Parameter):
-                    bias.requires_grad_(True)
+def apply(peft_model, config: LoraConfig, adapter_name: str) -> Injected:
+    return inject(
+        peft_model, config, adapter_name, method="lora", layer=LoraLayer, targets=LORA_TARGETS, bias=config.bias
+    )
+
+
+def use_fused(model: nn.Module, enabled: bool) -> None:
+    """Turn the fused LoRA path on or off for the LoRA layers of `model` (the class default is on)."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.fast_path = enabled
 
 
 METHOD = Method(

@@ -22,12 +22,11 @@ are 4-5x slower on CPU in the other layout).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-ENABLED = os.environ.get("PEFTRUN_LORA_FASTPATH", "1") != "0"
+# The fused path's default (LoraLayer.fast_path); a recipe turns it off per model with training.fused_lora.
+ENABLED = True
 
 # lowbias32's multipliers (C. Wellons, "Prospecting for hash functions"), as signed int32
 _M1 = 0x7FEB352D

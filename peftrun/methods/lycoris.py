@@ -17,10 +17,10 @@ from pydantic import Field
 from torch import nn
 
 from peftrun.methods import TunerConfig
-from peftrun.methods.inject import add_modules_to_save, freeze_base, resolve_targets, wrap_layers
+from peftrun.methods.inject import Injected, inject
 from peftrun.methods.layers import AdapterLayer
 from peftrun.methods.lora import pattern_value
-from peftrun.methods.targets import LORA_TARGETS, default_targets
+from peftrun.methods.targets import LORA_TARGETS
 
 
 class LycorisConfig(TunerConfig):
@@ -97,15 +97,9 @@ class LycorisLayer(AdapterLayer):
 
 def apply_lycoris(
     peft_model, config: LycorisConfig, adapter_name: str, layer_cls: type[LycorisLayer], method: str
-):
-    """Wrap the targets (peft's LoRA defaults per architecture), add task heads, freeze the base."""
-    model = peft_model.model
-    if config.target_modules is None:
-        # Resolved now so that adapter_config.json names them, as peft writes them.
-        config.target_modules = default_targets(
-            LORA_TARGETS, getattr(model.config, "model_type", "?"), method
-        )
-    names = resolve_targets(model, config, LORA_TARGETS, method, peft_model.task_type)
-    wrap_layers(model, names, adapter_name, config, layer_cls, layer_cls)
-    add_modules_to_save(model, config, adapter_name, peft_model.task_type)
-    freeze_base(model)
+) -> Injected:
+    """Wrap the targets (peft's LoRA defaults per architecture, named in adapter_config.json as peft
+    writes them), add task heads, freeze the base."""
+    return inject(
+        peft_model, config, adapter_name, method=method, layer=layer_cls, targets=LORA_TARGETS, save_defaults=True
+    )

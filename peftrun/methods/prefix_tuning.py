@@ -31,8 +31,7 @@ from torch import nn
 from peftrun.errors import PeftrunError
 from peftrun.methods import Method, PromptConfig
 from peftrun.methods.inject import add_modules_to_save, freeze_base
-
-SEQ2SEQ = "SEQ_2_SEQ_LM"
+from peftrun.tasks import SEQ_2_SEQ_LM
 
 
 class PrefixTuningConfig(PromptConfig):
@@ -84,7 +83,7 @@ def fill_geometry(config: PrefixTuningConfig, model: nn.Module, task_type: str) 
     elif config.token_dim is None or config.num_attention_heads is None:
         raise PeftrunError("give token_dim and num_attention_heads together, or neither", where="method")
     if config.num_transformer_submodules is None:
-        config.num_transformer_submodules = 2 if task_type == SEQ2SEQ else 1
+        config.num_transformer_submodules = 2 if task_type == SEQ_2_SEQ_LM else 1
     if config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
     if config.token_dim % config.num_attention_heads:
@@ -214,7 +213,7 @@ def forward(peft_model, name: str, input_ids=None, attention_mask=None, inputs_e
         cache is None or cache.get_seq_length() == 0
     ):  # a non-empty one came from an earlier call, prefix included
         cache = prefix_cache(peft_model, name, batch)
-    if peft_model.task_type == SEQ2SEQ:
+    if peft_model.task_type == SEQ_2_SEQ_LM:
         if kwargs.get("decoder_attention_mask") is not None:
             kwargs["decoder_attention_mask"] = torch.cat(
                 (_ones(batch, n, kwargs["decoder_attention_mask"]), kwargs["decoder_attention_mask"]), dim=1
@@ -262,7 +261,7 @@ def generate(peft_model, name: str, input_ids=None, attention_mask=None, **kwarg
     cache = prefix_cache(peft_model, name, batch * _expansion(model, kwargs))
     if kwargs.get("max_length") is not None:
         kwargs["max_length"] += n
-    if peft_model.task_type == SEQ2SEQ:
+    if peft_model.task_type == SEQ_2_SEQ_LM:
         start = (
             _first(model.generation_config, "decoder_start_token_id") or model.config.decoder_start_token_id
         )
@@ -317,7 +316,7 @@ def after_step(peft_model, name: str, step: int, total_steps: int) -> None:
 
 
 def check(task_type: str, config: PrefixTuningConfig) -> str | None:
-    expected = 2 if task_type == SEQ2SEQ else 1
+    expected = 2 if task_type == SEQ_2_SEQ_LM else 1
     if config.num_transformer_submodules not in (None, expected):
         return f"num_transformer_submodules is {expected} for {task_type} (prefixes for the decoder only, or the one stack)"
     return None

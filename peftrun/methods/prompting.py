@@ -16,7 +16,6 @@ call, and the checkpoint state (`prompt_embeddings`, peft's key). Each method fi
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,17 @@ from torch import nn
 from peftrun.errors import PeftrunError
 from peftrun.methods import Method, PromptConfig
 from peftrun.methods.inject import add_modules_to_save, freeze_base
-
-IGNORE_INDEX = -100
-TASK_TYPES = ("SEQ_2_SEQ_LM", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
-
+from peftrun.methods.layers import gathered
+from peftrun.tasks import (
+    CAUSAL_LM,
+    IGNORE_INDEX,
+    SEQ_2_SEQ_LM,
+    SEQ_CLS,
+    TASK_TYPES,
+    TOKEN_CLS,
+    has_label_names,
+    is_lm,
+)
 
 # ------------------------------------------------------------------ geometry
 
@@ -57,7 +63,7 @@ def fill_geometry(config: PromptConfig, model: nn.Module, task_type: str) -> Non
             data, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
         )
     if config.num_transformer_submodules is None:
-        config.num_transformer_submodules = 2 if task_type == "SEQ_2_SEQ_LM" else 1
+        config.num_transformer_submodules = 2 if task_type == SEQ_2_SEQ_LM else 1
     if config.token_dim is None:
         raise PeftrunError("cannot tell the model's hidden size", where="method.token_dim", hint="set it")
     weight = model.get_input_embeddings().weight
@@ -72,7 +78,7 @@ def fill_geometry(config: PromptConfig, model: nn.Module, task_type: str) -> Non
 
 def check_geometry(task_type: str, config: PromptConfig) -> str | None:
     """Refusals every soft-prompt method shares (Method.check)."""
-    if config.num_transformer_submodules not in (None, 1) and task_type != "SEQ_2_SEQ_LM":
+    if config.num_transformer_submodules not in (None, 1) and task_type != SEQ_2_SEQ_LM:
         return (
             f"num_transformer_submodules={config.num_transformer_submodules} means separate encoder and decoder "
             "prompts, which only an encoder-decoder model (SEQ_2_SEQ_LM) has; leave it out or set 1"
@@ -182,12 +188,7 @@ def text_init_ids(text: str, tokenizer, total: int) -> list[int]:
 def embed_ids(embeddings: nn.Module, ids: list[int] | torch.Tensor) -> torch.Tensor:
     """Rows of the frozen word embeddings, in fp32 (gathered first where ZeRO-3 has partitioned them)."""
     ids = torch.as_tensor(ids, dtype=torch.long, device=embeddings.weight.device)
-    gather = contextlib.nullcontext()
-    if hasattr(embeddings.weight, "ds_id"):
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters([embeddings.weight])
-    with gather:
+    with gathered([embeddings.weight]):
         return embeddings(ids).detach().clone().float()
 
 
@@ -268,23 +269,23 @@ def forward(
     prompts = _prompts(peft_model, name, batch, task_ids, inputs_embeds.dtype)
     kwargs.pop("position_ids", None)  # positions are the model's own, counted over the virtual tokens too
     token_types = kwargs.pop("token_type_ids", None)
-    if token_types is not None and task in ("SEQ_CLS", "TOKEN_CLS"):
+    if token_types is not None and has_label_names(task):
         kwargs["token_type_ids"] = _prepend(0, batch, n, token_types)
     inputs_embeds = torch.cat((prompts[:, :n], inputs_embeds), dim=1)
     if attention_mask is not None:
         attention_mask = _prepend(1, batch, n, attention_mask)
 
-    if task == "SEQ_2_SEQ_LM":
+    if task == SEQ_2_SEQ_LM:
         return _seq2seq_forward(peft_model, encoder, prompts, inputs_embeds, attention_mask, labels, kwargs)
-    if task == "CAUSAL_LM" and labels is not None:
+    if task == CAUSAL_LM and labels is not None:
         labels = _prepend(IGNORE_INDEX, batch, n, labels)
-    if task == "TOKEN_CLS":
+    if task == TOKEN_CLS:
         if labels is not None:
             labels = _prepend(IGNORE_INDEX, batch, n, labels)
         out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
         out.logits = out.logits[:, n:]  # one row of logits per real token, aligned with the labels given
         return out
-    if task == "SEQ_CLS" and attention_mask is not None and _last_token_pooler(model):
+    if task == SEQ_CLS and attention_mask is not None and _last_token_pooler(model):
         right_padded = bool((attention_mask[:, -1] == 0).any())
         if right_padded:
             inputs_embeds, attention_mask, positions = _left_align(inputs_embeds, attention_mask)
@@ -321,7 +322,7 @@ def generate(peft_model, name: str, input_ids=None, attention_mask=None, task_id
     seq2seq models return the decoder's tokens.
     """
     model, task = peft_model.model, peft_model.task_type
-    if task not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+    if not is_lm(task):
         raise PeftrunError(f"generation needs a causal or seq2seq LM; this model is {task}")
     if input_ids is None:
         raise PeftrunError("generate needs input_ids with a soft-prompt adapter")
@@ -337,11 +338,11 @@ def generate(peft_model, name: str, input_ids=None, attention_mask=None, task_id
         attention_mask = torch.ones_like(input_ids)
     attention_mask = _prepend(1, batch, n, attention_mask)
     allowed = kwargs.get("prefix_allowed_tokens_fn")
-    if allowed is not None and task == "CAUSAL_LM":
+    if allowed is not None and task == CAUSAL_LM:
         # decoding from embeddings, generate() shows only the new tokens; the caller expects prompt + new
         kwargs["prefix_allowed_tokens_fn"] = lambda row, seq: allowed(row, torch.cat((input_ids[row], seq)))
     out = model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
-    if task == "CAUSAL_LM":
+    if task == CAUSAL_LM:
         if isinstance(out, torch.Tensor):
             return torch.cat((input_ids, out), dim=1)
         out.sequences = torch.cat((input_ids, out.sequences), dim=1)

@@ -109,12 +109,18 @@ LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
 
 
-def default_targets(table: dict[str, list[str]], model_type: str, method: str) -> list[str]:
+def default_targets(
+    table: dict[str, list[str]],
+    model_type: str,
+    method: str,
+    *,
+    field: str = "target_modules",
+    hint: str = "name the modules to adapt, e.g. target_modules: [q_proj, v_proj], or 'all-linear'",
+) -> list[str]:
+    """`table`'s entry for the model type: what `method` takes for `field` when a config leaves it out."""
     if model_type not in table:
         raise PeftrunError(
-            f"{method} has no default target_modules for model type '{model_type}'",
-            where="method.target_modules",
-            hint="name the modules to adapt, e.g. target_modules: [q_proj, v_proj], or 'all-linear'",
+            f"{method} has no default {field} for model type '{model_type}'", where=f"method.{field}", hint=hint
         )
     return list(table[model_type])
 

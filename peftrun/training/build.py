@@ -57,7 +57,7 @@ def build(recipe):
         base.config.pad_token_id = tokenizer.pad_token_id
     if recipe.data.packing:
         base.config.use_cache = False  # transformers reads packed segments from position_ids only without a cache
-    model = wrap(base, task, recipe.method.name, recipe.method_config)
+    model = wrap(base, task, recipe.method.name, recipe.method_config, fused_lora=recipe.training.fused_lora)
     if recipe.training.compile:
         # in place, so parameter names (and so checkpoints) stay those of the plain model
         backend = "inductor" if recipe.training.compile is True else recipe.training.compile

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from peftrun.errors import PeftrunError
-from peftrun.sharding import gathered
+from peftrun.methods.layers import gathered
 from peftrun.training.launch import launched, wants_launcher
 
 OPTIMIZER_FILE = "optimizer.pt"
