@@ -41,11 +41,30 @@ def looks_secret(value: str) -> bool:
     return bool(TOKEN_SHAPE.search(value)) or any(s in value for s in _env_secrets())
 
 
+_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
 def mask_secrets(text: str) -> str:
-    """`text` with every credential replaced by <redacted>."""
-    text = TOKEN_SHAPE.sub(REDACTED, text)
+    """`text` with every credential replaced by <redacted>.
+
+    A token-shaped match takes the whole word around it (letters, digits, _ and -), so that no part
+    of a token glued to other text, or to another token, is left behind.
+    """
     for secret in _env_secrets():
         text = text.replace(secret, REDACTED)
+    spans: list[list[int]] = []
+    for match in TOKEN_SHAPE.finditer(text):
+        start, end = match.span()
+        while start > 0 and text[start - 1] in _WORD:
+            start -= 1
+        while end < len(text) and text[end] in _WORD:
+            end += 1
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    for start, end in reversed(spans):
+        text = text[:start] + REDACTED + text[end:]
     return text
 
 

@@ -223,7 +223,11 @@ class DeepSpeedSection(Section):
                     f"unknown key '{key}': neither accelerate's deepspeed_config keys nor DeepSpeed's own"
                     + (f" ({hint})" if hint else "")
                 )
-        mixed = sorted(self.model_fields_set & set(ACCELERATE_DEEPSPEED_KEYS))
+        # accelerate's keys set to other than their defaults (a saved recipe copy writes every key out)
+        mixed = sorted(
+            key for key in ACCELERATE_DEEPSPEED_KEYS
+            if getattr(self, key) != DeepSpeedSection.model_fields[key].get_default(call_default_factory=True)
+        )
         if self.json_config and mixed:
             raise ValueError(
                 f"give accelerate's keys ({', '.join(mixed)}) or DeepSpeed's own config "

@@ -147,8 +147,8 @@ def _construct(loader: _LimitedLoader, root: yaml.Node, source: str) -> Any:
         return loader.construct_document(root)
     except yaml.YAMLError as exc:
         raise _syntax_error(exc, source) from None
-    except (ValueError, OverflowError, TypeError) as exc:
-        # a scalar that matches a YAML type and cannot be built: 2024-13-45, an int of 5,000 digits
+    except Exception as exc:  # noqa: BLE001 - PyYAML's constructors on hostile input fail in many ways
+        # a scalar that cannot be built as its type: 2024-13-45, an int of 5,000 digits, `!!timestamp x`
         raise YamlSyntaxError(f"not valid YAML: a value cannot be read ({one_line(exc)})", where=source) from None
     finally:
         loader.dispose()
