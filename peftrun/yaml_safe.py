@@ -149,7 +149,8 @@ def _construct(loader: _LimitedLoader, root: yaml.Node, source: str) -> Any:
         raise _syntax_error(exc, source) from None
     except Exception as exc:  # noqa: BLE001 - PyYAML's constructors on hostile input fail in many ways
         # a scalar that cannot be built as its type: 2024-13-45, an int of 5,000 digits, `!!timestamp x`
-        raise YamlSyntaxError(f"not valid YAML: a value cannot be read ({one_line(exc)})", where=source) from None
+        why = one_line(exc) if isinstance(exc, (ValueError, OverflowError)) else "it does not fit its type or tag"
+        raise YamlSyntaxError(f"not valid YAML: a value cannot be read ({why})", where=source) from None
     finally:
         loader.dispose()
 
@@ -165,18 +166,20 @@ def key_lines(root: yaml.Node | None) -> Lines:
     """Every key path of a composed (and measured) document -> its 1-based line."""
     lines: Lines = {}
     stack: list[tuple[yaml.Node, tuple[str, ...]]] = [(root, ())] if root is not None else []
-    while stack:
+    while stack:  # in document order, so that a key given twice has its last line, as its value is the last
         node, path = stack.pop()
+        children: list[tuple[yaml.Node, tuple[str, ...]]] = []
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 sub = (*path, str(key.value))
-                lines.setdefault(sub, key.start_mark.line + 1)
-                stack.append((value, sub))
+                lines[sub] = key.start_mark.line + 1
+                children.append((value, sub))
         elif isinstance(node, yaml.SequenceNode):
             for i, value in enumerate(node.value):
                 sub = (*path, str(i))
-                lines.setdefault(sub, value.start_mark.line + 1)
-                stack.append((value, sub))
+                lines[sub] = value.start_mark.line + 1
+                children.append((value, sub))
+        stack.extend(reversed(children))
     return lines
 
 
@@ -189,9 +192,11 @@ def parse_yaml_lines(
     if "\x00" in text:
         raise PeftrunError(f"the {what} holds NUL bytes: a binary file, not YAML text", where=source)
     loader, root = _compose(text, source)
-    data = None if root is None else _construct(loader, root, source)
-    if root is None:
+    if root is None:  # empty, or only comments
         loader.dispose()
+        data = None
+    else:
+        data = _construct(loader, root, source)  # disposes of the loader
     if mapping:
         _check_top(data, source, what)
     return data, key_lines(root)

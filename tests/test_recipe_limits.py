@@ -321,3 +321,30 @@ def test_a_token_in_paths_and_options_is_never_echoed(tmp_path):
     assert usage.returncode == 2 and TOKEN not in usage.stderr and "No such option" in usage.stderr
     override = run_cli("validate", str(REPO / "recipes" / "quickstart.yaml"), "--set", f"data.{TOKEN}=1")
     assert TOKEN not in one_line_exit_2(override)
+
+
+# ------------------------------------------------------------------ found by the fuzz test
+
+
+def test_a_recipe_with_deepspeeds_own_keys_survives_its_saved_copy():
+    """to_dict() writes every DeepSpeed key out, defaults included; reading that copy back must work."""
+    recipe = recipe_from_dict(minimal(distributed={"deepspeed": {"zero_optimization": {"stage": 2}}}))
+    again = recipe_from_dict(yaml.safe_load(yaml.safe_dump(recipe.to_dict())))
+    assert again.distributed.deepspeed.json_config == {"zero_optimization": {"stage": 2}}
+    refused(
+        minimal(distributed={"deepspeed": {"zero_stage": 2, "zero_optimization": {"stage": 2}}}),
+        "not both",
+    )
+
+
+def test_explicit_tags_that_cannot_be_built_are_a_yaml_error():
+    for text in ("a: !!timestamp x\n", "a: !!int x\n", "a: !!float x\n", "a: !!map [1]\n"):
+        with pytest.raises(PeftrunError, match="not valid YAML"):
+            parse_yaml(text, source="t.yaml")
+
+
+def test_key_lines_follow_the_document():
+    from peftrun.yaml_safe import parse_yaml_lines
+
+    _, lines = parse_yaml_lines("a:\n  b: 1\n  c:\n    - x\n    - y\na:\n  b: 2\n", source="l.yaml")
+    assert lines[("a", "b")] == 7 and lines[("a", "c", "1")] == 5
