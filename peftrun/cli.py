@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from peftrun.errors import PeftrunError
+from peftrun.errors import PeftrunError, mask_secrets, one_line
 
 app = typer.Typer(
     name="peftrun",
@@ -28,7 +28,8 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a reci
 
 
 def fail(message: str, code: int = 2, prefix: str = "error: ") -> None:
-    typer.echo(f"{prefix}{message}", err=True)
+    """Print one line (credentials masked) on stderr and exit with `code`."""
+    typer.echo(mask_secrets(f"{prefix}{one_line(message)}"), err=True)
     raise typer.Exit(code)
 
 
@@ -74,7 +75,7 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     from peftrun.recipe import load_recipe
 
     r = load_recipe(recipe, set_)
-    typer.echo(f"{recipe}: ok ({r.method.name} on {r.model.name_or_path}, {r.model.task_type})")
+    typer.echo(mask_secrets(f"{recipe}: ok ({r.method.name} on {r.model.name_or_path}, {r.model.task_type})"))
 
 
 @app.command()
@@ -421,14 +422,41 @@ def combine(
     )
 
 
+def _show_usage_error(exc) -> None:
+    """Print a click usage error as typer itself would (a rich panel where rich is present)."""
+    try:
+        from typer.core import HAS_RICH
+        from typer.rich_utils import rich_format_error
+    except ImportError:
+        HAS_RICH = False
+    if HAS_RICH:
+        rich_format_error(exc)
+    else:
+        exc.show()
+
+
 def main() -> None:
     try:
-        app()
+        from typer._click import ClickException  # typer vendors click since 0.25
+    except ImportError:  # an older typer on plain click
+        from click import ClickException
+
+    try:
+        # click's own handling of usage errors would print the command line back unmasked: done here instead
+        code = app(standalone_mode=False)
+    except ClickException as exc:  # a usage error: unknown option or command, missing argument
+        exc.message = mask_secrets(exc.message)  # before any layout could wrap a token over two lines
+        _show_usage_error(exc)
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C or end of input at a prompt
+        sys.stderr.write("Aborted!\n")
+        sys.exit(1)
     except SystemExit:
         raise
     except Exception:
         if _debug():
             raise
         typer.echo("error: peftrun hit an unexpected problem (a bug); run again with --debug for the traceback:", err=True)
-        typer.echo("  " + traceback.format_exc().strip().splitlines()[-1], err=True)
+        typer.echo("  " + mask_secrets(traceback.format_exc().strip().splitlines()[-1]), err=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -6,11 +6,12 @@ Every check here runs before any model loads, so a typo costs a second, not a do
 from __future__ import annotations
 
 import copy
+import math
 import os
+import string
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -21,7 +22,18 @@ from pydantic import (
     model_validator,
 )
 
-from peftrun.errors import PeftrunError, did_you_mean
+from peftrun.errors import SECRET_KEYS, PeftrunError, did_you_mean, looks_secret, mask_secrets
+from peftrun.yaml_safe import MAX_DEPTH, YamlSyntaxError, parse_yaml, parse_yaml_lines, read_yaml_text
+
+# Upper bounds on what a recipe may ask for, so that a value that validates cannot crash a run later.
+MAX_SIZE = 2**20  # a batch, a sequence length, a rank, a label count: beyond any model or device of today
+MAX_COUNT = 2**31 - 1  # steps, samples: what every library's counters hold
+MAX_SEED = 2**32 - 1  # numpy's seeds are 0..2**32-1
+MAX_INT = 2**63 - 1  # any other integer, anywhere (config_overrides, DeepSpeed keys): an int64
+MAX_WORKERS = 64  # data loader worker processes
+MAX_PROCESSES = 1024  # training processes on one machine
+MAX_MACHINES = 2**16
+MAX_WEIGHT_DECAY = 100.0
 
 TaskType = Literal["SEQ_2_SEQ_LM", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS"]
 TASK_TYPES: tuple[str, ...] = ("SEQ_2_SEQ_LM", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
@@ -38,7 +50,7 @@ class ModelSection(Section):
     trust_remote_code: bool = False
     revision: str | None = None
     tokenizer: str | None = None
-    num_labels: int | None = Field(default=None, ge=1)
+    num_labels: int | None = Field(default=None, ge=1, le=MAX_SIZE)
     gguf_file: str | None = None
     random_init: bool = False
     config_overrides: dict[str, Any] = Field(default_factory=dict)
@@ -88,11 +100,11 @@ class DataSection(Section):
     target_template: str | None = None
     verbalizer: dict[str, str] | None = None
     label_names: list[str] | None = None
-    max_length: int = Field(default=128, ge=8)
-    target_max_length: int = Field(default=32, ge=1)
+    max_length: int = Field(default=128, ge=8, le=MAX_SIZE)
+    target_max_length: int = Field(default=32, ge=1, le=MAX_SIZE)
     eval_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-    max_train_samples: int | None = Field(default=None, ge=1)
-    max_eval_samples: int | None = Field(default=None, ge=1)
+    max_train_samples: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    max_eval_samples: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     train_on_inputs: bool = False
     drop_empty: bool = True
     # {name the recipe uses: column in the data}, as LLaMA-Factory's dataset_info `columns`
@@ -111,15 +123,23 @@ class DataSection(Section):
     @field_validator("verbalizer", "columns", mode="before")
     @classmethod
     def _string_keys(cls, value: Any) -> Any:
-        # YAML reads `{1: complaint}` with an int key; labels are matched as text
+        # YAML reads `{1: complaint}` with an int key; labels are matched as text. A list or mapping
+        # where a label belongs stays as it is, for the schema to refuse.
         if isinstance(value, dict):
-            return {str(k): v if v is None else str(v) for k, v in value.items()}
+            return {_text(k): _text(v) for k, v in value.items()}
         return value
 
     @field_validator("label_names", mode="before")
     @classmethod
     def _string_names(cls, value: Any) -> Any:
-        return [str(v) for v in value] if isinstance(value, list) else value
+        return [_text(v) for v in value] if isinstance(value, list) else value
+
+    @field_validator("template", "target_template")
+    @classmethod
+    def _valid_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_template(value)
+        return value
 
     @model_validator(mode="after")
     def _has_a_source(self) -> DataSection:
@@ -129,26 +149,26 @@ class DataSection(Section):
 
 
 class TrainingSection(Section):
-    num_epochs: int = Field(default=3, ge=1)
-    max_steps: int | None = Field(default=None, ge=1)
+    num_epochs: int = Field(default=3, ge=1, le=MAX_SIZE)
+    max_steps: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     learning_rate: float = Field(default=3e-4, gt=0.0, le=1.0)
-    batch_size: int = Field(default=8, ge=1)
-    eval_batch_size: int | None = Field(default=None, ge=1)
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=8, ge=1, le=MAX_SIZE)
+    eval_batch_size: int | None = Field(default=None, ge=1, le=MAX_SIZE)
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=MAX_SIZE)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_steps: int = Field(default=0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0, le=MAX_COUNT)
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
-    seed: int = 42
+    weight_decay: float = Field(default=0.0, ge=0.0, le=MAX_WEIGHT_DECAY)
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)  # null: no clipping (inf is refused)
+    seed: int = Field(default=42, ge=0, le=MAX_SEED)
     eval_each_epoch: bool = True
-    logging_steps: int = Field(default=10, ge=1)
-    save_steps: int | None = Field(default=None, ge=1)
+    logging_steps: int = Field(default=10, ge=1, le=MAX_COUNT)
+    save_steps: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     save_each_epoch: bool = True
-    keep_last_n: int | None = Field(default=2, ge=1)
+    keep_last_n: int | None = Field(default=2, ge=1, le=MAX_COUNT)
     auto_resume: bool = False
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int = Field(default=0, ge=0, le=MAX_WORKERS)
     # torch.compile of the base model's forward: true (inductor) or a backend name; the first steps compile.
     compile: bool | Literal["inductor", "aot_eager", "eager"] = False
     # a causal LM's loss in chunks, never holding the batch's full logits (peftrun/lm_loss.py)
@@ -205,7 +225,11 @@ class DeepSpeedSection(Section):
                     f"unknown key '{key}': neither accelerate's deepspeed_config keys nor DeepSpeed's own"
                     + (f" ({hint})" if hint else "")
                 )
-        mixed = sorted(self.model_fields_set & set(ACCELERATE_DEEPSPEED_KEYS))
+        # accelerate's keys set to other than their defaults (a saved recipe copy writes every key out)
+        mixed = sorted(
+            key for key in ACCELERATE_DEEPSPEED_KEYS
+            if getattr(self, key) != DeepSpeedSection.model_fields[key].get_default(call_default_factory=True)
+        )
         if self.json_config and mixed:
             raise ValueError(
                 f"give accelerate's keys ({', '.join(mixed)}) or DeepSpeed's own config "
@@ -226,7 +250,7 @@ class FsdpSection(Section):
     offload_params: bool = False
     auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
     transformer_layer_cls_to_wrap: str | None = None  # default: the model's own block class(es)
-    min_num_params: int = Field(default=100_000_000, ge=1)  # for SIZE_BASED_WRAP
+    min_num_params: int = Field(default=100_000_000, ge=1, le=MAX_INT)  # for SIZE_BASED_WRAP
     state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] = "FULL_STATE_DICT"
     cpu_ram_efficient_loading: bool = True
     activation_checkpointing: bool = False
@@ -239,8 +263,8 @@ class DistributedSection(Section):
     """
 
     accelerate_config: str | None = None
-    num_processes: int = Field(default=1, ge=1)
-    num_machines: int = Field(default=1, ge=1)
+    num_processes: int = Field(default=1, ge=1, le=MAX_PROCESSES)
+    num_machines: int = Field(default=1, ge=1, le=MAX_MACHINES)
     machine_rank: int = Field(default=0, ge=0)
     main_process_ip: str | None = None
     main_process_port: int | None = Field(default=None, ge=1, le=65535)
@@ -301,31 +325,7 @@ class Recipe(Section):
         return data
 
 
-# ---------------------------------------------------------------- YAML with line numbers
-
-
-def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map every key path in a YAML document to its 1-based line, for messages that say where."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                sub = (*path, str(key.value))
-                lines[sub] = key.start_mark.line + 1
-                walk(value, sub)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, value in enumerate(node.value):
-                lines[(*path, str(i))] = value.start_mark.line + 1
-                walk(value, (*path, str(i)))
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
+# ---------------------------------------------------------------- messages that say where (lines: yaml_safe.py)
 
 
 def _where(source: str | None, lines: dict[tuple[str, ...], int], loc: tuple[Any, ...]) -> str:
@@ -355,12 +355,45 @@ def _fields_at(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _short(value: Any) -> str:
-    from peftrun.checkpoint import looks_secret
-
     if isinstance(value, str) and looks_secret(value):
         return "'<redacted>'"
-    text = repr(value)
+    text = mask_secrets(repr(value))  # before cutting: a cut token no longer looks like one
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _text(value: Any) -> Any:
+    """A YAML scalar as text (labels and column names are matched as text); anything else unchanged."""
+    if value is None or isinstance(value, (list, dict, set, tuple, bytes)):
+        return value
+    return str(value)
+
+
+def check_template(template: str) -> None:
+    """A data.template / target_template is filled with str.format_map(row): refuse what that cannot do.
+
+    Only plain {column} fields (with an optional !s / !r / !a) are filled in; a literal brace is {{ or }}.
+    """
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"not a valid template: {exc} (write a literal brace as {{{{ or }}}})") from None
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if field == "" or field.isdigit():
+            raise ValueError(f"template field {{{field}}} names no column: write {{column_name}}")
+        if any(c in field for c in ".[]"):
+            raise ValueError(
+                f"template field {{{field}}} reaches into a value ('.' or '[]'); a template only fills in whole "
+                "columns (rename such a column with data.columns)"
+            )
+        if conversion not in (None, "s", "r", "a"):
+            raise ValueError(f"template field {{{field}!{conversion}}}: the conversion must be !s, !r or !a")
+        if spec:
+            raise ValueError(
+                f"template field {{{field}:{spec}}}: format specs are not supported; a template fills in "
+                "column text as it is"
+            )
 
 
 def raise_validation_error(
@@ -398,9 +431,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise PeftrunError(f"--set expects key.path=value, got '{item}'")
+    if len(parts) > MAX_DEPTH:
+        raise PeftrunError(f"--set {key.strip()[:60]}: a key path of {len(parts)} parts is deeper than any recipe")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = parse_yaml(raw, source=f"--set {key.strip()}") if raw.strip() else ""
+    except YamlSyntaxError:
         value = raw
     return parts, value
 
@@ -420,6 +455,50 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# ---------------------------------------------------------------- numbers and text that would fail later
+
+
+def find_unusable_value(value: Any, path: tuple[str, ...] = (), *, max_abs: float = MAX_INT):
+    """The first value under `value` that validates but would break a run: (key path, reason) or None.
+
+    Walks every mapping and list (typed fields, `Any` fields such as config_overrides, extra keys):
+    a float must be finite, an integer or float at most `max_abs` in size, a string free of NUL bytes.
+    """
+    stack: list[tuple[tuple[str, ...], Any]] = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, BaseModel):
+            item = item.model_dump()  # with extra keys (method parameters, DeepSpeed's own keys)
+        if isinstance(item, dict):
+            stack.extend(((*where, str(k)), v) for k, v in reversed(list(item.items())))
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(((*where, str(i)), v) for i, v in reversed(list(enumerate(item))))
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return where, f"must be a finite number (got {item!r})"
+            if abs(item) > max_abs:
+                return where, f"must be at most {max_abs:g} in size (got {item:g})"
+        elif isinstance(item, int):
+            if abs(item) > max_abs:
+                return where, f"must be at most {max_abs} in size (got {_short(item)})"
+        elif isinstance(item, str) and "\x00" in item:
+            return where, "holds a NUL character"
+    return None
+
+
+def check_values(
+    value: Any, *, source: str | None, lines: dict[tuple[str, ...], int], prefix: tuple[str, ...] = (),
+    max_abs: float = MAX_INT,
+) -> None:
+    """Raise a PeftrunError naming the key of the first value find_unusable_value finds."""
+    found = find_unusable_value(value, max_abs=max_abs)
+    if found:
+        where, reason = found
+        raise PeftrunError(reason, where=_where(source, lines, (*prefix, *where)))
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -434,6 +513,8 @@ def build_method_config(recipe: Recipe, *, lines: dict[tuple[str, ...], int], so
         config = method.Config.model_validate(recipe.method.params)
     except ValidationError as err:
         raise_validation_error(err, schema=method.Config, source=source, lines=lines, prefix=("method",))
+    # every method's numbers, whatever their fields: finite, and no larger than a size a model can take
+    check_values(config, source=source, lines=lines, prefix=("method",), max_abs=MAX_SIZE)
     reason = method.unsupported_reason(recipe.model.task_type, config)
     if not reason and method.check_model is not None:
         from peftrun.models import declared_model_type
@@ -457,6 +538,11 @@ def recipe_from_dict(
     data: Any, *, source: str | None = None, lines: dict[tuple[str, ...], int] | None = None
 ) -> Recipe:
     lines = lines or {}
+    if data is None:
+        raise PeftrunError(
+            "the recipe is empty: a recipe is a YAML mapping with model, method, data and training sections",
+            where=source,
+        )
     if not isinstance(data, dict):
         raise PeftrunError(
             f"a recipe is a YAML mapping with model, method, data and training sections, got {type(data).__name__}",
@@ -467,6 +553,7 @@ def recipe_from_dict(
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise_validation_error(err, schema=Recipe, source=source, lines=lines)
+    check_values(recipe, source=source, lines=lines)
     recipe._source = source
     recipe._method_config = build_method_config(recipe, lines=lines, source=source)
     _check_task_ids(recipe, source, lines)
@@ -521,19 +608,11 @@ def _check_hardware(recipe: Recipe, source: str | None, lines: dict[tuple[str, .
 def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file; raise PeftrunError on any user mistake."""
     source = str(path)
-    file = Path(path)
-    if not file.is_file():
-        raise PeftrunError("recipe file not found", where=source)
-    text = file.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise PeftrunError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
+    text = read_yaml_text(path, what="recipe file")
+    data, lines = parse_yaml_lines(text, source=source, mapping=False, what="recipe file")
     if isinstance(data, dict):
         data = apply_overrides(data, overrides or [])
-    recipe = recipe_from_dict(data, source=source, lines=_yaml_lines(text))
+    recipe = recipe_from_dict(data, source=source, lines=lines)
     recipe._overrides = list(overrides or [])
     return recipe
 
@@ -543,10 +622,14 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
 
 def refuse_secrets(data: Any, *, source: str | None, lines: dict[tuple[str, ...], int], path: tuple = ()) -> None:
     """Credentials belong in the environment (HF_TOKEN), never in a recipe that gets copied beside adapters."""
-    from peftrun.checkpoint import SECRET_KEYS, looks_secret
-
     if isinstance(data, dict):
         for key, value in data.items():
+            if isinstance(key, str) and looks_secret(key):
+                raise PeftrunError(
+                    "this key looks like a hub token; peftrun does not take secrets from recipes",
+                    where=_where(source, lines, (*path, str(key))),
+                    hint="remove it and export HF_TOKEN in the environment instead; the value is not shown here",
+                )
             if str(key).lower() in SECRET_KEYS:
                 raise PeftrunError(
                     f"'{key}' looks like a credential; peftrun does not take secrets from recipes",
@@ -569,7 +652,10 @@ def check_output_dir_value(output_dir: str, *, where: str) -> None:
     """output_dir gets files written and (checkpoints/) deleted: it must be a folder of its own."""
     if not output_dir.strip():
         raise PeftrunError("output_dir is empty", where=where)
-    out = Path(output_dir).expanduser().resolve()
+    try:
+        out = Path(output_dir).expanduser().resolve()
+    except RuntimeError as exc:  # ~someone who has no home folder here
+        raise PeftrunError(f"output_dir '{output_dir}' cannot be resolved: {exc}", where=where) from None
     repo = Path(__file__).resolve().parent.parent
     protected = (
         (Path(out.anchor), "the filesystem root"),
