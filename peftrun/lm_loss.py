@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from peftrun.tasks import IGNORE_INDEX
 
 # causal LMs whose forward is `logits = lm_head(last hidden state)` and whose loss is transformers'
 # ForCausalLM loss, each checked against transformers in tests/test_lm_loss.py
@@ -44,6 +44,11 @@ def applies(model: nn.Module, kwargs: dict) -> bool:
     """Whether `model(**kwargs)` may take its loss from `causal_lm_forward` (see the module docstring)."""
     if kwargs.get("labels") is None or not model.training or not torch.is_grad_enabled():
         return False
+    return plain_head(model)
+
+
+def plain_head(model: nn.Module) -> bool:
+    """Whether the model's logits are exactly `lm_head(last hidden state)` with a whole, plain Linear head."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in MODEL_TYPES:
         return False
@@ -151,3 +156,96 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = (grad_bias * grad_loss).to(ctx.dtypes[1])
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+# ------------------------------------------------------------------ per-sequence log-probabilities
+
+
+def sequence_logps(run_model, base: nn.Module, labels: torch.Tensor, *, chunked: bool, **inputs):
+    """Summed log-probabilities of each row's labelled tokens, and how many there are: (logps[B], counts[B]).
+
+    `run_model(**inputs)` runs the (adapted) model; `base` is the transformers model whose head it calls.
+    Preference objectives (DPO, ORPO, GRPO) need log p(answer | prompt) = sum_t log softmax(h_t W^T)[y_{t+1}],
+    a function of every logit of the answer. With `chunked` (and a plain head, `plain_head`) no N x V logits are
+    kept: the forward computes the sums chunk by chunk and the backward recomputes each chunk's softmax,
+
+        d logp_t / d h_t = (onehot(y_t) - softmax(h_t W^T)) W,   d logp_t / dW = (onehot - softmax)^T h_t,
+
+    scaled by the incoming gradient of that token. Otherwise the model's own logits are read. Soft-prompt
+    methods prepend virtual tokens: the labels are aligned to the end of the sequence.
+    """
+    head = base.get_output_embeddings()
+    use_chunks = chunked and plain_head(base)
+    seen: list[torch.Tensor] = []
+
+    def keep_hidden(module, args):
+        seen.append(args[0])
+        return (args[0][..., :0, :],)
+
+    handle = head.register_forward_pre_hook(keep_hidden) if use_chunks else None
+    try:
+        out = run_model(**inputs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    states = seen[0] if use_chunks else out.logits
+    if states.shape[1] > labels.shape[1]:  # virtual tokens in front
+        labels = nn.functional.pad(labels, (states.shape[1] - labels.shape[1], 0), value=IGNORE_INDEX)
+    targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(states.device)
+    flat_targets = targets.reshape(-1)
+    rows = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if use_chunks:
+        chunk = max(1, CHUNK_ELEMENTS // head.out_features)
+        flat = states.reshape(-1, states.shape[-1])
+        token = _ChunkedTokenLogps.apply(flat, head.weight, head.bias, flat_targets, rows, chunk)
+    else:
+        flat = states.reshape(-1, states.shape[-1]).index_select(0, rows).float()
+        token = flat.log_softmax(-1).gather(1, flat_targets[rows][:, None]).squeeze(1)
+    owner = rows // targets.shape[1]
+    logps = torch.zeros(targets.shape[0], dtype=torch.float32, device=states.device).index_add(0, owner, token)
+    counts = torch.zeros(targets.shape[0], dtype=torch.float32, device=states.device).index_add(
+        0, owner, torch.ones_like(token)
+    )
+    return logps, counts
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows, chunk):
+        out = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows.numel(), chunk):
+            idx = rows[start : start + chunk]
+            logits = nn.functional.linear(hidden.index_select(0, idx), weight, bias).float()
+            y = targets.index_select(0, idx)
+            out[start : start + idx.numel()] = logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, rows)
+        ctx.has_bias, ctx.chunk = bias is not None, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, rows = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
+        for start in range(0, rows.numel(), ctx.chunk):
+            idx = rows[start : start + ctx.chunk]
+            h = hidden.index_select(0, idx)
+            logits = nn.functional.linear(h, weight, bias).float()
+            grad = logits.softmax(-1).neg_()  # d logp / d logits = onehot - softmax
+            grad[torch.arange(idx.numel(), device=grad.device), targets.index_select(0, idx)] += 1.0
+            grad.mul_(grad_out[start : start + idx.numel(), None])
+            grad_low = grad.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden.index_copy_(0, idx, (grad_low @ weight.to(h.dtype)).to(grad_hidden.dtype))
+            if grad_weight is not None:
+                grad_weight += (grad_low.T @ h).float()
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
