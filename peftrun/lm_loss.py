@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from peftrun.tasks import IGNORE_INDEX
 
 # causal LMs whose forward is `logits = lm_head(last hidden state)` and whose loss is transformers'
 # ForCausalLM loss, each checked against transformers in tests/test_lm_loss.py

@@ -22,9 +22,9 @@ from pydantic import (
 )
 
 from peftrun.errors import PeftrunError, did_you_mean
+from peftrun.tasks import TASK_TYPES
 
-TaskType = Literal["SEQ_2_SEQ_LM", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS"]
-TASK_TYPES: tuple[str, ...] = ("SEQ_2_SEQ_LM", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
+TaskType = Literal[TASK_TYPES]  # type: ignore[valid-type]  # the task types of peftrun.tasks
 
 
 class Section(BaseModel):
@@ -353,7 +353,7 @@ def _fields_at(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _short(value: Any) -> str:
-    from peftrun.checkpoint import looks_secret
+    from peftrun.io.scrub import looks_secret
 
     if isinstance(value, str) and looks_secret(value):
         return "'<redacted>'"
@@ -538,7 +538,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
 
 def refuse_secrets(data: Any, *, source: str | None, lines: dict[tuple[str, ...], int], path: tuple = ()) -> None:
     """Credentials belong in the environment (HF_TOKEN), never in a recipe that gets copied beside adapters."""
-    from peftrun.checkpoint import SECRET_KEYS, looks_secret
+    from peftrun.io.scrub import SECRET_KEYS, looks_secret
 
     if isinstance(data, dict):
         for key, value in data.items():

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftrun.checkpoint import atomic_dir, read_adapter, read_recipe_copy, safe_torch_load, write_adapter
 from peftrun.distributed import (
     fsdp_version,
     load_optimizer_state,
@@ -39,6 +38,8 @@ from peftrun.distributed import (
     whole_trainable,
 )
 from peftrun.errors import PeftrunError
+from peftrun.io.atomic import atomic_dir
+from peftrun.io.peft_format import read_adapter, read_recipe_copy, safe_torch_load, write_adapter
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -494,7 +495,7 @@ class Checkpointer:
 
 
 def _resolved(recipe) -> dict[str, Any]:
-    from peftrun.checkpoint import scrub
+    from peftrun.io.scrub import scrub
 
     return json.loads(json.dumps(scrub(recipe.to_dict())))
 

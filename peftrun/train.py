@@ -14,11 +14,11 @@ from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
 from peftrun.adapted import PeftrunModel, wrap
-from peftrun.checkpoint import save_adapter
 from peftrun.data import Collator, label_names_for, load_splits, model_inputs, tokenize_split
 from peftrun.distributed import fsdp_generation, make_accelerator, rank_spread, shard_line, whole_adapter
 from peftrun.errors import PeftrunError
 from peftrun.evaluate import evaluate, report_lines
+from peftrun.io.peft_format import save_adapter
 from peftrun.memory import MemoryTracker
 from peftrun.memory import report as memory_report
 from peftrun.models import load_model, load_tokenizer

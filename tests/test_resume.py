@@ -21,7 +21,7 @@ from conftest import REPO, run_cli
 from safetensors.torch import load_file
 from tinyrun import tiny_model_dir, tiny_recipe_dict, write_recipe, write_rows
 
-from peftrun.checkpoint import read_adapter
+from peftrun.io.peft_format import read_adapter
 from peftrun.resume import (
     FAULT_ENV,
     Position,
