@@ -14,6 +14,7 @@ from peftrun import lm_loss
 from peftrun.errors import PeftrunError
 from peftrun.methods import Method, MethodConfig, get_method
 from peftrun.methods.layers import AdapterLayer, ModulesToSave
+from peftrun.tasks import CAUSAL_LM
 
 
 class PeftrunModel(nn.Module):
@@ -45,7 +46,7 @@ class PeftrunModel(nn.Module):
 
     def load_adapter(self, folder: str | Path, name: str = "default", *, allow_pickle: bool = False) -> None:
         """Add a saved adapter (peft format) under `name` beside those already loaded, and make it active."""
-        from peftrun.checkpoint import ADAPTER_CONFIG, config_from_peft, read_adapter
+        from peftrun.io.peft_format import ADAPTER_CONFIG, config_from_peft, read_adapter
         from peftrun.methods import method_for_peft_type
 
         folder = Path(folder)
@@ -144,7 +145,7 @@ class PeftrunModel(nn.Module):
 
     def run_base(self, *args, **kwargs):
         """The base model's forward; a causal LM's training loss in chunks (peftrun.lm_loss) where it applies."""
-        if self.chunked_loss and self.task_type == "CAUSAL_LM" and lm_loss.applies(self.model, kwargs):
+        if self.chunked_loss and self.task_type == CAUSAL_LM and lm_loss.applies(self.model, kwargs):
             return lm_loss.causal_lm_forward(self.model, *args, **kwargs)
         return self.model(*args, **kwargs)
 

@@ -20,6 +20,7 @@ from peftrun.adapted import PeftrunModel
 from peftrun.combination import Combined
 from peftrun.errors import PeftrunError
 from peftrun.generation import DEFAULT, GenerationOptions, build_prompt, generate_texts, prompt_style
+from peftrun.tasks import CAUSAL_LM
 
 NAME = re.compile(r"^[A-Za-z_][\w.-]*$")
 AdapterSpec = str | Path | Mapping[str, str | Path] | Sequence[str | Path] | None
@@ -83,8 +84,8 @@ def load(
     big-model inference); otherwise the model goes to `device` (default: CUDA when present, else CPU).
     The tokenizer is `model.tokenizer`.
     """
-    from peftrun.checkpoint import read_adapter
-    from peftrun.merge import adapter_tokenizer, load_adapted, model_section_for
+    from peftrun.io.loading import adapter_tokenizer, load_adapted, model_section_for
+    from peftrun.io.peft_format import read_adapter
     from peftrun.models import load_model
     from peftrun.recipe import ModelSection
 
@@ -109,7 +110,7 @@ def load(
             model.load_adapter(folder, name, allow_pickle=allow_pickle)
         model.set_adapter(use or first_name)
     else:
-        section = ModelSection(name_or_path=base, task_type=task_type or "CAUSAL_LM", **extra)
+        section = ModelSection(name_or_path=base, task_type=task_type or CAUSAL_LM, **extra)
         model = PeftrunModel(load_model(section), section.task_type)
         tokenizer = adapter_tokenizer(Path(base), section)
     if device_map is None:
@@ -121,7 +122,7 @@ def load(
 
 
 def _same_base(named: dict[str, Path], first_config: dict, base: str | None, allow_pickle: bool) -> None:
-    from peftrun.checkpoint import read_adapter
+    from peftrun.io.peft_format import read_adapter
 
     want = first_config.get("base_model_name_or_path")
     for name, folder in list(named.items())[1:]:

@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from peftrun.tasks import CAUSAL_LM, IGNORE_INDEX
+
 
 class LengthGroupedSampler(Sampler[int]):
     """Row indices whose consecutive runs of `batch_size` have similar lengths (full batches first, shuffled)."""
@@ -81,7 +83,7 @@ def pack_rows(rows: Sequence[dict], max_length: int) -> list[dict]:
         for i in sorted(members):  # the rows' own order inside a packed row
             row_ids, row_labels = list(rows[i]["input_ids"]), list(rows[i]["labels"])
             ids += row_ids
-            labels += [-100] + row_labels[1:]
+            labels += [IGNORE_INDEX] + row_labels[1:]
             positions += list(range(len(row_ids)))
         packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     return packed
@@ -99,7 +101,7 @@ class PackedCollator:
         for r in rows:
             extra = width - len(r["input_ids"])
             out["input_ids"].append(list(r["input_ids"]) + [self.pad] * extra)
-            out["labels"].append(list(r["labels"]) + [-100] * extra)
+            out["labels"].append(list(r["labels"]) + [IGNORE_INDEX] * extra)
             out["position_ids"].append(list(r["position_ids"]) + list(range(extra)))
         return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
 
@@ -108,7 +110,7 @@ def check_packing(task_type: str, method) -> None:
     """Packing needs a causal LM whose positions come from the batch; soft prompts prepend their own tokens."""
     from peftrun.errors import PeftrunError
 
-    if task_type != "CAUSAL_LM":
+    if task_type != CAUSAL_LM:
         raise PeftrunError(
             f"data.packing packs causal-LM rows; this recipe's task type is {task_type}",
             where="data.packing",

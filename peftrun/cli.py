@@ -338,7 +338,7 @@ def generate(
     loading=None,  # the LOADING flags, as a dict (see flag_group)
 ) -> None:
     """Generate with an adapter (or several: --adapter a=DIR --adapter b=DIR --use a) on its base model."""
-    from peftrun.generation import DEFAULT, answer, read_rows, write_rows
+    from peftrun.generation import DEFAULT, answer, answer_rows, read_rows
 
     if prompt is not None and input_ is not None:
         raise PeftrunError("give a PROMPT or --input FILE, not both")
@@ -350,7 +350,7 @@ def generate(
     model = _load_for_generation(adapter, use, no_adapter, **loading)
     default = None if no_adapter else DEFAULT
     if rows is not None:
-        write_rows(model, rows, options, output, default=default, style=template, system=system, batch_size=batch_size)
+        answer_rows(model, rows, options, output, default=default, style=template, system=system, batch_size=batch_size)
     else:
         answer(model, prompt, options, adapter=default, style=template, system=system, stream=stream)
 

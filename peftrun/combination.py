@@ -33,16 +33,16 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from peftrun.checkpoint import (
+from peftrun.errors import PeftrunError, did_you_mean
+from peftrun.io.atomic import atomic_dir
+from peftrun.io.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     RECIPE_COPY,
-    atomic_dir,
     read_adapter,
     read_recipe_copy,
-    scrub,
 )
-from peftrun.errors import PeftrunError, did_you_mean
+from peftrun.io.scrub import scrub
 from peftrun.methods.lora import LoraConfig, lora_scaling, pattern_value
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")

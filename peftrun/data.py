@@ -20,8 +20,8 @@ from peftrun.prompts import (
     target_text,
     verbalize,
 )
+from peftrun.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS
 
-IGNORE_INDEX = -100
 SPLIT_NAMES = {"train": ("train",), "eval": ("validation", "dev", "eval", "valid", "val"), "test": ("test",)}
 EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -357,19 +357,19 @@ def tokenize_split(
             out["reference"] = target_text(row, data_cfg)
         return out
 
-    if data_cfg.format == "text" and task_type != "CAUSAL_LM":
+    if data_cfg.format == "text" and task_type != CAUSAL_LM:
         raise PeftrunError(
-            f"data.format 'text' (language modelling on whole texts) is for CAUSAL_LM, not {task_type}",
+            f"data.format 'text' (language modelling on whole texts) is for {CAUSAL_LM}, not {task_type}",
             where="data.format",
         )
-    if (task_type == "TOKEN_CLS") != (data_cfg.format == "tokens"):
+    if (task_type == TOKEN_CLS) != (data_cfg.format == "tokens"):
         raise PeftrunError(
             f"task_type {task_type} with data.format '{data_cfg.format}' does not fit",
             where="data.format",
             hint="token classification reads pre-split words and their tags: data.format: tokens with "
-            "task_type: TOKEN_CLS, and only then",
+            f"task_type: {TOKEN_CLS}, and only then",
         )
-    fn = {"SEQ_CLS": seq_cls, "TOKEN_CLS": token_cls, "SEQ_2_SEQ_LM": seq2seq, "CAUSAL_LM": causal}[task_type]
+    fn = {SEQ_CLS: seq_cls, TOKEN_CLS: token_cls, SEQ_2_SEQ_LM: seq2seq, CAUSAL_LM: causal}[task_type]
     fn = with_task_ids(fn, ds, data_cfg)
     return ds.map(fn, remove_columns=ds.column_names, desc=None)
 

@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftrun.tasks import CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS
+
 GB = 1e9
 ADAMW_STATE_BYTES = 8
 GRAD_BYTES = 4
@@ -89,9 +91,9 @@ def _batch(model: nn.Module, task_type: str, batch: int, seq: int, target: int) 
     ids = torch.zeros(batch, seq, dtype=torch.long, device=meta)
     # no attention mask: a mask makes transformers test its values, which meta tensors do not have
     inputs = {"input_ids": ids}
-    if task_type == "SEQ_CLS":
+    if task_type == SEQ_CLS:
         inputs["labels"] = torch.zeros(batch, dtype=torch.long, device=meta)
-    elif task_type == "SEQ_2_SEQ_LM":
+    elif task_type == SEQ_2_SEQ_LM:
         inputs["labels"] = torch.zeros(batch, target, dtype=torch.long, device=meta)
     else:
         inputs["labels"] = torch.zeros(batch, seq, dtype=torch.long, device=meta)
@@ -237,13 +239,13 @@ def estimate(
     adapted.train()
     adapted.chunked_loss = recipe.training.chunked_loss
     a_method = a_zero3 = saved_activation_bytes(adapted, inputs, m.gradient_checkpointing)
-    if adapted.chunked_loss and task == "CAUSAL_LM":
+    if adapted.chunked_loss and task == CAUSAL_LM:
         adapted.chunked_loss = False  # ZeRO-3 partitions the output head, which keeps transformers' loss
         a_zero3 = saved_activation_bytes(adapted, inputs, m.gradient_checkpointing)
     w_method, n_method, n_t = weight_bytes(adapted)
 
     method = recipe.method.name
-    est = Estimate(m.name_or_path, n, batch, seq, target if task == "SEQ_2_SEQ_LM" else None, baseline)
+    est = Estimate(m.name_or_path, n, batch, seq, target if task == SEQ_2_SEQ_LM else None, baseline)
     est.rows = [
         _plain_row("full fine-tuning", w_full, n, a_full, baseline),
         _plain_row(method, w_method, n_t, a_method, baseline),

@@ -8,13 +8,14 @@ constrained to them by default (`data.constrain_labels`), so every prediction is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from peftrun import metrics
-from peftrun.data import IGNORE_INDEX, model_inputs
+from peftrun.data import model_inputs
+from peftrun.generation import GenerationOptions, generate_texts
 from peftrun.prompts import label_strings
+from peftrun.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, has_label_names, is_lm
 
 
 @dataclass
@@ -38,7 +39,7 @@ class LabelConstraint:
         self.eos = tokenizer.eos_token_id
         self.sequences: list[list[int]] = []
         for label in labels:
-            if task_type == "SEQ_2_SEQ_LM":
+            if task_type == SEQ_2_SEQ_LM:
                 ids = list(tokenizer(text_target=label)["input_ids"])
             else:
                 ids = list(tokenizer(label, add_special_tokens=False)["input_ids"])
@@ -55,59 +56,31 @@ class LabelConstraint:
         return sorted(allowed) if allowed else [self.eos if self.eos is not None else 0]
 
 
-def generate_texts(
-    model,
-    batch: dict[str, Any],
-    tokenizer,
-    task_type: str,
-    max_new_tokens: int,
-    constraint: LabelConstraint | None = None,
-) -> list[str]:
-    """Greedy decoding of each row's answer (from the left-padded prompt, for causal LMs)."""
-    if task_type == "CAUSAL_LM":
-        ids, mask = batch["prompt_ids"], batch["prompt_attention_mask"]
-    else:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-    kwargs: dict[str, Any] = {}
-    if constraint is not None:
-        constraint.start = ids.shape[1] if task_type == "CAUSAL_LM" else 1  # seq2seq: after the start token
-        kwargs["prefix_allowed_tokens_fn"] = constraint
-        max_new_tokens = constraint.max_new_tokens
-    device = next(model.parameters()).device
-    if "task_ids" in batch:  # multitask prompts
-        kwargs["task_ids"] = batch["task_ids"].to(device)
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **kwargs,
+def label_options(tokenizer, data_cfg) -> GenerationOptions:
+    """How eval and predict decode answers: greedy, up to the answers' length, stopping at the tokenizer's
+    EOS (which training appended to every answer); the model's own repetition penalty, if any."""
+    return GenerationOptions(
+        max_new_tokens=data_cfg.target_max_length, repetition_penalty=None, eos_token_id=tokenizer.eos_token_id
     )
-    if task_type == "CAUSAL_LM":
-        out = out[:, ids.shape[1] :]
-    return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def make_constraint(tokenizer, data_cfg, task_type: str) -> LabelConstraint | None:
     labels = label_strings(data_cfg)
-    if not (labels and data_cfg.constrain_labels) or task_type not in ("SEQ_2_SEQ_LM", "CAUSAL_LM"):
+    if not (labels and data_cfg.constrain_labels) or not is_lm(task_type):
         return None
     return LabelConstraint(tokenizer, labels, task_type)
 
 
 def _target_tokens(labels: torch.Tensor, task_type: str) -> int:
     """How many tokens the LM loss averaged over (causal LMs predict token t+1 from t)."""
-    if task_type == "CAUSAL_LM":
+    if task_type == CAUSAL_LM:
         labels = labels[:, 1:]
     return int((labels != IGNORE_INDEX).sum())
 
 
 def wants_generation(task_type: str, data_cfg) -> bool:
     """Seq2seq always generates its answer; a causal LM does when its answers are labels."""
-    return task_type == "SEQ_2_SEQ_LM" or (task_type == "CAUSAL_LM" and bool(label_strings(data_cfg)))
+    return task_type == SEQ_2_SEQ_LM or (task_type == CAUSAL_LM and bool(label_strings(data_cfg)))
 
 
 @torch.no_grad()
@@ -130,28 +103,29 @@ def evaluate(
     if generate is None:
         generate = wants_generation(task_type, data_cfg)
     constraint = make_constraint(tokenizer, data_cfg, task_type) if generate else None
+    options = label_options(tokenizer, data_cfg)
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     loss_sums, weights, preds, refs = [], [], [], []
     for batch in loader:
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         out = model(**inputs)
-        if task_type in ("SEQ_CLS", "TOKEN_CLS"):
+        if has_label_names(task_type):
             weight = batch["input_ids"].shape[0]
         else:
             weight = _target_tokens(batch["labels"], task_type)
         loss_sums.append(out.loss.detach().float().cpu() * weight)
         weights.append(weight)
-        if task_type == "SEQ_CLS":
+        if task_type == SEQ_CLS:
             preds += out.logits.argmax(-1).tolist()
             refs += batch["labels"].tolist()
-        elif task_type == "TOKEN_CLS":
+        elif task_type == TOKEN_CLS:
             for p_row, l_row in zip(out.logits.argmax(-1).tolist(), batch["labels"].tolist()):
                 keep = [i for i, lab in enumerate(l_row) if lab != IGNORE_INDEX]
                 preds.append([label_names[p_row[i]] for i in keep])
                 refs.append([label_names[l_row[i]] for i in keep])
         elif generate:
             preds += generate_texts(
-                unwrapped, batch, tokenizer, task_type, data_cfg.target_max_length, constraint
+                unwrapped, tokenizer, batch, options=options, constraint=constraint, task_type=task_type
             )
             refs += list(batch["reference"])
     sums = torch.stack([torch.stack(loss_sums).sum(), torch.tensor(float(sum(weights)))])
@@ -160,13 +134,13 @@ def evaluate(
     preds, refs = _gather(accelerator, preds), _gather(accelerator, refs)
     eval_loss = (sums[0] / sums[1].clamp(min=1)).item()
     result: dict[str, float] = {"eval_loss": eval_loss}
-    if task_type == "SEQ_CLS":
+    if task_type == SEQ_CLS:
         result["accuracy"] = metrics.accuracy(preds, refs)
         binary = len(label_names or []) == 2
         result["f1"] = metrics.f1(preds, refs, average="binary" if binary else "macro")
         preds = [label_names[p] for p in preds]
         refs = [label_names[r] for r in refs]
-    elif task_type == "TOKEN_CLS":
+    elif task_type == TOKEN_CLS:
         result["entity_f1"] = metrics.entity_f1(preds, refs)
         flat_p = [t for row in preds for t in row]
         flat_r = [t for row in refs for t in row]

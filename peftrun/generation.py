@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from peftrun.errors import PeftrunError
+from peftrun.io.rows import write_rows
+from peftrun.tasks import CAUSAL_LM, is_lm
 
 STYLES = ("auto", "chat", "alpaca", "raw")
 DEFAULT = "<active>"  # a row that names no adapter uses the model's active one; None means the base model
@@ -21,7 +23,10 @@ DEFAULT = "<active>"  # a row that names no adapter uses the model's active one;
 
 @dataclass
 class GenerationOptions:
-    """Decoding: greedy by default; do_sample for temperature/top-p/top-k sampling; num_beams for beam search."""
+    """Decoding: greedy by default; do_sample for temperature/top-p/top-k sampling; num_beams for beam search.
+
+    repetition_penalty None and eos_token_id None leave those to the model's generation config.
+    """
 
     max_new_tokens: int = 128
     do_sample: bool = False
@@ -29,8 +34,9 @@ class GenerationOptions:
     top_p: float = 1.0
     top_k: int = 50
     num_beams: int = 1
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = 1.0
     seed: int | None = None
+    eos_token_id: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -42,7 +48,7 @@ class GenerationOptions:
             (0 < self.top_p <= 1, "top_p must lie in (0, 1]"),
             (self.top_k >= 0, "top_k must be 0 (off) or more"),
             (self.num_beams >= 1, "num_beams must be at least 1"),
-            (self.repetition_penalty > 0, "repetition_penalty must be above 0"),
+            (self.repetition_penalty is None or self.repetition_penalty > 0, "repetition_penalty must be above 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -53,9 +59,12 @@ class GenerationOptions:
             "max_new_tokens": self.max_new_tokens,
             "do_sample": self.do_sample,
             "num_beams": self.num_beams,
-            "repetition_penalty": self.repetition_penalty,
             "pad_token_id": tokenizer.pad_token_id,
         }
+        if self.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.eos_token_id is not None:
+            kwargs["eos_token_id"] = self.eos_token_id
         if self.do_sample:  # transformers warns when these are set for greedy decoding
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:
@@ -75,14 +84,14 @@ def prompt_style(model, name: str | None, tokenizer, style: str = "auto") -> str
         if style == "chat" and not getattr(tokenizer, "chat_template", None):
             raise PeftrunError("this tokenizer has no chat template", hint="use --template raw or alpaca")
         return style
-    from peftrun.checkpoint import read_recipe_copy
+    from peftrun.io.peft_format import read_recipe_copy
 
     folder = model.adapter_folders.get(name) if name else None
     recipe = read_recipe_copy(folder) if folder else None
     if recipe:
         data_format = (recipe.get("data") or {}).get("format", "plain")
         return {"alpaca": "alpaca", "chat": "chat"}.get(data_format, "raw")
-    if model.task_type == "CAUSAL_LM" and getattr(tokenizer, "chat_template", None):
+    if model.task_type == CAUSAL_LM and getattr(tokenizer, "chat_template", None):
         return "chat"
     return "raw"
 
@@ -145,35 +154,67 @@ def input_device(model) -> torch.device:
 # ------------------------------------------------------------------ generating
 
 
+def _encode(tokenizer, prompts: list[str], causal: bool) -> dict[str, torch.Tensor]:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "left" if causal else "right"  # causal rows must end where generation starts
+    # special tokens added as peftrun's training data adds them (peftrun.data), so prompts match training
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+def _encoded(batch: Mapping[str, torch.Tensor], causal: bool) -> dict[str, torch.Tensor]:
+    """The prompt part of a batch peftrun.data tokenised (a causal LM's left-padded prompt_ids)."""
+    if causal:
+        out = {"input_ids": batch["prompt_ids"], "attention_mask": batch["prompt_attention_mask"]}
+    else:
+        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "task_ids" in batch:  # multitask prompts
+        out["task_ids"] = batch["task_ids"]
+    return out
+
+
 @torch.no_grad()
 def generate_texts(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str] | Mapping[str, torch.Tensor],
     adapters: list[str | None] | None = None,
     options: GenerationOptions | None = None,
     *,
     streamer=None,
+    constraint=None,
+    task_type: str | None = None,
 ) -> list[str]:
-    """Generate one answer per prompt (already templated); adapters[i] runs row i (None: the base)."""
+    """Generate one answer per prompt, decoded and stripped.
+
+    prompts: texts (already templated), or a batch peftrun.data tokenised (eval and predict).
+    adapters[i] runs row i (None: the base); no list runs the model as it is set.
+    constraint: a `prefix_allowed_tokens_fn` that knows its `max_new_tokens` (evaluate.LabelConstraint).
+    task_type: the model's (`model.task_type` unless given, for a bare transformers model).
+    """
     options = options or GenerationOptions()
-    adapters = adapters if adapters is not None else [DEFAULT] * len(prompts)
-    if len(adapters) != len(prompts):
-        raise PeftrunError(f"{len(prompts)} prompts but {len(adapters)} adapter names")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    causal = model.task_type == "CAUSAL_LM"
-    if model.task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
-        raise PeftrunError(f"generate needs a language model; this adapter is for {model.task_type}")
-    tokenizer.padding_side = "left" if causal else "right"  # causal rows must end where generation starts
-    # special tokens added as peftrun's training data adds them (peftrun.data), so prompts match training
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    batch = {k: v.to(input_device(model)) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    rows = None if isinstance(prompts, Mapping) else len(prompts)
+    if adapters is not None and rows is not None and len(adapters) != rows:
+        raise PeftrunError(f"{rows} prompts but {len(adapters)} adapter names")
+    task_type = task_type or model.task_type
+    if not is_lm(task_type):
+        raise PeftrunError(f"generate needs a language model; this adapter is for {task_type}")
+    causal = task_type == CAUSAL_LM
+    batch = _encode(tokenizer, prompts, causal) if rows is not None else _encoded(prompts, causal)
+    device = input_device(model)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    kwargs = options.generate_kwargs(tokenizer)
+    if constraint is not None:
+        constraint.start = batch["input_ids"].shape[1] if causal else 1  # seq2seq: after the start token
+        kwargs.update(prefix_allowed_tokens_fn=constraint, max_new_tokens=constraint.max_new_tokens)
+    if streamer is not None:
+        kwargs["streamer"] = streamer
     if options.seed is not None:
         torch.manual_seed(options.seed)
     model.eval()
-    with adapters_for_rows(model, adapters):
-        out = model.generate(**batch, **options.generate_kwargs(tokenizer), streamer=streamer)
+    with contextlib.nullcontext() if adapters is None else adapters_for_rows(model, adapters):
+        out = model.generate(**batch, **kwargs)
     if causal:
         out = out[:, batch["input_ids"].shape[1] :]
     return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
@@ -244,18 +285,19 @@ def generate_rows(
             yield {**row, "output": output}
 
 
-def write_rows(model, rows, options: GenerationOptions, output: str | Path | None = None, **kwargs) -> None:
-    """Print each answered row as a JSON line (and write them to `output` when given)."""
-    sink = open(output, "w", encoding="utf-8") if output else None  # noqa: SIM115 - closed below
-    try:
-        for row in generate_rows(model, model.tokenizer, rows, options, **kwargs):
-            line = json.dumps(row, ensure_ascii=False)
-            print(line, flush=True)
-            if sink:
-                sink.write(line + "\n")
-    finally:
-        if sink:
-            sink.close()
+def answer_rows(model, rows, options: GenerationOptions, output: str | Path | None = None, **kwargs) -> int:
+    """Print each answered row as a JSON line as it comes (and write them all to `output`, as JSON lines,
+    atomically); kwargs go to generate_rows. Returns the number of rows answered."""
+    answered = generate_rows(model, model.tokenizer, rows, options, **kwargs)
+
+    def printed():
+        for row in answered:
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+            yield row
+
+    if output:
+        return write_rows(printed(), output, "jsonl")
+    return sum(1 for _ in printed())
 
 
 def answer(

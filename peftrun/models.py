@@ -15,23 +15,12 @@ import torch
 from torch import nn
 
 from peftrun.errors import PeftrunError
+from peftrun.tasks import AUTO_CLASS, CAUSAL_LM, SEQ_CLS, auto_class, has_label_names
 
-TASK_AUTO_CLASS = {
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_CONFIGS = REPO_ROOT / "configs" / "models"
 PYPI_PREFIX = "pypi:"
-
-
-def auto_class(task_type: str):
-    import transformers
-
-    return getattr(transformers, TASK_AUTO_CLASS[task_type])
 
 
 @contextlib.contextmanager
@@ -85,7 +74,7 @@ def _smollm2_folder() -> Path:
             with contextlib.suppress(AttributeError):
                 delattr(holder, "quantization_config")
     model.is_quantized = False
-    from peftrun.checkpoint import atomic_dir
+    from peftrun.io.atomic import atomic_dir
 
     with atomic_dir(cache) as tmp:
         model.save_pretrained(tmp)
@@ -166,9 +155,9 @@ def _load_failed(name: str, task_type: str, exc: Exception) -> PeftrunError:
     if "Unrecognized configuration class" in text:
         kind = text.split("<class '")[-1].split("'>")[0].rsplit(".", 1)[-1] if "<class '" in text else "this model"
         return PeftrunError(
-            f"{kind} has no {task_type} form in transformers ({TASK_AUTO_CLASS[task_type]} does not cover it)",
+            f"{kind} has no {task_type} form in transformers ({AUTO_CLASS[task_type]} does not cover it)",
             where="model.task_type",
-            hint="choose the task type the architecture supports, e.g. SEQ_CLS for encoders, CAUSAL_LM for decoders",
+            hint=f"choose the task type the architecture supports, e.g. {SEQ_CLS} for encoders, {CAUSAL_LM} for decoders",
         )
     return _not_found(name, exc)
 
@@ -273,7 +262,7 @@ def load_model(model_cfg, *, num_labels: int | None = None) -> nn.Module:
             kwargs["device_map"] = model_cfg.device_map
         if model_cfg.offload_folder is not None:
             kwargs["offload_folder"] = model_cfg.offload_folder
-        if num_labels is not None and model_cfg.task_type in ("SEQ_CLS", "TOKEN_CLS"):
+        if num_labels is not None and has_label_names(model_cfg.task_type):
             kwargs["num_labels"] = num_labels
         if model_cfg.config_overrides:
             kwargs.update(model_cfg.config_overrides)

@@ -4,17 +4,12 @@ split, or on an unlabelled file whose predictions are written as csv or jsonl, a
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from peftrun.checkpoint import read_recipe_copy
 from peftrun.data import (
     EXTENSIONS,
     Collator,
@@ -25,9 +20,13 @@ from peftrun.data import (
     tokenize_split,
 )
 from peftrun.errors import PeftrunError
-from peftrun.evaluate import EvalResult, evaluate, generate_texts, make_constraint
-from peftrun.merge import load_adapted
+from peftrun.evaluate import EvalResult, evaluate, label_options, make_constraint
+from peftrun.generation import generate_texts
+from peftrun.io.loading import load_adapted
+from peftrun.io.peft_format import read_recipe_copy
+from peftrun.io.rows import write_rows
 from peftrun.models import load_model, load_tokenizer
+from peftrun.tasks import SEQ_CLS, TOKEN_CLS, has_label_names, is_lm
 
 OUTPUT_FORMATS = (".csv", ".jsonl", ".tsv")
 PREDICTION_COLUMN = "prediction"
@@ -35,7 +34,7 @@ PREDICTION_COLUMN = "prediction"
 
 def _label_names(recipe, adapter: Path | None, splits=None) -> list[str] | None:
     """Class names as training saw them: the recipe's, the adapter's saved recipe, else the train data."""
-    if recipe.model.task_type not in ("SEQ_CLS", "TOKEN_CLS"):
+    if not has_label_names(recipe.model.task_type):
         return None
     if recipe.data.label_names:
         return list(recipe.data.label_names)
@@ -122,13 +121,14 @@ def _check_output(path: Path) -> None:
 
 def _predict_batch(model, batch, tokenizer, task: str, label_names, data_cfg, constraint) -> list[Any]:
     device = next(model.parameters()).device
-    if task in ("SEQ_2_SEQ_LM", "CAUSAL_LM"):
-        return generate_texts(model, batch, tokenizer, task, data_cfg.target_max_length, constraint)
+    if is_lm(task):
+        options = label_options(tokenizer, data_cfg)
+        return generate_texts(model, tokenizer, batch, options=options, constraint=constraint, task_type=task)
     logits = model(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
     ).logits
     best = logits.argmax(-1).cpu()
-    if task == "SEQ_CLS":
+    if task == SEQ_CLS:
         return [label_names[i] for i in best.tolist()]
     rows = []
     for ids, words in zip(best.tolist(), batch["word_ids"].tolist()):
@@ -166,39 +166,12 @@ def predict_rows(recipe, model, tokenizer, label_names, ds, batch_size: int) -> 
             ):
                 out[i] = pred
             progress.update(bar, advance=len(chunk))
-    if task == "TOKEN_CLS":
+    if task == TOKEN_CLS:
         # words past max_length got no tag from the model: call them outside any entity
         filler = "O" if "O" in (label_names or []) else None
         words = ds[recipe.data.tokens_column]
         out = [[tags.get(w, filler) for w in range(len(row))] for tags, row in zip(out, words)]
     return out
-
-
-def _cell(value: Any) -> Any:
-    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-
-
-def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    """csv / tsv / jsonl by extension, through a temporary file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            if path.suffix.lower() == ".jsonl":
-                for row in rows:
-                    fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            else:
-                names = list(rows[0]) if rows else [PREDICTION_COLUMN]
-                writer = csv.DictWriter(
-                    fh, fieldnames=names, delimiter="\t" if path.suffix.lower() == ".tsv" else ","
-                )
-                writer.writeheader()
-                writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def run_predict(
@@ -226,5 +199,5 @@ def run_predict(
     with autocast(recipe):
         preds = predict_rows(recipe, model, tokenizer, label_names, ds, size)
     rows = [{**row, PREDICTION_COLUMN: pred} for row, pred in zip(ds, preds)]
-    write_rows(rows, output_path)
+    write_rows(rows, output_path, empty_columns=[PREDICTION_COLUMN])
     return len(rows)

@@ -34,9 +34,9 @@ MAX_WORKERS = 64  # data loader worker processes
 MAX_PROCESSES = 1024  # training processes on one machine
 MAX_MACHINES = 2**16
 MAX_WEIGHT_DECAY = 100.0
+from peftrun.tasks import TASK_TYPES
 
-TaskType = Literal["SEQ_2_SEQ_LM", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS"]
-TASK_TYPES: tuple[str, ...] = ("SEQ_2_SEQ_LM", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
+TaskType = Literal[TASK_TYPES]  # type: ignore[valid-type]  # the task types of peftrun.tasks
 
 
 class Section(BaseModel):

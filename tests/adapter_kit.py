@@ -51,7 +51,7 @@ def load_base(path: Path, task_type: str):
 def save_lora(base_dir: Path, out: Path, task_type: str = "CAUSAL_LM", *, seed: int, **config) -> Path:
     """A LoRA adapter on `base_dir` whose A and B are both random, saved in peft's format."""
     from peftrun.adapted import wrap
-    from peftrun.checkpoint import save_adapter
+    from peftrun.io.peft_format import save_adapter
     from peftrun.methods.lora import LoraConfig
 
     base = load_base(base_dir, task_type)

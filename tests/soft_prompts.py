@@ -11,8 +11,8 @@ import torch
 from tiny import TASK_CLASSES, tiny_batch, tiny_model, train_losses
 
 from peftrun.adapted import wrap
-from peftrun.checkpoint import save_adapter
-from peftrun.merge import load_adapted
+from peftrun.io.loading import load_adapted
+from peftrun.io.peft_format import save_adapter
 from peftrun.methods import get_method
 from peftrun.methods.layers import ModulesToSave
 

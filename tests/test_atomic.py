@@ -17,7 +17,8 @@ from conftest import REPO, run_cli
 from faults import fault_env
 from tinyrun import tiny_model_dir, tiny_recipe_dict, write_recipe, write_rows
 
-from peftrun.checkpoint import ADAPTER_CONFIG, atomic_dir, atomic_files, read_adapter
+from peftrun.io.atomic import atomic_dir, atomic_files
+from peftrun.io.peft_format import ADAPTER_CONFIG, read_adapter
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -95,7 +96,7 @@ def test_sigkill_inside_an_adapter_save_keeps_the_previous_adapter(tmp_path):
         import os, signal, torch
         from tiny import tiny_model
         from peftrun.adapted import wrap
-        from peftrun.checkpoint import save_adapter
+        from peftrun.io.peft_format import save_adapter
         from peftrun.methods import get_method
 
         model = wrap(tiny_model("llama", "CAUSAL_LM"), "CAUSAL_LM", "lora", get_method("lora").Config(r=2))
@@ -111,7 +112,7 @@ def test_sigkill_inside_an_adapter_save_keeps_the_previous_adapter(tmp_path):
                 fh.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-        import peftrun.checkpoint as ck
+        import peftrun.io.peft_format as ck
         ck.save_file = dying_save
         save_adapter(model, {str(folder)!r}, base_model="tiny")
     """
@@ -130,7 +131,7 @@ def test_sigkill_inside_an_adapter_save_keeps_the_previous_adapter(tmp_path):
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     from peftrun.adapted import wrap
-    from peftrun.checkpoint import save_adapter
+    from peftrun.io.peft_format import save_adapter
     from peftrun.methods import get_method
     from peftrun.models import load_model
     from peftrun.recipe import ModelSection

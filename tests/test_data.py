@@ -10,7 +10,6 @@ from conftest import run_cli
 from tiny_text import ONE_THREAD_ENV, one_thread, word_tokenizer  # noqa: F401
 
 from peftrun.data import (
-    IGNORE_INDEX,
     Collator,
     label_names_for,
     load_file,
@@ -20,6 +19,7 @@ from peftrun.data import (
 from peftrun.errors import PeftrunError
 from peftrun.prompts import ALPACA_PROMPT, chat_texts, source_text, target_text
 from peftrun.recipe import DataSection
+from peftrun.tasks import IGNORE_INDEX
 
 WORDS = ["the movie was good", "the film was bad", "tweet text label complaint no", "what is two plus four",
          "answer six instruction input output response below describes task write", "john lives in paris"]

@@ -312,7 +312,8 @@ def _zero3_run(root: Path, path: Path, out: Path, env: dict[str, str], processes
 
 
 def _check_zero3_adapter(root: Path, out: Path) -> None:
-    from peftrun.merge import load_adapted, probe_logits
+    from peftrun.io.loading import load_adapted
+    from peftrun.merge import probe_logits
 
     ours, single = adapter(out), adapter(root / "single")
     assert ours["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"].shape == (4, 32)

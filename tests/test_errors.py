@@ -289,7 +289,7 @@ def test_debug_shows_the_traceback(work, tmp_path):
 def adapter(work, tmp_path_factory):
     """A LoRA adapter saved by peftrun for the tiny classifier."""
     from peftrun.adapted import wrap
-    from peftrun.checkpoint import save_adapter
+    from peftrun.io.peft_format import save_adapter
     from peftrun.methods import get_method
     from peftrun.models import load_model
     from peftrun.recipe import ModelSection

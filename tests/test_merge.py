@@ -7,9 +7,9 @@ from conftest import run_cli
 from tiny import tiny_batch
 
 from peftrun.adapted import wrap
-from peftrun.checkpoint import save_adapter
+from peftrun.io.peft_format import save_adapter
 from peftrun.methods.lora import LoraConfig
-from peftrun.models import auto_class
+from peftrun.tasks import auto_class
 
 
 def _adapter(tiny_dir, tmp_path, arch, task, **extra):

@@ -18,7 +18,7 @@ def test_quickstart_recipe_trains_to_80_percent(minilm_path, tmp_path):
     assert final["accuracy"] >= 0.80
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     # and the saved adapter evaluates the same when loaded back
-    from peftrun.merge import load_adapted
+    from peftrun.io.loading import load_adapted
 
     model, tokenizer = load_adapted(out)
     assert model.parameter_counts()[1] == 22_788_484

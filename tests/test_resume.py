@@ -22,7 +22,7 @@ from faults import FaultHooks, fault_env
 from safetensors.torch import load_file
 from tinyrun import tiny_model_dir, tiny_recipe_dict, write_recipe, write_rows
 
-from peftrun.checkpoint import read_adapter
+from peftrun.io.peft_format import read_adapter
 from peftrun.training.hooks import Hooks
 from peftrun.training.resume import (
     Position,

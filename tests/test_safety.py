@@ -13,8 +13,9 @@ import yaml
 from conftest import run_cli
 from tinyrun import tiny_model_dir, tiny_recipe_dict, write_recipe, write_rows
 
-from peftrun.checkpoint import read_adapter, safe_torch_load, save_adapter, scrub
 from peftrun.errors import PeftrunError
+from peftrun.io.peft_format import read_adapter, safe_torch_load, save_adapter
+from peftrun.io.scrub import scrub
 from peftrun.training.resume import remove_inside
 
 FAKE_TOKEN = "hf_" + "Zq8" * 12  # the shape of a hub token, not a real one

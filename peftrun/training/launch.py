@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from peftrun.errors import PeftrunError
+from peftrun.yaml_safe import read_yaml
 
 LAUNCHER_ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -183,7 +184,7 @@ def launch_command(
     config_file: Path, recipe_path: str, overrides: list[str], accelerate_args: list[str]
 ) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
-    config = yaml.safe_load(Path(config_file).read_text()) or {}
+    config = read_yaml(config_file, what="accelerate config")
     kind = str(config.get("distributed_type", "NO")).upper()
     if not torch.cuda.is_available() and kind == "MULTI_GPU" and "--multi_gpu" not in accelerate_args:
         cmd.append("--multi_gpu")  # with ACCELERATE_USE_CPU=1: N CPU processes over gloo
@@ -206,7 +207,7 @@ def launch(
             hint="set distributed.main_process_ip (and main_process_port) to machine 0's address",
         )
     config_file = config_file_for(recipe)
-    config = yaml.safe_load(config_file.read_text()) or {}
+    config = read_yaml(config_file, what="accelerate config")
     cmd = launch_command(config_file, recipe_path, overrides, accelerate_args)
     env = cpu_only_env(config)
     shown = " ".join(shlex.quote(c) for c in cmd)

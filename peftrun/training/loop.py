@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from peftrun.checkpoint import save_adapter
 from peftrun.errors import PeftrunError
 from peftrun.evaluate import report_lines
+from peftrun.io.peft_format import save_adapter
 from peftrun.memory import MemoryTracker
 from peftrun.memory import report as memory_report
 from peftrun.training.build import Run, check_output_dir, prepare

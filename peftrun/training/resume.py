@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftrun.checkpoint import atomic_dir, read_adapter, read_recipe_copy, safe_torch_load, write_adapter
 from peftrun.errors import PeftrunError
+from peftrun.io.atomic import atomic_dir
+from peftrun.io.peft_format import read_adapter, read_recipe_copy, safe_torch_load, write_adapter
 from peftrun.training.engines import OPTIMIZER_FILE, Engine
 from peftrun.training.hooks import Hooks
 from peftrun.training.rng import read_rng, rng_state, set_rng_state, write_rng
@@ -346,7 +347,7 @@ class Checkpointer:
 
 
 def _resolved(recipe) -> dict[str, Any]:
-    from peftrun.checkpoint import scrub
+    from peftrun.io.scrub import scrub
 
     return json.loads(json.dumps(scrub(recipe.to_dict())))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import REPO, run_cli
 
 from peftrun.adapted import PeftrunModel, wrap
-from peftrun.checkpoint import save_adapter
+from peftrun.io.peft_format import save_adapter
 
 
 def recipe_model(name: str) -> PeftrunModel:

@@ -17,9 +17,9 @@ from tiny import tiny_batch, tiny_config, tiny_model
 from torch import nn
 
 from peftrun.adapted import PeftrunModel, wrap
-from peftrun.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from peftrun.errors import PeftrunError
-from peftrun.merge import load_adapted
+from peftrun.io.loading import load_adapted
+from peftrun.io.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from peftrun.methods import get_method
 from peftrun.recipe import ModelSection
 
@@ -121,7 +121,7 @@ def check_to_peft(tmp_path: Path, method: str, arch: str, task: str, config: dic
 
 
 def check_from_peft(tmp_path: Path, method: str, arch: str, task: str, config: dict) -> float:
-    """A peft adapter (save_pretrained) loads in peftrun (peftrun.merge.load_adapted) with the same logits."""
+    """A peft adapter (save_pretrained) loads in peftrun (peftrun.io.loading.load_adapted) with the same logits."""
     base(arch, task).save_pretrained(tmp_path / "base")
     model = theirs(method, arch, task, config)
     perturb(model)

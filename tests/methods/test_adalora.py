@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from tiny import tiny_batch, tiny_model
 
 from peftrun.adapted import wrap
-from peftrun.checkpoint import save_adapter
 from peftrun.errors import PeftrunError
-from peftrun.merge import load_adapted, merge
+from peftrun.io.loading import load_adapted
+from peftrun.io.peft_format import save_adapter
+from peftrun.merge import merge
 from peftrun.methods import get_method
 from peftrun.methods.adalora import AdaLoraConfig, AdaLoraLayer, budget_schedule, orthogonal_regulariser
 from peftrun.recipe import ModelSection, load_recipe

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from tiny import tiny_batch, tiny_model, train_losses
 
 from peftrun.adapted import wrap
-from peftrun.checkpoint import save_adapter
 from peftrun.errors import PeftrunError
-from peftrun.merge import load_adapted
+from peftrun.io.loading import load_adapted
+from peftrun.io.peft_format import save_adapter
 from peftrun.methods.bottleneck import BottleneckConfig, BottleneckLayer
 from peftrun.recipe import ModelSection, load_recipe
 

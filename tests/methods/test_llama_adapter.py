@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from tiny import tiny_batch, tiny_model, train_losses
 
 from peftrun.adapted import wrap
-from peftrun.checkpoint import config_from_peft, read_adapter, save_adapter
 from peftrun.errors import PeftrunError
+from peftrun.io.peft_format import config_from_peft, read_adapter, save_adapter
 from peftrun.methods import get_method
 from peftrun.methods.llama_adapter import AdaptionPromptConfig
 from peftrun.recipe import recipe_from_dict

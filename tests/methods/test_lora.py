@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tiny import tiny_batch, tiny_model, train_losses
 
 from peftrun.adapted import wrap
-from peftrun.checkpoint import config_from_peft, read_adapter, save_adapter
+from peftrun.io.peft_format import config_from_peft, read_adapter, save_adapter
 from peftrun.methods import get_method
 from peftrun.methods.lora import LoraConfig
 

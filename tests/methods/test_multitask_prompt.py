@@ -26,8 +26,8 @@ from soft_prompts import (
 from tiny import tiny_model
 
 from peftrun.adapted import wrap
-from peftrun.checkpoint import read_adapter, save_adapter
 from peftrun.errors import PeftrunError
+from peftrun.io.peft_format import read_adapter, save_adapter
 from peftrun.recipe import load_recipe
 
 METHOD = "multitask_prompt_tuning"

@@ -21,8 +21,8 @@ from soft_prompts import (
 from tiny import tiny_model
 
 from peftrun.adapted import wrap
-from peftrun.checkpoint import config_from_peft, read_adapter, save_adapter
 from peftrun.errors import PeftrunError
+from peftrun.io.peft_format import config_from_peft, read_adapter, save_adapter
 from peftrun.methods import get_method
 from peftrun.recipe import load_recipe
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from tiny import tiny_batch, tiny_model, train_losses
 
 from peftrun.adapted import wrap
-from peftrun.checkpoint import config_from_peft, read_adapter, save_adapter
 from peftrun.errors import PeftrunError
+from peftrun.io.peft_format import config_from_peft, read_adapter, save_adapter
 from peftrun.methods import get_method
 from peftrun.methods.prefix_tuning import PrefixTuningConfig
 from peftrun.recipe import recipe_from_dict

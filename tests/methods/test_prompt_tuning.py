@@ -21,7 +21,7 @@ from soft_prompts import (
 from tiny import tiny_model
 
 from peftrun.adapted import wrap
-from peftrun.checkpoint import read_adapter, save_adapter
+from peftrun.io.peft_format import read_adapter, save_adapter
 from peftrun.methods import get_method
 from peftrun.recipe import load_recipe
 

@@ -1,18 +1,14 @@
-"""Adapters on disk in peft's format, written atomically; resume state for training runs.
+"""Adapters on disk in peft's format.
 
 An adapter folder holds `adapter_config.json` (peft's fields) and `adapter_model.safetensors`
 (peft's keys), so peft, vLLM and anything else that reads peft adapters reads ours, and back.
+Saving is atomic (io.atomic) and scrubbed of credentials (io.scrub).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from peftrun.errors import PeftrunError
+from peftrun.io.atomic import atomic_dir, atomic_files
+from peftrun.io.scrub import scrub
+from peftrun.tasks import TASK_HEADS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -35,112 +34,6 @@ UNSUPPORTED_WHEN_SET = (
     "use_qalora",
     "lora_bias",
 )
-# keys that never reach a saved file: credentials a user may have put in the environment or a recipe.
-SECRET_KEYS = (
-    "token",
-    "hf_token",
-    "hub_token",
-    "use_auth_token",
-    "auth_token",
-    "access_token",
-    "api_key",
-    "password",
-    "secret",
-)
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_API_TOKEN")
-TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str], *, tmp: Path | None = None) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
-
-    A crash before the rename leaves `final` as it was; the temporary folder is removed on errors.
-    `tmp`: a hidden folder beside `final` that the caller made (several processes write into it).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if tmp is None:
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_files(folder: str | os.PathLike[str], write) -> None:
-    """Write files with `write(tmp_folder)`, then move each into `folder`, adapter_config.json last.
-
-    Used where `folder` holds other things (checkpoints/, metrics) and cannot be swapped whole: the
-    config appears only once the weights beside it are complete.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".write-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        names = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == ADAPTER_CONFIG)
-        for name in names:
-            target = folder / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(tmp / name, target)
-        _fsync_dir(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _env_secrets() -> set[str]:
-    return {v for k in SECRET_ENV if (v := os.environ.get(k)) and len(v) >= 8}
-
-
-def looks_secret(value: str) -> bool:
-    """A hub token by its shape, or the value of a credential in the environment."""
-    return bool(TOKEN_SHAPE.search(value)) or any(s in value for s in _env_secrets())
-
-
-def scrub(data: Any) -> Any:
-    """Drop credential-like keys and token-like values from anything about to be written."""
-    if isinstance(data, dict):
-        return {k: scrub(v) for k, v in data.items() if str(k).lower() not in SECRET_KEYS}
-    if isinstance(data, list):
-        return [scrub(v) for v in data]
-    if isinstance(data, str) and looks_secret(data):
-        return "<redacted>"
-    return data
-
-
-# ------------------------------------------------------------------ adapter files
 
 
 def adapter_config_dict(
@@ -162,7 +55,6 @@ def adapter_config_dict(
 def resolved_fields(peft_model, name: str, body: dict[str, Any]) -> dict[str, Any]:
     """What the recipe left to defaults, written out as peft does: the adapted module names,
     the trained task heads, and fan_in_fan_out for GPT-2-style Conv1D layers."""
-    from peftrun.methods.inject import TASK_HEADS
     from peftrun.methods.layers import AdapterLayer
 
     layers = [(p, m) for p, m in peft_model.model.named_modules() if isinstance(m, AdapterLayer) and name in m.adapter_names()]
@@ -220,7 +112,7 @@ def save_adapter(
         with atomic_dir(folder) as tmp:
             write(tmp)
     else:
-        atomic_files(folder, write)
+        atomic_files(folder, write, last=ADAPTER_CONFIG)
     return Path(folder)
 
 
@@ -293,5 +185,8 @@ def config_from_peft(method, data: dict[str, Any], where: str = ADAPTER_CONFIG):
 
 
 def read_recipe_copy(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The recipe saved beside an adapter (untrusted: read within the YAML limits), or None where there is none."""
+    from peftrun.yaml_safe import read_yaml
+
     file = Path(folder) / RECIPE_COPY
-    return yaml.safe_load(file.read_text()) if file.is_file() else None
+    return read_yaml(file, what="saved recipe") if file.is_file() else None
