@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from peftrun.errors import SECRET_KEYS, PeftrunError, did_you_mean, looks_secret, mask_secrets
+from peftrun.tasks import TASK_TYPES
 from peftrun.yaml_safe import MAX_DEPTH, YamlSyntaxError, parse_yaml, parse_yaml_lines, read_yaml_text
 
 # Upper bounds on what a recipe may ask for, so that a value that validates cannot crash a run later.
@@ -34,7 +35,6 @@ MAX_WORKERS = 64  # data loader worker processes
 MAX_PROCESSES = 1024  # training processes on one machine
 MAX_MACHINES = 2**16
 MAX_WEIGHT_DECAY = 100.0
-from peftrun.tasks import TASK_TYPES
 
 TaskType = Literal[TASK_TYPES]  # type: ignore[valid-type]  # the task types of peftrun.tasks
 
