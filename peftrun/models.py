@@ -264,6 +264,8 @@ def load_model(model_cfg, *, num_labels: int | None = None) -> nn.Module:
             kwargs["offload_folder"] = model_cfg.offload_folder
         if num_labels is not None and has_label_names(model_cfg.task_type):
             kwargs["num_labels"] = num_labels
+            # a classifier saved with another number of classes (or a reward model's one): a new head, as peft does
+            kwargs["ignore_mismatched_sizes"] = True
         if model_cfg.config_overrides:
             kwargs.update(model_cfg.config_overrides)
         if model_cfg.load_in_8bit or model_cfg.load_in_4bit:

@@ -34,6 +34,8 @@ def _template_fields(template: str | None) -> list[str]:
 
 def source_columns(data_cfg, ds=None) -> list[str]:
     """Columns a row needs for its input text."""
+    if data_cfg.format in ("preference", "prompts"):
+        return []  # every shape of pair or prompt row is checked where it is read (peftrun/preference.py)
     if data_cfg.format == "alpaca":
         return ["instruction"]
     if data_cfg.format == "tokens":
@@ -55,6 +57,8 @@ def source_columns(data_cfg, ds=None) -> list[str]:
 
 def target_columns(data_cfg, ds=None) -> list[str]:
     """Columns a row needs for its label or answer."""
+    if data_cfg.format in ("preference", "prompts"):
+        return []
     if data_cfg.format == "alpaca" or (data_cfg.format == "chat" and _is_alpaca_shaped(ds, data_cfg)):
         return ["output"]
     if data_cfg.format == "tokens":

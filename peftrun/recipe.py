@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from peftrun.errors import SECRET_KEYS, PeftrunError, did_you_mean, looks_secret, mask_secrets
-from peftrun.tasks import TASK_TYPES
+from peftrun.tasks import CAUSAL_LM, SEQ_CLS, TASK_TYPES
 from peftrun.yaml_safe import MAX_DEPTH, YamlSyntaxError, parse_yaml, parse_yaml_lines, read_yaml_text
 
 # Upper bounds on what a recipe may ask for, so that a value that validates cannot crash a run later.
@@ -90,7 +90,10 @@ class DataSection(Section):
     train_split: str = "train"
     eval_split: str | None = None
     test_split: str | None = None
-    format: Literal["plain", "alpaca", "chat", "tokens", "text"] = "plain"
+    # preference: chosen/rejected pairs (reward, dpo, orpo); prompts: prompts alone (grpo); see peftrun/preference.py
+    format: Literal["plain", "alpaca", "chat", "tokens", "text", "preference", "prompts"] = "plain"
+    # preference/prompt rows that cannot teach (identical answers, no room for an answer): drop and count, or refuse
+    bad_rows: Literal["drop", "error"] = "drop"
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
@@ -176,6 +179,17 @@ class TrainingSection(Section):
     # LoRA's update as one fused function (peftrun/methods/lora_kernels.py); false runs the plain modules
     fused_lora: bool = True
     progress_bar: bool = True
+    # what is learned (peftrun/training/objectives/): the task's labels, or a reward model, DPO, ORPO, GRPO
+    objective: Literal["supervised", "reward", "dpo", "orpo", "grpo"] = "supervised"
+
+
+class PreferenceSection(Section):
+    """Settings of the preference objectives (reward, dpo, orpo), with trl's names."""
+
+    beta: float = Field(default=0.1, gt=0.0, le=1000.0)  # DPO's KL strength; ORPO's lambda
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # dpo
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)  # dpo (sigmoid): conservative DPO
+    reward_margin: float = Field(default=0.0, ge=-1000.0, le=1000.0)  # reward: when rows carry no `margin`
 
 
 Offload = Literal["none", "cpu", "nvme"]
@@ -305,6 +319,7 @@ class Recipe(Section):
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     output_dir: str = "out"
     overwrite: bool = False
 
@@ -534,6 +549,44 @@ def build_method_config(recipe: Recipe, *, lines: dict[tuple[str, ...], int], so
     return config
 
 
+# objective -> (the task type it trains, the data format it reads); supervised fits every task and format
+OBJECTIVE_FIT = {
+    "reward": (SEQ_CLS, "preference"),
+    "dpo": (CAUSAL_LM, "preference"),
+    "orpo": (CAUSAL_LM, "preference"),
+    "grpo": (CAUSAL_LM, "prompts"),
+}
+
+
+def _check_objective(recipe: Recipe, source: str | None, lines: dict[tuple[str, ...], int]) -> None:
+    objective, task, fmt = recipe.training.objective, recipe.model.task_type, recipe.data.format
+    if objective == "supervised":
+        if fmt in ("preference", "prompts"):
+            raise PeftrunError(
+                f"data.format '{fmt}' is read by the preference objectives, not by supervised training",
+                where=_where(source, lines, ("data", "format")),
+                hint="set training.objective (reward, dpo or orpo for pairs; grpo for prompts)",
+            )
+        return
+    want_task, want_format = OBJECTIVE_FIT[objective]
+    if task != want_task:
+        what = "a reward model is a one-output classifier" if objective == "reward" else "it trains a causal LM"
+        raise PeftrunError(
+            f"training.objective '{objective}' needs task_type {want_task} ({what}), not {task}",
+            where=_where(source, lines, ("model", "task_type")),
+        )
+    if fmt != want_format:
+        raise PeftrunError(
+            f"training.objective '{objective}' reads data.format '{want_format}', not '{fmt}'",
+            where=_where(source, lines, ("data", "format")),
+        )
+    if recipe.data.packing or recipe.data.group_by_length:
+        raise PeftrunError(
+            f"training.objective '{objective}' batches pairs or prompts whole: no packing or length grouping",
+            where=_where(source, lines, ("data", "packing" if recipe.data.packing else "group_by_length")),
+        )
+
+
 def recipe_from_dict(
     data: Any, *, source: str | None = None, lines: dict[tuple[str, ...], int] | None = None
 ) -> Recipe:
@@ -557,6 +610,7 @@ def recipe_from_dict(
     recipe._source = source
     recipe._method_config = build_method_config(recipe, lines=lines, source=source)
     _check_task_ids(recipe, source, lines)
+    _check_objective(recipe, source, lines)
     _check_hardware(recipe, source, lines)
     check_output_dir_value(recipe.output_dir, where=_where(source, lines, ("output_dir",)))
     if recipe.distributed.deepspeed.json_config:

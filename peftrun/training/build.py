@@ -11,10 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftrun.adapted import PeftrunModel, wrap
-from peftrun.data import Collator, label_names_for, load_splits, tokenize_split
+from peftrun.data import load_splits
 from peftrun.errors import PeftrunError
 from peftrun.models import load_model, load_tokenizer
-from peftrun.tasks import has_label_names
 from peftrun.training.engines import Engine, engine_for, make_accelerator
 from peftrun.training.hooks import Hooks
 from peftrun.training.objectives import Objective, make_objective
@@ -43,13 +42,13 @@ def check_output_dir(recipe, resume: bool) -> Path:
     return out
 
 
-def build(recipe):
-    """Tokenizer, data splits, label names and the adapted model, as the recipe describes them."""
+def build(recipe, objective: Objective | None = None):
+    """Tokenizer, data splits, label names and the adapted model, as the recipe and its objective describe them."""
+    objective = objective or make_objective(recipe)
     tokenizer = load_tokenizer(recipe.model)
     splits = load_splits(recipe.data, recipe.training.seed)
-    task = recipe.model.task_type
-    label_names = label_names_for(splits, recipe.data) if has_label_names(task) else None
-    base = load_model(recipe.model, num_labels=len(label_names) if label_names else None)
+    label_names = objective.find_label_names(splits)
+    base = load_model(recipe.model, num_labels=objective.num_labels(label_names))
     if label_names:
         base.config.id2label = dict(enumerate(label_names))
         base.config.label2id = {n: i for i, n in enumerate(label_names)}
@@ -57,6 +56,7 @@ def build(recipe):
         base.config.pad_token_id = tokenizer.pad_token_id
     if recipe.data.packing:
         base.config.use_cache = False  # transformers reads packed segments from position_ids only without a cache
+    task = recipe.model.task_type
     model = wrap(base, task, recipe.method.name, recipe.method_config, fused_lora=recipe.training.fused_lora)
     if recipe.training.compile:
         # in place, so parameter names (and so checkpoints) stay those of the plain model
@@ -75,11 +75,13 @@ def with_label_names(recipe, label_names: list[str] | None):
     return recipe.model_copy(update={"model": model, "data": data})
 
 
-def make_loaders(recipe, tokenizer, splits, label_names):
+def make_loaders(recipe, tokenizer, splits, label_names, objective: Objective | None = None, say=print):
+    """The train and eval loaders of the objective's data; `say`s what the objective noted (rows dropped)."""
+    data = (objective or make_objective(recipe)).data(tokenizer, splits, label_names)
+    for note in data.notes:
+        say(note)
     task = recipe.model.task_type
-    train_ds = tokenize_split(splits.train, recipe.data, tokenizer, task, label_names, for_eval=False)
-    eval_ds = tokenize_split(splits.eval, recipe.data, tokenizer, task, label_names, for_eval=True)
-    collate = Collator(tokenizer.pad_token_id, task)
+    train_ds, eval_ds, collate = data.train, data.eval, data.collate
     generator = torch.Generator().manual_seed(recipe.training.seed)
     sampler = None
     if recipe.data.group_by_length:  # batches of similar lengths: dynamic padding then pads little
@@ -101,7 +103,7 @@ def make_loaders(recipe, tokenizer, splits, label_names):
     )
     eval_loader = DataLoader(
         eval_ds, batch_size=recipe.training.eval_batch_size or recipe.training.batch_size,
-        shuffle=False, collate_fn=collate,
+        shuffle=False, collate_fn=data.eval_collate,
     )
     return train_loader, eval_loader
 
@@ -156,10 +158,11 @@ def prepare(recipe, out: Path, resume: bool, hooks: Hooks) -> Run:
     from accelerate.utils import set_seed
 
     set_seed(recipe.training.seed)
-    tokenizer, splits, label_names, model = build(recipe)
+    objective = make_objective(recipe)
+    tokenizer, splits, label_names, model = build(recipe, objective)
     recipe = with_label_names(recipe, label_names)
     accelerator.print(model.trainable_report())
-    train_loader, eval_loader = make_loaders(recipe, tokenizer, splits, label_names)
+    train_loader, eval_loader = make_loaders(recipe, tokenizer, splits, label_names, objective, accelerator.print)
 
     cfg = recipe.training
     steps_per_epoch = math.ceil(len(train_loader) / (cfg.gradient_accumulation_steps * accelerator.num_processes))
@@ -178,7 +181,7 @@ def prepare(recipe, out: Path, resume: bool, hooks: Hooks) -> Run:
     engine.prepare_generation(model)
     checkpoints = Checkpointer(recipe, out, accelerator, engine, model, optimizer, scheduler, hooks)
     position = checkpoints.begin(resume, total_steps)
-    objective = make_objective(recipe, peft_model, tokenizer, label_names)
+    objective.bind(peft_model, tokenizer, label_names)
     return Run(
         recipe, out, accelerator, engine, model, peft_model, tokenizer, optimizer, scheduler,
         train_loader, eval_loader, objective, checkpoints, position, total_steps,

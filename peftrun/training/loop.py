@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from peftrun.errors import PeftrunError
-from peftrun.evaluate import report_lines
 from peftrun.io.peft_format import save_adapter
 from peftrun.memory import MemoryTracker
 from peftrun.memory import report as memory_report
@@ -157,7 +156,7 @@ def end_of_epoch(run: Run, epoch: int, hooks: Hooks) -> dict[str, Any]:
         if key in result.metrics:
             line += f" {key}={result.metrics[key]:.6f}"
     acc.print(line)
-    for report in report_lines(result):
+    for report in run.objective.report(result):
         acc.print(report)
     return record
 
