@@ -163,11 +163,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 def sequence_logps(run_model, base: nn.Module, labels: torch.Tensor, *, chunked: bool, **inputs):
     """Summed log-probabilities of each row's labelled tokens, and how many there are: (logps[B], counts[B]).
+    See `token_logps`."""
+    token, owner, rows = token_logps(run_model, base, labels, chunked=chunked, **inputs)
+    logps = torch.zeros(rows, dtype=torch.float32, device=token.device).index_add(0, owner, token)
+    counts = torch.zeros(rows, dtype=torch.float32, device=token.device).index_add(0, owner, torch.ones_like(token))
+    return logps, counts
+
+
+def token_logps(run_model, base: nn.Module, labels: torch.Tensor, *, chunked: bool, **inputs):
+    """log p of every labelled token under the model, as (logp[T], row of each[T], rows B).
 
     `run_model(**inputs)` runs the (adapted) model; `base` is the transformers model whose head it calls.
-    Preference objectives (DPO, ORPO, GRPO) need log p(answer | prompt) = sum_t log softmax(h_t W^T)[y_{t+1}],
-    a function of every logit of the answer. With `chunked` (and a plain head, `plain_head`) no N x V logits are
-    kept: the forward computes the sums chunk by chunk and the backward recomputes each chunk's softmax,
+    Preference and policy objectives (DPO, ORPO, GRPO) need log p(answer | prompt) = sum_t log softmax(h_t W^T)
+    [y_{t+1}], a function of every logit of the answer. With `chunked` (and a plain head, `plain_head`) no
+    N x V logits are kept: the forward computes the values chunk by chunk and the backward recomputes each
+    chunk's softmax,
 
         d logp_t / d h_t = (onehot(y_t) - softmax(h_t W^T)) W,   d logp_t / dW = (onehot - softmax)^T h_t,
 
@@ -201,12 +211,7 @@ def sequence_logps(run_model, base: nn.Module, labels: torch.Tensor, *, chunked:
     else:
         flat = states.reshape(-1, states.shape[-1]).index_select(0, rows).float()
         token = flat.log_softmax(-1).gather(1, flat_targets[rows][:, None]).squeeze(1)
-    owner = rows // targets.shape[1]
-    logps = torch.zeros(targets.shape[0], dtype=torch.float32, device=states.device).index_add(0, owner, token)
-    counts = torch.zeros(targets.shape[0], dtype=torch.float32, device=states.device).index_add(
-        0, owner, torch.ones_like(token)
-    )
-    return logps, counts
+    return token, rows // targets.shape[1], targets.shape[0]
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):

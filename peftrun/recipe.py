@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -192,6 +193,48 @@ class PreferenceSection(Section):
     reward_margin: float = Field(default=0.0, ge=-1000.0, le=1000.0)  # reward: when rows carry no `margin`
 
 
+class RewardSpec(Section):
+    """One reward of GRPO (peftrun/rewards.py): a rule, or a saved classifier adapter."""
+
+    type: Literal["regex", "length", "classifier"]
+    name: str | None = None  # reported as rewards/<name>
+    weight: float = Field(default=1.0, ge=-1000.0, le=1000.0)
+    pattern: str | None = None  # regex
+    min_chars: int = Field(default=0, ge=0, le=MAX_SIZE)  # length
+    max_chars: int = Field(default=MAX_SIZE, ge=0, le=MAX_SIZE)
+    adapter: str | None = None  # classifier: a saved SEQ_CLS adapter folder
+    label: str | None = None  # classifier: the class whose probability is the reward (none for a reward model)
+    with_prompt: bool = False  # classifier: score prompt + completion instead of the completion alone
+
+    @model_validator(mode="after")
+    def _complete(self) -> RewardSpec:
+        if self.type == "regex":
+            if not self.pattern:
+                raise ValueError("a regex reward needs `pattern`")
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern is not a regular expression: {exc}") from None
+        if self.type == "classifier" and not self.adapter:
+            raise ValueError("a classifier reward needs `adapter` (a saved SEQ_CLS adapter folder)")
+        if self.min_chars > self.max_chars:
+            raise ValueError("min_chars is above max_chars")
+        return self
+
+
+class GRPOSection(Section):
+    """Group-relative policy optimisation (peftrun/training/objectives/grpo.py), with trl's names."""
+
+    num_generations: int = Field(default=4, ge=2, le=256)  # completions sampled per prompt (the group)
+    max_new_tokens: int = Field(default=32, ge=1, le=MAX_SIZE)
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    beta: float = Field(default=0.04, ge=0.0, le=1000.0)  # KL to the reference (the base, adapter off)
+    epsilon: float = Field(default=0.2, gt=0.0, lt=1.0)  # clip range of the probability ratio
+    eval_greedy: bool = True  # held-out prompts answered greedily, one each
+    rewards: list[RewardSpec] = Field(default_factory=list)
+
+
 Offload = Literal["none", "cpu", "nvme"]
 
 
@@ -320,6 +363,7 @@ class Recipe(Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
     output_dir: str = "out"
     overwrite: bool = False
 
@@ -579,6 +623,12 @@ def _check_objective(recipe: Recipe, source: str | None, lines: dict[tuple[str, 
         raise PeftrunError(
             f"training.objective '{objective}' reads data.format '{want_format}', not '{fmt}'",
             where=_where(source, lines, ("data", "format")),
+        )
+    if objective == "grpo" and not recipe.grpo.rewards:
+        raise PeftrunError(
+            "training.objective 'grpo' needs at least one reward",
+            where=_where(source, lines, ("grpo", "rewards")),
+            hint="e.g. grpo.rewards: [{type: regex, pattern: 'great'}] or a classifier adapter",
         )
     if recipe.data.packing or recipe.data.group_by_length:
         raise PeftrunError(
