@@ -34,8 +34,8 @@ PREDICTION_COLUMN = "prediction"
 
 def _label_names(recipe, adapter: Path | None, splits=None) -> list[str] | None:
     """Class names as training saw them: the recipe's, the adapter's saved recipe, else the train data."""
-    if not has_label_names(recipe.model.task_type):
-        return None
+    if not has_label_names(recipe.model.task_type) or recipe.training.objective != "supervised":
+        return None  # a reward model's head has one output and no class names
     if recipe.data.label_names:
         return list(recipe.data.label_names)
     saved = (read_recipe_copy(adapter) or {}) if adapter else {}
@@ -53,6 +53,8 @@ def load_for_inference(recipe, adapter: str | Path | None, *, allow_pickle: bool
 
     adapter = Path(adapter) if adapter is not None else None
     label_names = _label_names(recipe, adapter, splits)
+    if recipe.training.objective == "reward":
+        recipe.model.num_labels = 1  # a reward model: one output
     if label_names:
         recipe.model.num_labels = recipe.model.num_labels or len(label_names)
         recipe.data.label_names = label_names
@@ -86,19 +88,28 @@ def autocast(recipe):
 
 
 def run_eval(recipe, adapter: str | Path | None, *, allow_pickle: bool = False) -> EvalResult:
-    """The recipe's eval split (carved with the recipe's seed, as in training) through the model."""
+    """The recipe's eval split (carved with the recipe's seed, as in training) through the model, evaluated as
+    the recipe's objective evaluates it (the task's metrics, pairwise accuracy, DPO's rewards...)."""
     splits = load_splits(recipe.data, recipe.training.seed)
     model, tokenizer, label_names = load_for_inference(
         recipe, adapter, allow_pickle=allow_pickle, splits=splits
     )
     task = recipe.model.task_type
+    size = recipe.training.eval_batch_size or recipe.training.batch_size
+    if recipe.training.objective != "supervised":
+        from peftrun.adapted import PeftrunModel
+        from peftrun.training.objectives import make_objective
+
+        if not isinstance(model, PeftrunModel):
+            model = PeftrunModel(model, task)  # the base alone: no adapter to switch off
+        objective = make_objective(recipe)
+        data = objective.data(tokenizer, splits, None)
+        objective.bind(model, tokenizer, None)
+        loader = DataLoader(data.eval, batch_size=size, shuffle=False, collate_fn=data.eval_collate)
+        with autocast(recipe):
+            return objective.evaluate(model, loader, None)
     eval_ds = tokenize_split(splits.eval, recipe.data, tokenizer, task, label_names, for_eval=True)
-    loader = DataLoader(
-        eval_ds,
-        batch_size=recipe.training.eval_batch_size or recipe.training.batch_size,
-        shuffle=False,
-        collate_fn=Collator(tokenizer.pad_token_id, task),
-    )
+    loader = DataLoader(eval_ds, batch_size=size, shuffle=False, collate_fn=Collator(tokenizer.pad_token_id, task))
     with autocast(recipe):
         return evaluate(
             model, loader, task_type=task, tokenizer=tokenizer, label_names=label_names, data_cfg=recipe.data
@@ -196,8 +207,53 @@ def run_predict(
     check_columns(ds, recipe.data, f"--input ({Path(input_path).name})", with_label=False)
     model, tokenizer, label_names = load_for_inference(recipe, adapter, allow_pickle=allow_pickle)
     size = batch_size or recipe.training.eval_batch_size or recipe.training.batch_size
+    if recipe.training.objective == "reward":
+        with autocast(recipe):
+            rows = score_rows(recipe, model, tokenizer, ds, size)
+        write_rows(rows, output_path)
+        return len(rows)
     with autocast(recipe):
         preds = predict_rows(recipe, model, tokenizer, label_names, ds, size)
     rows = [{**row, PREDICTION_COLUMN: pred} for row, pred in zip(ds, preds)]
     write_rows(rows, output_path, empty_columns=[PREDICTION_COLUMN])
     return len(rows)
+
+
+@torch.no_grad()
+def score_rows(recipe, model, tokenizer, ds, batch_size: int) -> list[dict[str, Any]]:
+    """A reward model's scores: `score_chosen` and `score_rejected` for pair rows, else `score` for a row's
+    prompt + answer (`prompt` with `completion`/`response`/`answer`) or its text column."""
+    from peftrun.preference import pair_turns, render
+
+    def text_of(row: dict) -> list[tuple[str, str]]:
+        if row.get("chosen") is not None and row.get("rejected") is not None:
+            turns, chosen, rejected = pair_turns(row, recipe.data)
+            return [("score_chosen", "".join(render(tokenizer, turns, chosen, recipe.data))),
+                    ("score_rejected", "".join(render(tokenizer, turns, rejected, recipe.data)))]
+        answer = next((row[k] for k in ("completion", "response", "answer") if row.get(k) is not None), None)
+        if row.get("prompt") is not None and answer is not None:
+            turns = [{"role": "user", "content": str(row["prompt"])}]
+            return [("score", "".join(render(tokenizer, turns, str(answer), recipe.data)))]
+        if row.get(recipe.data.text_column) is None:
+            raise PeftrunError(
+                "a row to score needs chosen/rejected, prompt and completion, or the text column",
+                where=f"--input (data.text_column: {recipe.data.text_column})",
+            )
+        return [("score", str(row[recipe.data.text_column]))]
+
+    device = next(model.parameters()).device
+    rows = [dict(row) for row in ds]
+    items = [(i, key, text) for i, row in enumerate(rows) for key, text in text_of(row)]
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"  # the answer is at the end: keep it
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            enc = tokenizer([t for _, _, t in chunk], padding=True, truncation=True,
+                            max_length=recipe.data.max_length, return_tensors="pt").to(device)
+            scores = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, 0]
+            for (i, key, _), score in zip(chunk, scores.float().tolist()):
+                rows[i][key] = score
+    finally:
+        tokenizer.truncation_side = side
+    return rows

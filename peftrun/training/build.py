@@ -65,13 +65,14 @@ def build(recipe, objective: Objective | None = None):
     return tokenizer, splits, label_names, model
 
 
-def with_label_names(recipe, label_names: list[str] | None):
-    """A copy of the recipe that names the classes the data gave, so that the recipe saved beside an adapter
-    rebuilds the same head without the data. The caller's recipe is left as it was."""
-    if not label_names:
+def with_label_names(recipe, label_names: list[str] | None, num_labels: int | None = None):
+    """A copy of the recipe that names the classes the data gave (and the head's size), so that the recipe saved
+    beside an adapter rebuilds the same head without the data. The caller's recipe is left as it was."""
+    num_labels = num_labels if num_labels is not None else (len(label_names) if label_names else None)
+    if num_labels is None:
         return recipe
-    model = recipe.model.model_copy(update={"num_labels": len(label_names)})
-    data = recipe.data.model_copy(update={"label_names": list(label_names)})
+    model = recipe.model.model_copy(update={"num_labels": num_labels})
+    data = recipe.data.model_copy(update={"label_names": list(label_names)}) if label_names else recipe.data
     return recipe.model_copy(update={"model": model, "data": data})
 
 
@@ -160,7 +161,7 @@ def prepare(recipe, out: Path, resume: bool, hooks: Hooks) -> Run:
     set_seed(recipe.training.seed)
     objective = make_objective(recipe)
     tokenizer, splits, label_names, model = build(recipe, objective)
-    recipe = with_label_names(recipe, label_names)
+    recipe = with_label_names(recipe, label_names, objective.num_labels(label_names))
     accelerator.print(model.trainable_report())
     train_loader, eval_loader = make_loaders(recipe, tokenizer, splits, label_names, objective, accelerator.print)
 
