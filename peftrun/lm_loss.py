@@ -112,6 +112,19 @@ def chunked_loss(
     return _ChunkedCrossEntropy.apply(hidden2d, head.weight, head.bias, targets, rows, denominator, chunk)
 
 
+def _through_head(grad, h, idx, weight, grad_hidden, grad_weight, grad_bias) -> None:
+    """Accumulate a chunk's logit gradient `grad` (rows `idx`, hidden states `h`) into the gradients of the
+    hidden states, the head's weight and its bias. Under autocast the matmuls run in its dtype, as
+    transformers' backward would."""
+    grad_low = grad.to(h.dtype)
+    if grad_hidden is not None:
+        grad_hidden.index_copy_(0, idx, (grad_low @ weight.to(h.dtype)).to(grad_hidden.dtype))
+    if grad_weight is not None:
+        grad_weight += (grad_low.T @ h).float()
+    if grad_bias is not None:
+        grad_bias += grad.sum(0)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows, denominator, chunk):
@@ -131,14 +144,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
             grad[torch.arange(idx.numel(), device=grad.device), y] -= 1.0
             grad.div_(denominator)
-            grad_low = grad.to(h.dtype)
-            # under autocast the matmuls below run in its dtype, as transformers' backward would
-            if grad_hidden is not None:
-                grad_hidden.index_copy_(0, idx, (grad_low @ weight.to(h.dtype)).to(grad_hidden.dtype))
-            if grad_weight is not None:
-                grad_weight += (grad_low.T @ h).float()
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
+            _through_head(grad, h, idx, weight, grad_hidden, grad_weight, grad_bias)
         ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight, grad_bias) if t is not None))
         ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -242,13 +248,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             grad = logits.softmax(-1).neg_()  # d logp / d logits = onehot - softmax
             grad[torch.arange(idx.numel(), device=grad.device), targets.index_select(0, idx)] += 1.0
             grad.mul_(grad_out[start : start + idx.numel(), None])
-            grad_low = grad.to(h.dtype)
-            if grad_hidden is not None:
-                grad_hidden.index_copy_(0, idx, (grad_low @ weight.to(h.dtype)).to(grad_hidden.dtype))
-            if grad_weight is not None:
-                grad_weight += (grad_low.T @ h).float()
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
+            _through_head(grad, h, idx, weight, grad_hidden, grad_weight, grad_bias)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
