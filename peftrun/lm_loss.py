@@ -161,8 +161,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 # ------------------------------------------------------------------ per-sequence log-probabilities
 
 
-def sequence_logps(run_model, base: nn.Module, labels: torch.Tensor, *, chunked: bool, **inputs):
-    """Summed log-probabilities of each row's labelled tokens, and how many there are: (logps[B], counts[B]).
+def sequence_logps(
+    run_model, base: nn.Module, labels: torch.Tensor, *, chunked: bool, within: torch.Tensor | None = None, **inputs
+):
+    """Summed log-probabilities of each row's labelled tokens, and how many there are: (logps[B], counts[B]);
+    with `within` (a boolean mask shaped like `labels`, marking some of the labelled tokens) also the sums and
+    counts over those tokens alone, from the same forward: (logps, counts, within_logps, within_counts).
 
     `run_model(**inputs)` runs the (adapted) model; `base` is the transformers model whose head it calls.
     Preference objectives (DPO, ORPO, GRPO) need log p(answer | prompt) = sum_t log softmax(h_t W^T)[y_{t+1}],
@@ -189,8 +193,9 @@ def sequence_logps(run_model, base: nn.Module, labels: torch.Tensor, *, chunked:
         if handle is not None:
             handle.remove()
     states = seen[0] if use_chunks else out.logits
-    if states.shape[1] > labels.shape[1]:  # virtual tokens in front
-        labels = nn.functional.pad(labels, (states.shape[1] - labels.shape[1], 0), value=IGNORE_INDEX)
+    virtual = states.shape[1] - labels.shape[1]
+    if virtual > 0:  # virtual tokens in front
+        labels = nn.functional.pad(labels, (virtual, 0), value=IGNORE_INDEX)
     targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(states.device)
     flat_targets = targets.reshape(-1)
     rows = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
@@ -206,7 +211,14 @@ def sequence_logps(run_model, base: nn.Module, labels: torch.Tensor, *, chunked:
     counts = torch.zeros(targets.shape[0], dtype=torch.float32, device=states.device).index_add(
         0, owner, torch.ones_like(token)
     )
-    return logps, counts
+    if within is None:
+        return logps, counts
+    if virtual > 0:
+        within = nn.functional.pad(within, (virtual, 0), value=False)
+    part = nn.functional.pad(within, (0, 1), value=False)[:, 1:].reshape(-1).to(states.device)[rows]
+    within_logps = torch.zeros_like(logps).index_add(0, owner[part], token[part])
+    within_counts = torch.zeros_like(counts).index_add(0, owner[part], torch.ones_like(token[part]))
+    return logps, counts, within_logps, within_counts
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
