@@ -167,17 +167,29 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 # ------------------------------------------------------------------ per-sequence log-probabilities
 
 
-def sequence_logps(run_model, base: nn.Module, labels: torch.Tensor, *, chunked: bool, **inputs):
-    """Summed log-probabilities of each row's labelled tokens, and how many there are: (logps[B], counts[B]).
+def _row_sums(values: torch.Tensor, owner: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.zeros(rows, dtype=torch.float32, device=values.device).index_add(0, owner, values)
+
+
+def sequence_logps(
+    run_model, base: nn.Module, labels: torch.Tensor, *, chunked: bool, within: torch.Tensor | None = None, **inputs
+):
+    """Summed log-probabilities of each row's labelled tokens, and how many there are: (logps[B], counts[B]);
+    with `within` (a boolean mask shaped like `labels`, marking some of the labelled tokens) also the sums and
+    counts over those tokens alone, from the same forward: (logps, counts, within_logps, within_counts).
     See `token_logps`."""
-    token, owner, rows = token_logps(run_model, base, labels, chunked=chunked, **inputs)
-    logps = torch.zeros(rows, dtype=torch.float32, device=token.device).index_add(0, owner, token)
-    counts = torch.zeros(rows, dtype=torch.float32, device=token.device).index_add(0, owner, torch.ones_like(token))
-    return logps, counts
+    token, owner, rows, part = token_logps(run_model, base, labels, chunked=chunked, within=within, **inputs)
+    logps, counts = _row_sums(token, owner, rows), _row_sums(torch.ones_like(token), owner, rows)
+    if part is None:
+        return logps, counts
+    return logps, counts, _row_sums(token[part], owner[part], rows), _row_sums(torch.ones_like(token[part]), owner[part], rows)
 
 
-def token_logps(run_model, base: nn.Module, labels: torch.Tensor, *, chunked: bool, **inputs):
-    """log p of every labelled token under the model, as (logp[T], row of each[T], rows B).
+def token_logps(
+    run_model, base: nn.Module, labels: torch.Tensor, *, chunked: bool, within: torch.Tensor | None = None, **inputs
+):
+    """log p of every labelled token under the model: (logp[T], the row of each[T], rows B, and where `within`
+    marks them, a boolean mask over the T tokens, else None).
 
     `run_model(**inputs)` runs the (adapted) model; `base` is the transformers model whose head it calls.
     Preference and policy objectives (DPO, ORPO, GRPO) need log p(answer | prompt) = sum_t log softmax(h_t W^T)
@@ -205,8 +217,10 @@ def token_logps(run_model, base: nn.Module, labels: torch.Tensor, *, chunked: bo
         if handle is not None:
             handle.remove()
     states = seen[0] if use_chunks else out.logits
-    if states.shape[1] > labels.shape[1]:  # virtual tokens in front
-        labels = nn.functional.pad(labels, (states.shape[1] - labels.shape[1], 0), value=IGNORE_INDEX)
+    virtual = states.shape[1] - labels.shape[1]
+    if virtual > 0:  # virtual tokens in front
+        labels = nn.functional.pad(labels, (virtual, 0), value=IGNORE_INDEX)
+        within = nn.functional.pad(within, (virtual, 0), value=False) if within is not None else None
     targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(states.device)
     flat_targets = targets.reshape(-1)
     rows = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
@@ -217,7 +231,10 @@ def token_logps(run_model, base: nn.Module, labels: torch.Tensor, *, chunked: bo
     else:
         flat = states.reshape(-1, states.shape[-1]).index_select(0, rows).float()
         token = flat.log_softmax(-1).gather(1, flat_targets[rows][:, None]).squeeze(1)
-    return token, rows // targets.shape[1], targets.shape[0]
+    part = None
+    if within is not None:
+        part = nn.functional.pad(within, (0, 1), value=False)[:, 1:].reshape(-1).to(states.device)[rows]
+    return token, rows // targets.shape[1], targets.shape[0], part
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):

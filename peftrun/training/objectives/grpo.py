@@ -105,9 +105,9 @@ class GRPO(Objective):
             "position_ids": (attention.cumsum(1) - 1).clamp(min=0),  # left-padded prompts, as generate saw them
         }
         base, chunked = self.peft_model.model, self.peft_model.chunked_loss
-        logp, owner, rows = token_logps(model, base, labels, chunked=chunked, **inputs)
+        logp, owner, rows, _ = token_logps(model, base, labels, chunked=chunked, **inputs)
         with torch.no_grad(), self.peft_model.disable_adapters():
-            ref, _, _ = token_logps(self.peft_model, base, labels, chunked=chunked, **inputs)
+            ref, _, _, _ = token_logps(self.peft_model, base, labels, chunked=chunked, **inputs)
         adv = advantages.to(logp.device)[owner]
         ratio = torch.exp(logp - logp.detach())
         clipped = torch.clamp(ratio, 1 - cfg.epsilon, 1 + cfg.epsilon)

@@ -38,16 +38,22 @@ class PairObjective(Objective):
         notes.insert(0, f"preference pairs: {len(rows['train'])} train, {len(rows['eval'])} eval")
         return Data(rows["train"], rows["eval"], collate, collate, notes)
 
-    def answer_logps(self, model, batch, *, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def answer_logps(
+        self, model, batch, *, reference: bool = False, labels: torch.Tensor | None = None,
+        within: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
         """Summed log-probabilities of each row's answer and its token count, by the adapted model, or with
-        `reference` by the base alone (adapter off, no gradient)."""
+        `reference` by the base alone (adapter off, no gradient). `labels` other than the batch's answers and a
+        `within` mask: see lm_loss.sequence_logps."""
         inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+        labels = batch["labels"] if labels is None else labels
         peft_model = self.peft_model
         base = peft_model.model
+        kwargs = {"chunked": peft_model.chunked_loss, "within": within, **inputs}
         if reference:
             with torch.no_grad(), peft_model.disable_adapters():
-                return sequence_logps(peft_model, base, batch["labels"], chunked=peft_model.chunked_loss, **inputs)
-        return sequence_logps(model, base, batch["labels"], chunked=peft_model.chunked_loss, **inputs)
+                return sequence_logps(peft_model, base, labels, **kwargs)
+        return sequence_logps(model, base, labels, **kwargs)
 
     def report(self, result):
         return [f"{k}={v:.6f}" for k, v in result.metrics.items() if k != "eval_loss"]
