@@ -88,6 +88,8 @@ def params(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
     r = load_recipe(recipe, set_)
     num_labels = r.model.num_labels or (len(r.data.label_names) if r.data.label_names else 2)
+    if r.training.objective == "reward":
+        num_labels = 1  # a reward model's head has one output (as training builds it)
     model = build_from_config(
         r.model.name_or_path, r.model.task_type, meta=True, num_labels=num_labels,
         overrides=r.model.config_overrides, trust_remote_code=r.model.trust_remote_code,

@@ -24,6 +24,15 @@ from peftrun.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_
 
 SPLIT_NAMES = {"train": ("train",), "eval": ("validation", "dev", "eval", "valid", "val"), "test": ("test",)}
 EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+COMPRESSED = (".gz",)  # csv/tsv/json/jsonl may be gzipped (e.g. HH-RLHF's test.jsonl.gz); datasets unpacks them
+
+
+def file_suffix(path: Path) -> str:
+    """The suffix that says how a file is read: 'x.jsonl.gz' reads as '.jsonl'."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in COMPRESSED and suffixes[-2] != ".parquet":
+        return suffixes[-2]
+    return path.suffix.lower()
 
 
 @dataclass
@@ -46,13 +55,14 @@ def load_file(path: str | Path, where: str, data_cfg=None, *, strict: bool = Tru
     path = Path(path)
     if not path.is_file():
         raise PeftrunError("data file not found", where=f"{where} ({path})")
-    kind = EXTENSIONS.get(path.suffix.lower())
+    suffix = file_suffix(path)
+    kind = EXTENSIONS.get(suffix)
     if kind is None:
         raise PeftrunError(
-            f"cannot read '{path.suffix}' files", where=where, hint=f"use one of {', '.join(EXTENSIONS)}"
+            f"cannot read '{path.suffix}' files", where=where, hint=f"use one of {', '.join(EXTENSIONS)} (csv, tsv, json and jsonl also gzipped: .gz)"
         )
     kwargs: dict[str, Any] = {}
-    if path.suffix.lower() == ".tsv":
+    if suffix == ".tsv":
         # GLUE's tsv files hold bare quote characters inside sentences
         kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
     try:
@@ -127,7 +137,7 @@ def _load_sources(data_cfg):
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).suffix.lower() in EXTENSIONS or name.count("/") > 1
+    return name.startswith((".", "/", "~")) or file_suffix(Path(name)) in EXTENSIONS or name.count("/") > 1
 
 
 def load_splits(data_cfg, seed: int) -> Splits:

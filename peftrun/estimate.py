@@ -210,6 +210,8 @@ def estimate(
     m = recipe.model
     task = m.task_type
     num_labels = m.num_labels or (len(recipe.data.label_names) if recipe.data.label_names else 2)
+    if recipe.training.objective == "reward":
+        num_labels = 1  # a reward model's head has one output (as training builds it)
     batch, seq, target = recipe.training.batch_size, recipe.data.max_length, recipe.data.target_max_length
     baseline = process_baseline() if baseline is None else baseline
     ranks = ranks or recipe.distributed.num_processes  # on one machine

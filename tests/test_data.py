@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -63,6 +64,10 @@ def test_each_file_format_loads_the_same_rows(tmp_path):
     for ext in ("jsonl", "json", "tsv", "csv", "parquet"):
         ds = load_file(tmp_path / f"d.{ext}", "data.train_file")
         assert ds.to_list() == rows, ext
+    # gzipped text formats (HH-RLHF ships test.jsonl.gz) read as what is inside
+    for ext in ("jsonl", "tsv", "csv"):
+        (tmp_path / f"d.{ext}.gz").write_bytes(gzip.compress((tmp_path / f"d.{ext}").read_bytes()))
+        assert load_file(tmp_path / f"d.{ext}.gz", "data.train_file").to_list() == rows, ext
 
 
 def test_missing_file_and_unknown_extension_are_user_errors(tmp_path):
@@ -71,6 +76,9 @@ def test_missing_file_and_unknown_extension_are_user_errors(tmp_path):
     (tmp_path / "d.xlsx").write_text("x")
     with pytest.raises(PeftrunError, match="cannot read '.xlsx' files"):
         load_file(tmp_path / "d.xlsx", "data.train_file")
+    (tmp_path / "d.xlsx.gz").write_bytes(b"x")
+    with pytest.raises(PeftrunError, match="cannot read '.gz' files"):
+        load_file(tmp_path / "d.xlsx.gz", "data.train_file")
 
 
 def test_missing_columns_list_the_columns_there_are(tmp_path):

@@ -186,12 +186,17 @@ SEED_COUNTS = {
     "roberta_large_mrpc_lora.yaml": "trainable params: 1,838,082 || all params: 357,199,876 || trainable%: 0.5146",
     "bloomz_7b1_lora.yaml": "trainable params: 3,932,160 || all params: 7,072,948,224 || trainable%: 0.0556",
     "mt0_large_lora.yaml": "trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915",
+    # LoRA r 8 on q/v of 32 layers (4,194,304) + the reward head's one output (4,096)
+    "stack_llama_reward_lora.yaml": "trainable params: 4,198,400 || all params: 6,611,546,112 || trainable%: 0.0635",
+    "stack_llama_dpo_lora.yaml": "trainable params: 6,291,456 || all params: 6,744,707,072 || trainable%: 0.0933",
+    "gpt2_sentiment_grpo.yaml": "trainable params: 589,824 || all params: 125,029,632 || trainable%: 0.4717",
 }
 
 
 @pytest.mark.parametrize("name", ["t0_3b_lora_twitter.yaml", "mt0_large_lora.yaml", "mt0_xxl_lora.yaml",
                                   "bloomz_7b1_lora.yaml", "t0_3b_lora_ds_zero3_offload.yaml",
-                                  "roberta_large_mrpc_lora.yaml"])
+                                  "roberta_large_mrpc_lora.yaml", "stack_llama_reward_lora.yaml",
+                                  "stack_llama_dpo_lora.yaml", "gpt2_sentiment_grpo.yaml"])
 def test_seed_recipes_validate_and_count_offline(name):
     from typer.testing import CliRunner
 
