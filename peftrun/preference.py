@@ -182,8 +182,8 @@ class BadRows:
 
 
 def _lm_ids(tokenizer, prompt: str, answer: str, max_len: int, chat: bool):
-    """Prompt and answer ids for a causal LM: the answer ends with EOS; a long prompt loses its start,
-    then a long answer its end. None when the prompt leaves no room."""
+    """Prompt and answer ids for a causal LM: the answer ends with EOS; a long answer loses its end. None when
+    the prompt leaves no room for an answer (the row is then dropped or refused, as data.bad_rows says)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
