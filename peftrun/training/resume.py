@@ -27,6 +27,7 @@ from peftrun.checkpoint import atomic_dir, read_adapter, read_recipe_copy, safe_
 from peftrun.errors import PeftrunError
 from peftrun.training.engines import OPTIMIZER_FILE, Engine
 from peftrun.training.hooks import Hooks
+from peftrun.training.launch import launched
 from peftrun.training.rng import read_rng, rng_state, set_rng_state, write_rng
 
 CHECKPOINTS = "checkpoints"
@@ -48,6 +49,10 @@ RESUME_MAY_CHANGE = (
     "training.eval_batch_size",
     "overwrite",
     "output_dir",
+    "distributed.timeout_seconds",
+    "distributed.machine_rank",  # each machine's recipe names its own
+    "distributed.main_process_ip",
+    "distributed.main_process_port",
 )
 
 
@@ -352,8 +357,9 @@ def _resolved(recipe) -> dict[str, Any]:
 
 
 def resume_command(recipe) -> str:
+    """The command that continues this run: `peftrun launch ... --resume` inside a launched process."""
     source = getattr(recipe, "_source", None) or "RECIPE"
     extra = "".join(f" --set {item}" for item in getattr(recipe, "_overrides", None) or [])
-    return f"peftrun train {source}{extra} --resume"
+    return f"peftrun {'launch' if launched() else 'train'} {source}{extra} --resume"
 
 
