@@ -185,15 +185,17 @@ def launch(
     recipe: RecipeArg,
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the accelerate config and command only")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the newest complete checkpoint")] = False,
 ) -> None:
     """Train on several processes or machines, or on DeepSpeed/FSDP: writes the accelerate config of the
     recipe's distributed section (or uses distributed.accelerate_config) and runs
-    `accelerate launch -m peftrun train RECIPE`. Options after `--` go to accelerate launch."""
+    `accelerate launch -m peftrun train RECIPE`. Options after `--` go to accelerate launch. When a rank
+    dies, the others are stopped and one line names it and the command that continues the run."""
     from peftrun.recipe import load_recipe
     from peftrun.training.launch import launch as run
 
     r = load_recipe(recipe, set_)
-    code = run(r, str(recipe), list(set_ or []), list(ctx.args), dry_run=dry_run)
+    code = run(r, str(recipe), list(set_ or []), list(ctx.args), dry_run=dry_run, resume=resume)
     if code:
         raise typer.Exit(code)
 

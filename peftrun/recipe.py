@@ -326,6 +326,8 @@ class DistributedSection(Section):
     main_process_ip: str | None = None
     main_process_port: int | None = Field(default=None, ge=1, le=65535)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # a collective waiting longer than this on a rank that died or hangs fails, and so ends the whole run
+    timeout_seconds: int = Field(default=600, ge=1, le=86400)
     strategy: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     fsdp: FsdpSection = Field(default_factory=FsdpSection)
@@ -338,7 +340,7 @@ class DistributedSection(Section):
             if getattr(self, name) != f.get_default(call_default_factory=True)
         }
         if self.accelerate_config is not None:
-            extra = sorted(changed - {"accelerate_config"})
+            extra = sorted(changed - {"accelerate_config", "timeout_seconds"})  # the ranks read it
             if extra:
                 raise ValueError(
                     f"accelerate_config names a complete accelerate config; {', '.join(extra)} would be ignored: "

@@ -2,7 +2,8 @@
 
 A spec is "point:step:action[,...]": point is a hook point (loss, after_step, eval, checkpoint_write), step
 a number or '*', action one of kill (SIGKILL this process), sleepSECONDS, nan (the loss becomes NaN) or
-fail (raise, as a failed evaluation would).
+fail (raise, as a failed evaluation would). An action may end in "@RANK": then only the process whose RANK
+environment variable (set by the launcher) is RANK acts, e.g. "after_step:3:kill@1" kills rank 1 alone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class FaultHooks(Hooks):
         self.rules = []
         for item in spec.split(","):
             point, step, action = item.strip().split(":")
+            action, _, rank = action.partition("@")
+            if rank and rank != os.environ.get("RANK", "0"):
+                continue  # a rule for another rank of a launch
             self.rules.append((point, step, action))
 
     def at(self, point: str, step: int, value: Any = None) -> Any:

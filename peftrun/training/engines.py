@@ -305,12 +305,10 @@ def make_accelerator(recipe):
             where="distributed",
             hint="run `peftrun launch RECIPE` (or accelerate launch --config_file FILE -m peftrun train RECIPE)",
         )
-    handlers = []
     backend = recipe.distributed.backend
     if backend == "auto" and not torch.cuda.is_available() and launched():
         backend = "gloo"  # CPU ranks talk over gloo; Accelerate would otherwise ask for a backend CPUs lack
-    if backend != "auto":
-        handlers.append(InitProcessGroupKwargs(backend=backend))
+    handlers = [_process_group(InitProcessGroupKwargs, backend, recipe.distributed.timeout_seconds)]
     # an explicit training.mixed_precision wins; otherwise accelerate launch's config (or "no") decides
     precision = recipe.training.mixed_precision if "mixed_precision" in recipe.training.model_fields_set else None
     _fsdp1_cpu_env()
@@ -325,6 +323,22 @@ def make_accelerator(recipe):
     _fsdp_on_cpu(accelerator)
     _check_deepspeed_accumulation(accelerator, recipe)
     return accelerator
+
+
+def _process_group(kind, backend: str, seconds: int):
+    """Accelerate's process-group options: the backend (unless "auto") and the collectives' timeout.
+
+    The timeout bounds how long a rank waits in a collective for a rank that died or hangs (torch's own
+    default: 30 minutes on gloo); the failing collective ends that rank, and the launcher then ends the rest.
+    Accelerate passes on only values that differ from its class defaults (600 s, "nccl"): a 600 s timeout
+    would be dropped and gloo's 30 minutes used, so the timeout is always passed.
+    """
+    from datetime import timedelta
+
+    handler = kind(timeout=timedelta(seconds=seconds), **({} if backend == "auto" else {"backend": backend}))
+    chosen = {**handler.to_kwargs(), "timeout": handler.timeout}
+    handler.to_kwargs = lambda: dict(chosen)
+    return handler
 
 
 def _fsdp_requested() -> bool:

@@ -12,16 +12,25 @@ CPU ranks here (torch's FSDP runs over gloo).
 
 Inside a launched process, `engines.make_accelerator` builds the Accelerator and `engines.engine_for` the
 engine that strategy needs.
+
+When a rank dies the run ends: torchrun's agent (inside accelerate launch) stops the other ranks of its
+machine; a rank whose collective fails because its peer is gone, or waited distributed.timeout_seconds for
+a hung one, ends with `lost_peers`'s line (exit 3). `peftrun launch` reads the agent's summary of the first
+failed rank and prints one line: which rank, how it ended, the last complete checkpoint, the command that
+continues (`peftrun launch RECIPE ... --resume`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +132,7 @@ def accelerate_config(recipe, folder: Path | None = None) -> dict[str, Any]:
 
     `folder`: where a DeepSpeed JSON goes when the section gives DeepSpeed's own keys."""
     d = recipe.distributed
-    kind = {"ddp": "MULTI_GPU" if d.num_processes > 1 else "NO", "deepspeed": "DEEPSPEED", "fsdp": "FSDP"}[
+    kind = {"ddp": "MULTI_GPU" if d.num_processes * d.num_machines > 1 else "NO", "deepspeed": "DEEPSPEED", "fsdp": "FSDP"}[
         d.strategy
     ]
     cfg: dict[str, Any] = {
@@ -181,9 +190,9 @@ def cpu_only_env(config: dict[str, Any], base: dict[str, str] | None = None) -> 
 
 
 def launch_command(
-    config_file: Path, recipe_path: str, overrides: list[str], accelerate_args: list[str]
+    config_file: Path, recipe_path: str, overrides: list[str], accelerate_args: list[str], resume: bool = False
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    cmd = [sys.executable, "-m", "peftrun.training.accelerate_launch", "--config_file", str(config_file)]
     config = read_yaml(config_file, what="accelerate config")
     kind = str(config.get("distributed_type", "NO")).upper()
     if not torch.cuda.is_available() and kind == "MULTI_GPU" and "--multi_gpu" not in accelerate_args:
@@ -192,13 +201,20 @@ def launch_command(
     cmd += ["-m", "peftrun", "train", str(recipe_path)]
     for item in overrides:
         cmd += ["--set", item]
-    return cmd
+    return cmd + (["--resume"] if resume else [])
 
 
 def launch(
-    recipe, recipe_path: str, overrides: list[str], accelerate_args: list[str], *, dry_run: bool = False
+    recipe,
+    recipe_path: str,
+    overrides: list[str],
+    accelerate_args: list[str],
+    *,
+    dry_run: bool = False,
+    resume: bool = False,
 ) -> int:
-    """Run `accelerate launch` on `peftrun train`; returns its exit code."""
+    """Run `accelerate launch` on `peftrun train` (with --resume: continuing from the newest checkpoint);
+    returns its exit code. When a rank died or crashed, says which and how to continue, in one line."""
     d = recipe.distributed
     if d.num_machines > 1 and not d.main_process_ip and not d.accelerate_config:
         raise PeftrunError(
@@ -206,9 +222,13 @@ def launch(
             where="distributed.main_process_ip",
             hint="set distributed.main_process_ip (and main_process_port) to machine 0's address",
         )
+    if resume and not dry_run:
+        from peftrun.training.build import check_output_dir
+
+        check_output_dir(recipe, resume)  # no checkpoint: one line here rather than one per rank
     config_file = config_file_for(recipe)
     config = read_yaml(config_file, what="accelerate config")
-    cmd = launch_command(config_file, recipe_path, overrides, accelerate_args)
+    cmd = launch_command(config_file, recipe_path, overrides, accelerate_args, resume)
     env = cpu_only_env(config)
     shown = " ".join(shlex.quote(c) for c in cmd)
     print(f"accelerate config: {config_file}", flush=True)
@@ -216,4 +236,126 @@ def launch(
     if dry_run:
         print(yaml.safe_dump(config, sort_keys=True), end="", flush=True)
         return 0
-    return subprocess.call(cmd, env=env)
+    code, tail = _run_teeing_stderr(cmd, env)
+    if code:
+        line = failure_line(recipe, recipe_path, overrides, accelerate_args, tail)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+    return code
+
+
+# ------------------------------------------------------------------ when a rank fails
+
+TAIL_BYTES = 64 * 1024
+
+
+def _run_teeing_stderr(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run `cmd`, its stderr passed through as it comes; returns the exit code and stderr's last bytes
+    (where torchrun's agent writes its summary of the failed ranks)."""
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    tail = bytearray()
+
+    def pump() -> None:
+        out = getattr(sys.stderr, "buffer", None)
+        while chunk := os.read(proc.stderr.fileno(), 65536):
+            if out is not None:
+                out.write(chunk)
+                out.flush()
+            else:
+                sys.stderr.write(chunk.decode(errors="replace"))
+            tail.extend(chunk)
+            del tail[:-TAIL_BYTES]
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    thread.join(timeout=10)
+    return code, tail.decode(errors="replace")
+
+
+def root_cause(summary: str) -> tuple[int, int, str] | None:
+    """(rank, exit code, host) of the first rank that failed, from torchrun's failure summary: a negative
+    exit code is the signal that killed it. None when `summary` holds no such summary."""
+    start = summary.rfind("Root Cause")
+    if start < 0:
+        return None
+    block = summary[start:]
+    rank = re.search(r"^\s*rank\s*:\s*(\d+)", block, re.M)
+    code = re.search(r"^\s*exitcode\s*:\s*(-?\d+)", block, re.M)
+    host = re.search(r"^\s*host\s*:\s*(\S+)", block, re.M)
+    if not (rank and code):
+        return None
+    return int(rank.group(1)), int(code.group(1)), host.group(1) if host else "?"
+
+
+def failure_line(recipe, recipe_path: str, overrides: list[str], accelerate_args: list[str], summary: str):
+    """One line saying which rank died or crashed, the last complete checkpoint and the command that
+    continues the run; None when the failed rank has said it all itself (a mistake in the recipe, exit 2;
+    an interrupted run, 128 + signal, which prints its own line)."""
+    from peftrun.training.resume import latest_checkpoint
+
+    cause = root_cause(summary)
+    if cause is None:
+        return None
+    rank, code, host = cause
+    if code == LOST_PEERS_EXIT:
+        what = (
+            f"rank {rank} lost the other ranks (a collective failed, or waited distributed.timeout_seconds="
+            f"{recipe.distributed.timeout_seconds}): another rank died or hangs"
+        )
+    elif code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        what = f"rank {rank} died ({name})"
+    elif code == 1:
+        what = f"rank {rank} failed (exit code 1)"
+    else:
+        return None
+    if recipe.distributed.num_machines > 1:
+        what += f" on {host}"
+    command = " ".join(["peftrun", "launch", shlex.quote(recipe_path), *(f"--set {shlex.quote(o)}" for o in overrides)])
+    after = f" -- {' '.join(shlex.quote(a) for a in accelerate_args)}" if accelerate_args else ""
+    last = latest_checkpoint(recipe.output_dir)
+    if last is None:
+        return f"{what}; the run stopped before its first checkpoint; start again with: {command} --set overwrite=true{after}"
+    return (
+        f"{what}; the run stopped; the last complete checkpoint is {last}; "
+        f"continue with: {command} --resume{after}"
+    )
+
+
+class RankLostPeers(PeftrunError):
+    """A collective failed on this rank because another rank died or hangs."""
+
+    exit_code = 3
+
+    def render(self) -> str:
+        return self.message
+
+
+LOST_PEERS_EXIT = RankLostPeers.exit_code
+TRANSPORT_WORDS = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout", "broken pipe")
+
+
+def lost_peers(exc: BaseException, where: str) -> RankLostPeers | None:
+    """The error to raise instead of `exc` when `exc` is a collective of a launched run failing (the other
+    end died, or did not answer within distributed.timeout_seconds); None for any other error."""
+    import torch.distributed as dist
+
+    if isinstance(exc, PeftrunError) or not (dist.is_available() and dist.is_initialized()):
+        return None
+    text = str(exc).strip()
+    if not (isinstance(exc, dist.DistError) or any(w in text.lower() for w in TRANSPORT_WORDS)):
+        return None
+    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    return RankLostPeers(
+        f"rank {dist.get_rank()} lost the other ranks {where} ({first}); another rank died or hangs, and the "
+        "launcher stops this run: its summary names the rank that failed first"
+    )

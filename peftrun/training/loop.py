@@ -23,16 +23,32 @@ from peftrun.memory import report as memory_report
 from peftrun.training.build import Run, check_output_dir, prepare
 from peftrun.training.engines import rank_spread
 from peftrun.training.hooks import Hooks, installed
+from peftrun.training.launch import lost_peers
 from peftrun.training.resume import resume_command
 from peftrun.training.signals import RunInterrupted, StopRequest
 
 
 def train(recipe, *, resume: bool = False, hooks: Hooks | None = None) -> dict[str, Any]:
-    """Train the recipe's adapter; returns the last epoch's record (metrics.jsonl's last line)."""
+    """Train the recipe's adapter; returns the last epoch's record (metrics.jsonl's last line).
+
+    A rank whose collective fails because another rank died or hangs ends with one line saying so (exit 3)."""
     hooks = hooks or installed()
     out = check_output_dir(recipe, resume)
-    run = prepare(recipe, out, resume, hooks)
-    acc, model, pos, cfg = run.accelerator, run.model, run.position, recipe.training
+    run = None
+    try:
+        run = prepare(recipe, out, resume, hooks)
+        return train_prepared(run, hooks)
+    except Exception as exc:
+        where = f"after step {run.position.step}" if run is not None else "while setting up"
+        lost = lost_peers(exc, where)
+        if lost is None:
+            raise
+        raise lost from exc
+
+
+def train_prepared(run: Run, hooks: Hooks) -> dict[str, Any]:
+    """The loop itself, on what `prepare` built."""
+    acc, model, pos, cfg, out = run.accelerator, run.model, run.position, run.recipe.training, run.out
     log = MetricsLog(out / "metrics.jsonl", acc.is_main_process)
     bar = ProgressBar(acc.is_main_process and cfg.progress_bar)
     last: dict[str, Any] = {}

@@ -28,6 +28,7 @@ from peftrun.io.atomic import atomic_dir
 from peftrun.io.peft_format import read_adapter, read_recipe_copy, safe_torch_load, write_adapter
 from peftrun.training.engines import OPTIMIZER_FILE, Engine
 from peftrun.training.hooks import Hooks
+from peftrun.training.launch import launched
 from peftrun.training.rng import read_rng, rng_state, set_rng_state, write_rng
 
 CHECKPOINTS = "checkpoints"
@@ -49,6 +50,10 @@ RESUME_MAY_CHANGE = (
     "training.eval_batch_size",
     "overwrite",
     "output_dir",
+    "distributed.timeout_seconds",
+    "distributed.machine_rank",  # each machine's recipe names its own
+    "distributed.main_process_ip",
+    "distributed.main_process_port",
 )
 
 
@@ -353,8 +358,9 @@ def _resolved(recipe) -> dict[str, Any]:
 
 
 def resume_command(recipe) -> str:
+    """The command that continues this run: `peftrun launch ... --resume` inside a launched process."""
     source = getattr(recipe, "_source", None) or "RECIPE"
     extra = "".join(f" --set {item}" for item in getattr(recipe, "_overrides", None) or [])
-    return f"peftrun train {source}{extra} --resume"
+    return f"peftrun {'launch' if launched() else 'train'} {source}{extra} --resume"
 
 
