@@ -149,6 +149,30 @@ def methods(
     Console(width=160).print(table)
 
 
+@app.command()
+@user_errors
+def plot(
+    metrics: Annotated[list[Path], typer.Argument(help="one or more metrics.jsonl files (runs overlaid)")],
+    output: Annotated[Path, typer.Option("--output", help="the PNG to write")] = Path("loss.png"),
+) -> None:
+    """Draw train and eval loss against steps from metrics.jsonl files into a PNG, several runs overlaid."""
+    from peftrun.training.plot import plot_losses
+
+    typer.echo(f"wrote {plot_losses(metrics, output)}")
+
+
+@app.command()
+@user_errors
+def schema(
+    output: Annotated[Path | None, typer.Option("--output", help="write it to this file instead of stdout")] = None,
+) -> None:
+    """The recipe's JSON Schema (every method's parameters included), for editors that complete and check YAML."""
+    from peftrun.schema import write_schema
+
+    text = write_schema(output)
+    typer.echo(f"wrote {output}" if output is not None else text.rstrip("\n"))
+
+
 AdapterOpt = Annotated[
     Path | None, typer.Option("--adapter", help="a saved adapter folder; without it, the bare base model")
 ]

@@ -182,6 +182,15 @@ class TrainingSection(Section):
     progress_bar: bool = True
     # what is learned (peftrun/training/objectives/): the task's labels, or a reward model, DPO, ORPO, GRPO
     objective: Literal["supervised", "reward", "dpo", "orpo", "grpo"] = "supervised"
+    # experiment trackers that get metrics.jsonl's numbers too (peftrun/training/tracking.py); none by default
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(default_factory=list, max_length=4)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
 
 
 class PreferenceSection(Section):

@@ -7,11 +7,9 @@ point of this loop where it was taken, so a resumed run computes what an uninter
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,15 +23,17 @@ from peftrun.training.engines import rank_spread
 from peftrun.training.hooks import Hooks, installed
 from peftrun.training.resume import resume_command
 from peftrun.training.signals import RunInterrupted, StopRequest
+from peftrun.training.tracking import MetricsLog, check_installed, open_log
 
 
 def train(recipe, *, resume: bool = False, hooks: Hooks | None = None) -> dict[str, Any]:
     """Train the recipe's adapter; returns the last epoch's record (metrics.jsonl's last line)."""
     hooks = hooks or installed()
+    check_installed(recipe.training.report_to)  # a missing tracker package stops before any model loads
     out = check_output_dir(recipe, resume)
     run = prepare(recipe, out, resume, hooks)
     acc, model, pos, cfg = run.accelerator, run.model, run.position, recipe.training
-    log = MetricsLog(out / "metrics.jsonl", acc.is_main_process)
+    log = open_log(recipe, out, acc)  # metrics.jsonl and the recipe's trackers (training.report_to)
     bar = ProgressBar(acc.is_main_process and cfg.progress_bar)
     last: dict[str, Any] = {}
 
@@ -91,6 +91,7 @@ def train(recipe, *, resume: bool = False, hooks: Hooks | None = None) -> dict[s
                 break
 
     save_final_adapter(run, log)
+    log.close()  # trackers finished; loss.png drawn from metrics.jsonl
     return last
 
 
@@ -188,20 +189,6 @@ def save_final_adapter(run: Run, log: MetricsLog) -> None:
 
 
 # ------------------------------------------------------------------ what the loop writes and shows
-
-
-class MetricsLog:
-    """Appends one JSON object per line to output_dir/metrics.jsonl (main process only)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path = path
-        self.enabled = enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=float) + "\n")
 
 
 class ProgressBar:
