@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,10 @@ class MetricsLog:
         if self.enabled and self.path.is_file():
             from peftrun.training.plot import plot_losses
 
-            plot_losses([self.path], self.path.parent / "loss.png")
+            try:
+                plot_losses([self.path], self.path.parent / "loss.png")
+            except Exception as exc:  # a picture that cannot be drawn does not fail a finished run
+                print(f"loss.png not drawn: {exc}", file=sys.stderr)
 
 
 def open_log(recipe, out: Path, accelerator) -> MetricsLog:
