@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 # The Python API (peftrun/api.py), imported on first use so that `import peftrun` stays light.
 # (No submodule may share these names: importing it would replace the function on the package.)
-_API = ("load", "generate", "combine")
+_API = ("load", "generate", "combine", "wrap", "train")
 
 
 def __getattr__(name: str):

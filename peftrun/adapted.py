@@ -211,6 +211,31 @@ class PeftrunModel(nn.Module):
         trainable, total = self.parameter_counts()
         return format_trainable(trainable, total)
 
+    def print_trainable_parameters(self) -> None:
+        """peft's name for printing the trainable-parameter line."""
+        print(self.trainable_report())
+
+    # -- saving --------------------------------------------------------------------------------
+    def save_pretrained(
+        self, folder: str | Path, adapter_name: str | None = None, *, base_model: str | None = None, tokenizer=None,
+    ) -> Path:
+        """Write adapter `adapter_name` (default: the active one) to `folder` in peft's format, which
+        peft.PeftModel.from_pretrained(base, folder) and peftrun.load(adapters=folder) read. base_model: the
+        name or folder recorded as base_model_name_or_path (default: the one the base was loaded from)."""
+        from peftrun.io.peft_format import save_adapter
+
+        name = adapter_name or self.active_adapter
+        if name not in self.configs:
+            raise PeftrunError(f"no adapter named '{name}' to save", hint=f"loaded: {', '.join(self.configs) or 'none'}")
+        config = getattr(self.model, "config", None)
+        base = base_model or getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+        if not base:
+            raise PeftrunError(
+                "the base model records no name or folder it came from (built from a config?)",
+                hint="pass base_model='hub/id or folder' to save_pretrained",
+            )
+        return save_adapter(self, folder, name=name, base_model=str(base), tokenizer=tokenizer, whole_folder=False)
+
     # -- state in peft's keys ------------------------------------------------------------------
     def key_prefix(self, name: str) -> str:
         return "base_model." if self.methods[name].is_prompt_learning else "base_model.model."

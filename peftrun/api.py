@@ -185,3 +185,94 @@ def combine(
 
     pairs = list(adapters.values()) if isinstance(adapters, Mapping) else list(adapters)
     return run(pairs, output, method=method, rank=rank, density=density, seed=seed, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------ training: wrap a model, or train a recipe
+
+# transformers class name endings -> task type (wrap's default when task_type is not given)
+_CLASS_TASKS = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+)
+
+
+def _task_of(model) -> str:
+    name = type(model).__name__
+    for ending, task in _CLASS_TASKS:
+        if name.endswith(ending) and (task != "SEQ_2_SEQ_LM" or getattr(model.config, "is_encoder_decoder", False)):
+            return task
+    raise PeftrunError(
+        f"cannot tell the task of a {name}", hint="pass task_type= CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS or TOKEN_CLS"
+    )
+
+
+class WrappedModel(PeftrunModel):
+    """A PeftrunModel as peftrun.wrap returns it, for code written against peft's PeftModel: `.config` is the
+    base model's config (transformers' Trainer reads and writes it), `.peft_config` the adapters' configs."""
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def peft_config(self) -> dict[str, Any]:
+        return dict(self.configs)
+
+
+def wrap(model, method: str = "lora", task_type: str | None = None, *, adapter_name: str = "default", **params):
+    """A transformers model with a new adapter to train (peft's get_peft_model): `params` are the method's
+    parameters with peft's names (r, lora_alpha, target_modules, ...), checked as a recipe's method section is.
+
+    The result is a PeftrunModel: only the adapter (and a classification head) trains; `.trainable_report()` is
+    peft's parameter line; train it in your own loop or in transformers' Trainer (its forward takes the base
+    model's arguments); `.save_pretrained(folder)` writes peft's format.
+    """
+    import inspect
+    import types
+
+    from pydantic import ValidationError
+
+    from peftrun.methods import get_method
+    from peftrun.recipe import raise_validation_error
+    from peftrun.tasks import TASK_TYPES
+
+    task_type = task_type or _task_of(model)
+    if task_type not in TASK_TYPES:
+        raise PeftrunError(f"unknown task_type '{task_type}'", hint=f"one of {', '.join(TASK_TYPES)}")
+    chosen = get_method(method)
+    try:
+        config = chosen.Config.model_validate(params)
+    except ValidationError as err:
+        raise_validation_error(err, schema=chosen.Config, source=None, lines={}, prefix=("method",))
+    reason = chosen.unsupported_reason(task_type, config)
+    if reason:
+        raise PeftrunError(f"method '{chosen.name}' cannot train task_type {task_type}: {reason}")
+    wrapped = WrappedModel(model, task_type)
+    wrapped.add_adapter(adapter_name, chosen, config)
+    # Trainer keeps the dataset columns the model's forward names: show it the base model's arguments
+    base = inspect.signature(model.forward)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+    def forward(self, *args, **kwargs):
+        return PeftrunModel.forward(self, *args, **kwargs)
+
+    forward.__signature__ = base.replace(parameters=[self_param, *base.parameters.values()])
+    forward.__doc__ = PeftrunModel.forward.__doc__
+    wrapped.forward = types.MethodType(forward, wrapped)  # a bound method: a deep copy binds to the copy
+    return wrapped
+
+
+def train(recipe: str | Path | Mapping[str, Any], *, resume: bool = False, overrides: Sequence[str] = ()):
+    """Train a recipe (a YAML path, or the same content as a dict) as `peftrun train` does; returns the last
+    epoch's record (metrics.jsonl's last line). The adapter is in the recipe's output_dir."""
+    from peftrun.recipe import apply_overrides, load_recipe, recipe_from_dict
+    from peftrun.training.loop import train as run
+
+    if isinstance(recipe, Mapping):
+        loaded = recipe_from_dict(apply_overrides(dict(recipe), list(overrides)), source="recipe")
+    else:
+        loaded = load_recipe(recipe, list(overrides))
+    return run(loaded, resume=resume)

@@ -70,12 +70,19 @@ def main_options(
 
 @app.command()
 @user_errors
-def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
-    """Check a recipe (keys, types, values, method parameters) without loading any model."""
-    from peftrun.recipe import load_recipe
+def validate(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    here: Annotated[bool, typer.Option("--here", help="also check that this machine can run it (GPU, packages)")] = False,
+) -> None:
+    """Check a recipe (keys, types, values, method parameters) without loading any model; with --here, also
+    this machine (a GPU recipe is valid on a CPU machine, and says what the machine lacks)."""
+    from peftrun.recipe import load_recipe, machine_problems
 
-    r = load_recipe(recipe, set_)
+    r = load_recipe(recipe, set_, machine=here)
     typer.echo(mask_secrets(f"{recipe}: ok ({r.method.name} on {r.model.name_or_path}, {r.model.task_type})"))
+    for key, problem, hint in machine_problems(r):
+        typer.echo(f"note: this machine cannot run it as it is: {'.'.join(key)}: {problem} ({hint}; `--here` checks)")
 
 
 @app.command()
@@ -86,7 +93,7 @@ def params(recipe: RecipeArg, set_: SetOpt = None) -> None:
     from peftrun.models import build_from_config
     from peftrun.recipe import load_recipe
 
-    r = load_recipe(recipe, set_)
+    r = load_recipe(recipe, set_, machine=False)  # the meta device: no GPU needed
     num_labels = r.model.num_labels or (len(r.data.label_names) if r.data.label_names else 2)
     if r.training.objective == "reward":
         num_labels = 1  # a reward model's head has one output (as training builds it)
@@ -149,6 +156,64 @@ def methods(
         ]
         table.add_row(m.name, m.kind, "yes" if m.mergeable else "no", m.summary, ", ".join(fields) if verbose else "")
     Console(width=160).print(table)
+
+
+@app.command()
+@user_errors
+def plot(
+    metrics: Annotated[list[Path], typer.Argument(help="one or more metrics.jsonl files (runs overlaid)")],
+    output: Annotated[Path, typer.Option("--output", help="the PNG to write")] = Path("loss.png"),
+) -> None:
+    """Draw train and eval loss against steps from metrics.jsonl files into a PNG, several runs overlaid."""
+    from peftrun.training.plot import plot_losses
+
+    typer.echo(f"wrote {plot_losses(metrics, output)}")
+
+
+@app.command()
+@user_errors
+def schema(
+    output: Annotated[Path | None, typer.Option("--output", help="write it to this file instead of stdout")] = None,
+) -> None:
+    """The recipe's JSON Schema (every method's parameters included), for editors that complete and check YAML."""
+    from peftrun.schema import write_schema
+
+    text = write_schema(output)
+    typer.echo(f"wrote {output}" if output is not None else text.rstrip("\n"))
+
+
+recipes_app = typer.Typer(help="The example recipes the package carries: list them, copy one out.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+@user_errors
+def recipes_list(ctx: typer.Context) -> None:
+    """List the bundled recipes (name and what it trains); `peftrun recipes copy NAME [DEST]` copies one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from peftrun.bundled import recipes
+
+    known = recipes()
+    width = max(len(r.name) for r in known)
+    for recipe in known:
+        typer.echo(f"{recipe.name:<{width}}  {recipe.summary}")
+
+
+@recipes_app.command("copy")
+@user_errors
+def recipes_copy(
+    name: Annotated[str, typer.Argument(help="a name `peftrun recipes` lists (quickstart, offline/minilm_mrpc_lora)")],
+    dest: Annotated[Path | None, typer.Argument(help="a file or folder (default: ./NAME.yaml)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing file")] = False,
+) -> None:
+    """Copy a bundled recipe out (and the small bundled dataset it reads, beside it)."""
+    from peftrun.bundled import copy_recipe
+
+    target, data = copy_recipe(name, dest, overwrite=overwrite)
+    typer.echo(f"wrote {target}")
+    for folder in data:
+        typer.echo(f"wrote {folder} (the recipe reads it relative to {folder.parent.parent}: run from there)")
 
 
 AdapterOpt = Annotated[
@@ -372,7 +437,7 @@ def estimate(
     from peftrun.estimate import render
     from peftrun.recipe import load_recipe
 
-    typer.echo(render(run(load_recipe(recipe, set_), device_gb=gpu_gb)))
+    typer.echo(render(run(load_recipe(recipe, set_, machine=False), device_gb=gpu_gb)))
 
 
 @app.command()

@@ -18,8 +18,7 @@ from peftrun.errors import PeftrunError
 from peftrun.tasks import AUTO_CLASS, CAUSAL_LM, SEQ_CLS, auto_class, has_label_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_CONFIGS = REPO_ROOT / "configs" / "models"
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "bundled" / "models"  # inside the package (peftrun/bundled)
 PYPI_PREFIX = "pypi:"
 
 

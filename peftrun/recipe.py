@@ -182,6 +182,15 @@ class TrainingSection(Section):
     progress_bar: bool = True
     # what is learned (peftrun/training/objectives/): the task's labels, or a reward model, DPO, ORPO, GRPO
     objective: Literal["supervised", "reward", "dpo", "orpo", "grpo"] = "supervised"
+    # experiment trackers that get metrics.jsonl's numbers too (peftrun/training/tracking.py); none by default
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(default_factory=list, max_length=4)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
 
 
 class PreferenceSection(Section):
@@ -640,8 +649,9 @@ def _check_objective(recipe: Recipe, source: str | None, lines: dict[tuple[str, 
 
 
 def recipe_from_dict(
-    data: Any, *, source: str | None = None, lines: dict[tuple[str, ...], int] | None = None
+    data: Any, *, source: str | None = None, lines: dict[tuple[str, ...], int] | None = None, machine: bool = True
 ) -> Recipe:
+    """Validate a recipe; `machine`: also check that this machine can run it (machine_problems)."""
     lines = lines or {}
     if data is None:
         raise PeftrunError(
@@ -663,7 +673,8 @@ def recipe_from_dict(
     recipe._method_config = build_method_config(recipe, lines=lines, source=source)
     _check_task_ids(recipe, source, lines)
     _check_objective(recipe, source, lines)
-    _check_hardware(recipe, source, lines)
+    if machine:
+        _check_hardware(recipe, source, lines)
     check_output_dir_value(recipe.output_dir, where=_where(source, lines, ("output_dir",)))
     if recipe.distributed.deepspeed.json_config:
         check_deepspeed_config(
@@ -699,26 +710,44 @@ def _check_task_ids(recipe: Recipe, source: str | None, lines: dict[tuple[str, .
         )
 
 
-def _check_hardware(recipe: Recipe, source: str | None, lines: dict[tuple[str, ...], int]) -> None:
+def machine_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str, str]]:
+    """What this machine lacks to run the recipe, as (key, problem, hint); empty when it can. Apart from the
+    recipe's validity: a GPU recipe is valid on a CPU machine (`peftrun validate`), but not trainable there."""
+    import importlib.util
+
     import torch
 
-    if (recipe.model.load_in_8bit or recipe.model.load_in_4bit) and not torch.cuda.is_available():
+    problems = []
+    if recipe.model.load_in_8bit or recipe.model.load_in_4bit:
         key = "load_in_8bit" if recipe.model.load_in_8bit else "load_in_4bit"
-        raise PeftrunError(
-            "8-bit and 4-bit base weights use bitsandbytes, which needs a CUDA GPU; none is present here",
-            where=_where(source, lines, ("model", key)),
-            hint=f"set model.{key}=false to train in full precision on this machine",
-        )
+        if not torch.cuda.is_available():
+            problems.append((
+                ("model", key),
+                "8-bit and 4-bit base weights use bitsandbytes, which needs a CUDA GPU; none is present here",
+                f"set model.{key}=false to train in full precision on this machine",
+            ))
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append((
+                ("model", key), "8-bit and 4-bit base weights use bitsandbytes, which is not installed",
+                "pip install bitsandbytes",
+            ))
+    return problems
 
 
-def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file; raise PeftrunError on any user mistake."""
+def _check_hardware(recipe: Recipe, source: str | None, lines: dict[tuple[str, ...], int]) -> None:
+    for key, problem, hint in machine_problems(recipe)[:1]:
+        raise PeftrunError(problem, where=_where(source, lines, key), hint=hint)
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None, *, machine: bool = True) -> Recipe:
+    """Read, override and validate a recipe file; raise PeftrunError on any user mistake. `machine=False`
+    checks the recipe alone, not whether this machine can run it (`peftrun validate` without --here)."""
     source = str(path)
     text = read_yaml_text(path, what="recipe file")
     data, lines = parse_yaml_lines(text, source=source, mapping=False, what="recipe file")
     if isinstance(data, dict):
         data = apply_overrides(data, overrides or [])
-    recipe = recipe_from_dict(data, source=source, lines=lines)
+    recipe = recipe_from_dict(data, source=source, lines=lines, machine=machine)
     recipe._overrides = list(overrides or [])
     return recipe
 

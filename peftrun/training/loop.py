@@ -7,11 +7,9 @@ point of this loop where it was taken, so a resumed run computes what an uninter
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +24,7 @@ from peftrun.training.hooks import Hooks, installed
 from peftrun.training.launch import lost_peers
 from peftrun.training.resume import resume_command
 from peftrun.training.signals import RunInterrupted, StopRequest
+from peftrun.training.tracking import MetricsLog, check_installed, open_log
 
 
 def train(recipe, *, resume: bool = False, hooks: Hooks | None = None) -> dict[str, Any]:
@@ -33,6 +32,7 @@ def train(recipe, *, resume: bool = False, hooks: Hooks | None = None) -> dict[s
 
     A rank whose collective fails because another rank died or hangs ends with one line saying so (exit 3)."""
     hooks = hooks or installed()
+    check_installed(recipe.training.report_to)  # a missing tracker package stops before any model loads
     out = check_output_dir(recipe, resume)
     run = None
     try:
@@ -49,7 +49,7 @@ def train(recipe, *, resume: bool = False, hooks: Hooks | None = None) -> dict[s
 def train_prepared(run: Run, hooks: Hooks) -> dict[str, Any]:
     """The loop itself, on what `prepare` built."""
     acc, model, pos, cfg, out = run.accelerator, run.model, run.position, run.recipe.training, run.out
-    log = MetricsLog(out / "metrics.jsonl", acc.is_main_process)
+    log = open_log(run.recipe, out, acc)  # metrics.jsonl and the recipe's trackers (training.report_to)
     bar = ProgressBar(acc.is_main_process and cfg.progress_bar)
     last: dict[str, Any] = {}
 
@@ -107,6 +107,7 @@ def train_prepared(run: Run, hooks: Hooks) -> dict[str, Any]:
                 break
 
     save_final_adapter(run, log)
+    log.close()  # trackers finished; loss.png drawn from metrics.jsonl
     return last
 
 
@@ -204,20 +205,6 @@ def save_final_adapter(run: Run, log: MetricsLog) -> None:
 
 
 # ------------------------------------------------------------------ what the loop writes and shows
-
-
-class MetricsLog:
-    """Appends one JSON object per line to output_dir/metrics.jsonl (main process only)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path = path
-        self.enabled = enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=float) + "\n")
 
 
 class ProgressBar:

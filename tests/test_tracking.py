@@ -1,0 +1,174 @@
+"""Trackers (training.report_to) hold the numbers metrics.jsonl holds; loss.png and `peftrun plot` draw them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from tinyrun import tiny_model_dir, tiny_recipe_dict, write_recipe, write_rows
+
+from peftrun.recipe import recipe_from_dict
+from peftrun.training.loop import train
+from peftrun.training.tracking import flat_config, numbers
+
+INSTALLED = [n for n in ("tensorboard", "mlflow", "wandb") if importlib.util.find_spec(n) is not None]
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """One tiny run logging to every installed tracker (2 epochs of 6 steps, a loss each step)."""
+    if not INSTALLED:
+        pytest.skip("no tracker package installed (pip install 'peftrun[tensorboard]')")
+    root = tmp_path_factory.mktemp("tracked")
+    out = root / "run"
+    data = tiny_recipe_dict(
+        tiny_model_dir(root), write_rows(root / "data" / "train.csv", 24).parent, out, num_epochs=2, report_to=INSTALLED
+    )
+    train(recipe_from_dict(data))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, records
+
+
+def expected(records: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], float(r[key])) for r in records if key in r]
+
+
+def test_tensorboard_event_files_hold_the_logged_numbers(tracked):
+    if "tensorboard" not in INSTALLED:
+        pytest.skip("tensorboard is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, records = tracked
+    folders = {p.parent for p in (out / "tb").rglob("events.out.tfevents.*")}
+    assert folders, "no event file under tb/"
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for folder in folders:
+        acc = EventAccumulator(str(folder)).Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    for key in ("loss", "lr", "eval_loss", "accuracy", "train_epoch_loss"):
+        want = expected(records, key)
+        assert want, key
+        got = sorted(scalars[key])
+        assert [s for s, _ in got] == [s for s, _ in want], key
+        assert all(math.isclose(g, w, rel_tol=1e-6, abs_tol=1e-9) for (_, g), (_, w) in zip(got, want)), key
+    assert len(expected(records, "loss")) == 12  # 22 train rows, batch 4: 6 steps an epoch, 2 epochs
+
+
+def test_mlflow_local_file_store_holds_the_run_and_its_numbers(tracked, monkeypatch):
+    if "mlflow" not in INSTALLED:
+        pytest.skip("mlflow is not installed (pip install 'peftrun[mlflow]')")
+    from mlflow.tracking import MlflowClient
+
+    out, records = tracked
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    experiment = client.get_experiment_by_name("peftrun")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_name == "run" and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["method.r"] == "4" and run.data.params["training.learning_rate"] == "0.01"
+    for key in ("loss", "eval_loss", "accuracy"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        want = expected(records, key)
+        assert [s for s, _ in history] == [s for s, _ in want], key
+        assert all(math.isclose(g, w, rel_tol=1e-6) for (_, g), (_, w) in zip(history, want)), key
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of an offline W&B run file: LevelDB-log records (32 KiB blocks after a 7-byte file
+    header; each chunk a 7-byte header: crc, length, type full/first/middle/last) of wandb's protobuf Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, chunks, rows = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        chunks = chunk if kind in (1, 2) else chunks + chunk
+        if kind in (1, 4) and chunks:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_wandb_offline_run_holds_the_logged_numbers(tracked):
+    if "wandb" not in INSTALLED:
+        pytest.skip("wandb is not installed (pip install 'peftrun[wandb]')")
+    out, records = tracked
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    rows = wandb_history(runs[0])
+    for key in ("loss", "eval_loss", "accuracy"):
+        got = [(r["_step"], r[key]) for r in rows if key in r]
+        want = expected(records, key)
+        assert [s for s, _ in got] == [s for s, _ in want], key
+        assert all(math.isclose(g, w, rel_tol=1e-6) for (_, g), (_, w) in zip(got, want)), key
+
+
+def test_the_run_draws_loss_png_and_plot_overlays_runs(tracked, tmp_path):
+    from PIL import Image
+
+    out, records = tracked
+    with Image.open(out / "loss.png") as image:
+        image.load()
+        assert image.format == "PNG" and image.size == (700, 450)
+        # not a blank canvas: the curves put colour on it
+        assert len(image.convert("RGB").getcolors(maxcolors=1_000_000)) > 10
+    other = tmp_path / "other" / "metrics.jsonl"
+    other.parent.mkdir()
+    other.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)))
+    result = run_cli("plot", str(out / "metrics.jsonl"), str(other), "--output", str(tmp_path / "both.png"))
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "both.png") as image:
+        image.load()
+        assert image.size == (700, 450)
+
+
+def test_plot_refuses_a_file_without_losses_in_one_line(tmp_path):
+    bad = tmp_path / "metrics.jsonl"
+    bad.write_text('{"step": 1, "lr": 0.1}\n')
+    result = run_cli("plot", str(bad), "--output", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "holds no loss to draw" in result.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path):
+    root = tmp_path
+    data = tiny_recipe_dict(root / "model", write_rows(root / "data" / "train.csv").parent, root / "out")
+    data["training"]["report_to"] = ["trackio"]
+    recipe = write_recipe(root / "r.yaml", data)
+    if importlib.util.find_spec("trackio") is not None:
+        pytest.skip("trackio is installed here")
+    result = run_cli("train", str(recipe))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'peftrun[trackio]'" in lines[0]
+    assert not (root / "out").exists()  # stopped before anything was built
+
+
+def test_report_to_is_off_by_default_and_checked():
+    data = {"model": {"name_or_path": "x", "task_type": "SEQ_CLS"}, "data": {"path": "d"}}
+    assert recipe_from_dict(data).training.report_to == []
+    data["training"] = {"report_to": "tensorboard"}
+    assert recipe_from_dict(data).training.report_to == ["tensorboard"]
+    data["training"] = {"report_to": ["tensorbord"]}
+    with pytest.raises(Exception, match="report_to"):
+        recipe_from_dict(data)
+
+
+def test_numbers_and_flat_config():
+    assert numbers({"step": 3, "loss": 0.5, "ok": True, "bad": float("nan"), "name": "x", "n": 2}) == {
+        "loss": 0.5, "n": 2,
+    }
+    assert flat_config({"a": {"b": 1, "c": [1, 2], "d": None}}) == {"a.b": 1, "a.c": "[1, 2]", "a.d": "null"}
+
