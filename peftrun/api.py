@@ -20,6 +20,7 @@ from peftrun.adapted import PeftrunModel
 from peftrun.combination import Combined
 from peftrun.errors import PeftrunError
 from peftrun.generation import DEFAULT, GenerationOptions, build_prompt, generate_texts, prompt_style
+from peftrun.io.outputs import user_path
 from peftrun.tasks import CAUSAL_LM
 
 NAME = re.compile(r"^[A-Za-z_][\w.-]*$")
@@ -51,7 +52,7 @@ def name_adapters(specs: AdapterSpec) -> dict[str, Path]:
     if isinstance(specs, (str, Path)):
         specs = [specs]
     if isinstance(specs, Mapping):
-        return {str(n): Path(f) for n, f in specs.items()}
+        return {str(n): user_path(f) for n, f in specs.items()}
     named: dict[str, Path] = {}
     for spec in specs:
         name, folder, _ = parse_adapter_spec(str(spec))
@@ -61,7 +62,7 @@ def name_adapters(specs: AdapterSpec) -> dict[str, Path]:
             raise PeftrunError(
                 f"two adapters are named '{name}'", hint="name them: --adapter a=DIR --adapter b=DIR"
             )
-        named[name] = Path(folder)
+        named[name] = user_path(folder)
     return named
 
 
@@ -76,13 +77,15 @@ def load(
     device_map: str | dict | None = None,
     offload_folder: str | None = None,
     allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> PeftrunModel:
     """A base model with adapters loaded side by side (adapters: a folder, a list, or {name: folder}).
 
     The base is the one the first adapter names unless `base` is given; `use` picks the active adapter
     (default: the first). device_map ("auto", ...) and offload_folder go to from_pretrained (Accelerate's
     big-model inference); otherwise the model goes to `device` (default: CUDA when present, else CPU).
-    The tokenizer is `model.tokenizer`.
+    The tokenizer is `model.tokenizer`. trust_remote_code and allow_pickle are the caller's alone: an adapter
+    folder's saved recipe that asks for either is refused without them (io.loading.model_section_for).
     """
     from peftrun.io.loading import adapter_tokenizer, load_adapted, model_section_for
     from peftrun.io.peft_format import read_adapter
@@ -90,6 +93,7 @@ def load(
     from peftrun.recipe import ModelSection
 
     named = name_adapters(adapters)
+    base = str(user_path(base)) if base else base
     if not named and not base:
         raise PeftrunError("give a base model, adapters, or both")
     if use is not None and use not in named:
@@ -101,7 +105,9 @@ def load(
         first_name, first = next(iter(named.items()))
         config, state = read_adapter(first, allow_pickle=allow_pickle)
         _same_base(named, config, base, allow_pickle)
-        section = model_section_for(first, config, base, state).model_copy(update=extra)
+        section = model_section_for(
+            first, config, base, state, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        ).model_copy(update=extra)
         section = ModelSection.model_validate(section.model_dump())
         model, tokenizer = load_adapted(
             first, name=first_name, model_section=section, allow_pickle=allow_pickle
@@ -110,7 +116,10 @@ def load(
             model.load_adapter(folder, name, allow_pickle=allow_pickle)
         model.set_adapter(use or first_name)
     else:
-        section = ModelSection(name_or_path=base, task_type=task_type or CAUSAL_LM, **extra)
+        section = ModelSection(
+            name_or_path=base, task_type=task_type or CAUSAL_LM, trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle, **extra,
+        )
         model = PeftrunModel(load_model(section), section.task_type)
         tokenizer = adapter_tokenizer(Path(base), section)
     if device_map is None:

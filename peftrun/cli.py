@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 STATE = {"debug": os.environ.get("PEFTRUN_DEBUG") == "1"}
 
+TRUST_HELP = "run the Python code of a base model folder (never taken from an adapter folder)"
 RecipeArg = Annotated[Path, typer.Argument(help="the recipe YAML file", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: --set training.learning_rate=1e-4")]
 
@@ -124,12 +125,19 @@ def merge(
     adapter: Annotated[Path, typer.Option("--adapter", help="the adapter folder")],
     output: Annotated[Path | None, typer.Option("--output", help="where the merged model goes")] = None,
     base: Annotated[str | None, typer.Option("--base", help="base model, if not the one the adapter names")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="accept .bin adapter weights")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="accept pickle (.bin) weights")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace an --output folder that a peftrun merge or combine wrote")
+    ] = False,
 ) -> None:
     """Fold an adapter into its base model and write a plain transformers model folder."""
     from peftrun.merge import merge as run
 
-    folder, diff = run(adapter, output, base=base, allow_pickle=allow_pickle)
+    folder, diff = run(
+        adapter, output, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        overwrite=overwrite,
+    )
     typer.echo(f"merged model written to {folder} (max |merged - unmerged| on a probe input: {diff:.2e})")
 
 
@@ -219,7 +227,8 @@ def recipes_copy(
 AdapterOpt = Annotated[
     Path | None, typer.Option("--adapter", help="a saved adapter folder; without it, the bare base model")
 ]
-PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="accept .bin adapter weights")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="accept pickle (.bin) weights")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_HELP)]
 
 
 @app.command("eval")
@@ -309,6 +318,7 @@ LOADING = [  # how the base model loads: gathered into a dict for _load_for_gene
     ("device_map", DeviceMapOpt, None),
     ("offload_folder", OffloadOpt, None),
     ("allow_pickle", PickleOpt, False),
+    ("trust_remote_code", TrustOpt, False),
 ]
 
 
@@ -348,7 +358,9 @@ def flag_group(parameter: str, flags: list, gather=dict, **defaults):
     return decorate
 
 
-def _load_for_generation(adapter, use, no_adapter, base, dtype, device_map, offload_folder, allow_pickle):
+def _load_for_generation(
+    adapter, use, no_adapter, base, dtype, device_map, offload_folder, allow_pickle, trust_remote_code
+):
     from peftrun.api import load
 
     if not adapter and not base:
@@ -357,7 +369,7 @@ def _load_for_generation(adapter, use, no_adapter, base, dtype, device_map, offl
         raise PeftrunError("--use and --no-adapter exclude each other")
     return load(
         base, adapter, use=use, dtype=dtype, device_map=device_map, offload_folder=offload_folder,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
     )
 
 
@@ -415,6 +427,10 @@ def generate(
         if sys.stdin.isatty():
             raise PeftrunError("give a PROMPT, --input FILE, or pipe the prompt in")
         prompt = sys.stdin.read().strip()
+    if output is not None:  # a wrong output fails before the model loads
+        from peftrun.io.outputs import check_output_file
+
+        output = check_output_file(output, where=f"--output ({output})", inputs=[(input_, "the --input file")])
     rows = read_rows(input_) if input_ is not None else None  # a wrong file fails before the model loads
     model = _load_for_generation(adapter, use, no_adapter, **loading)
     default = None if no_adapter else DEFAULT
@@ -472,7 +488,9 @@ def combine(
     rank: Annotated[int | None, typer.Option("--rank", help="rank of the result for svd, ties, dare_*")] = None,
     density: Annotated[float, typer.Option("--density", help="share of entries ties/dare keep")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="seed of DARE's random drop")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --output")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace an --output folder that a peftrun merge or combine wrote")
+    ] = False,
 ) -> None:
     """Combine LoRA adapters with weights into a new adapter folder (peft format)."""
     from peftrun.api import parse_adapter_spec

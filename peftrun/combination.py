@@ -35,6 +35,9 @@ from safetensors.torch import save_file
 
 from peftrun.errors import PeftrunError, did_you_mean
 from peftrun.io.atomic import atomic_dir
+from peftrun.io.loading import CALLER_ONLY
+from peftrun.io.lock import beside_lock
+from peftrun.io.outputs import check_output_folder, user_path, write_marker
 from peftrun.io.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -295,15 +298,18 @@ def combine(
     overwrite: bool = False,
     allow_pickle: bool = False,
 ) -> Combined:
-    """Combine LoRA adapters [(folder, weight), ...] into a new adapter folder `output`."""
-    output = Path(output)
+    """Combine LoRA adapters [(folder, weight), ...] into a new adapter folder `output`.
+
+    The output follows io.outputs' policy: never an input or a folder above one, never a protected folder;
+    an existing non-empty folder only with `overwrite` and only when peftrun wrote it whole."""
+    output = user_path(output)
+    inputs = [(user_path(folder), weight) for folder, weight in inputs]
     for folder, _ in inputs:
-        if output.resolve() == Path(folder).resolve():
+        if output.resolve() == folder.resolve():
             raise PeftrunError("--output must differ from the input adapters; combining never overwrites one")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise PeftrunError(
-            "output folder is not empty", where=str(output), hint="choose another or pass --overwrite"
-        )
+    where = f"--output ({output})"
+    named_inputs = [(folder, f"the input adapter {folder}") for folder, _ in inputs]
+    check_output_folder(output, where=where, inputs=named_inputs, overwrite=overwrite)
     _check_method(method, rank, density)
     sources = read_sources(inputs, allow_pickle=allow_pickle)
     state, ranks, distance = combine_states(sources, method, rank=rank, density=density, seed=seed)
@@ -316,11 +322,14 @@ def combine(
         "sources": [{"folder": str(src.folder), "weight": src.weight} for src in sources],
         "max_relative_distance_from_weighted_sum": distance,
     }
-    with atomic_dir(output) as tmp:
-        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(scrub(config), indent=2, sort_keys=True) + "\n")
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-        _copy_tokenizer_and_recipe(sources[0].folder, tmp, config)
+    with beside_lock(output, command="combine"):
+        check_output_folder(output, where=where, inputs=named_inputs, overwrite=overwrite)  # again, under the lock
+        with atomic_dir(output) as tmp:
+            save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(scrub(config), indent=2, sort_keys=True) + "\n")
+            (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+            _copy_tokenizer_and_recipe(sources[0].folder, tmp, config)
+            write_marker(tmp, "combine")
     return Combined(output, method, ranks, distance, provenance["sources"])
 
 
@@ -329,9 +338,12 @@ def _copy_tokenizer_and_recipe(source: Path, tmp: Path, config: dict[str, Any]) 
     if (source / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(source, trust_remote_code=False).save_pretrained(tmp)
     recipe = read_recipe_copy(source)
-    if recipe:
+    if isinstance(recipe, dict) and recipe:
+        if isinstance(recipe.get("model"), dict):
+            # what an adapter folder may never decide (io.loading): not carried into the new adapter
+            recipe["model"] = {k: v for k, v in recipe["model"].items() if k not in CALLER_ONLY}
         fields = {k: config[k] for k in LoraConfig.model_fields if k in config and k != "inference_mode"}
         recipe["method"] = {"name": "lora", **fields}
         (tmp / RECIPE_COPY).write_text(yaml.safe_dump(scrub(recipe), sort_keys=False))

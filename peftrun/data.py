@@ -4,7 +4,12 @@ longest row. What each row's text says (templates, verbalisers, chat) lives in p
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import csv
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,31 @@ class Splits:
 
 # ------------------------------------------------------------------ loading
 
+# Where the datasets library writes the Arrow files of the local files peftrun reads (never the home folder):
+# a train's <output_dir>/.peftrun-cache/datasets while it runs (datasets_cache, from the loop), else a private
+# temporary folder removed when the process exits (eval, predict, scripts).
+_CACHE_DIRS: list[Path] = []
+_TEMP_CACHE: list[Path] = []
+
+
+def datasets_cache_dir() -> Path:
+    if _CACHE_DIRS:
+        return _CACHE_DIRS[-1]
+    if not _TEMP_CACHE:
+        _TEMP_CACHE.append(Path(tempfile.mkdtemp(prefix="peftrun-datasets-")))
+        atexit.register(shutil.rmtree, _TEMP_CACHE[0], True)
+    return _TEMP_CACHE[0]
+
+
+@contextlib.contextmanager
+def datasets_cache(folder: Path) -> Iterator[Path]:
+    """Local data loaded inside the body caches its Arrow files under `folder`."""
+    _CACHE_DIRS.append(Path(folder))
+    try:
+        yield Path(folder)
+    finally:
+        _CACHE_DIRS.pop()
+
 
 def load_file(path: str | Path, where: str, data_cfg=None, *, strict: bool = True):
     """One local file as a `datasets.Dataset`, with the recipe's column mapping applied
@@ -66,7 +96,9 @@ def load_file(path: str | Path, where: str, data_cfg=None, *, strict: bool = Tru
         # GLUE's tsv files hold bare quote characters inside sentences
         kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
     try:
-        ds = datasets.load_dataset(kind, data_files={"split": str(path)}, split="split", **kwargs)
+        ds = datasets.load_dataset(
+            kind, data_files={"split": str(path)}, split="split", cache_dir=str(datasets_cache_dir()), **kwargs
+        )
     except Exception as exc:  # datasets raises many types for unreadable files
         raise PeftrunError(
             f"cannot read {path.name}: {str(exc).splitlines()[0][:200]}", where=where

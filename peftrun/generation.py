@@ -84,13 +84,13 @@ def prompt_style(model, name: str | None, tokenizer, style: str = "auto") -> str
         if style == "chat" and not getattr(tokenizer, "chat_template", None):
             raise PeftrunError("this tokenizer has no chat template", hint="use --template raw or alpaca")
         return style
-    from peftrun.io.peft_format import read_recipe_copy
+    from peftrun.io.loading import saved_section
+    from peftrun.io.peft_format import RECIPE_COPY
 
     folder = model.adapter_folders.get(name) if name else None
-    recipe = read_recipe_copy(folder) if folder else None
-    if recipe:
-        data_format = (recipe.get("data") or {}).get("format", "plain")
-        return {"alpaca": "alpaca", "chat": "chat"}.get(data_format, "raw")
+    if folder and (Path(folder) / RECIPE_COPY).is_file():
+        data_format = saved_section(folder, "data").get("format", "plain")
+        return {"alpaca": "alpaca", "chat": "chat"}.get(data_format, "raw") if isinstance(data_format, str) else "raw"
     if model.task_type == CAUSAL_LM and getattr(tokenizer, "chat_template", None):
         return "chat"
     return "raw"
@@ -233,7 +233,9 @@ def terminal_streamer(tokenizer):
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows from a .txt (one prompt a line), .json (a list) or .jsonl file. A row holds `prompt` (or alpaca's
     `instruction` and `input`) and may name its `adapter` (null: the base model)."""
-    path = Path(path)
+    from peftrun.io.outputs import user_path
+
+    path = user_path(path)
     if not path.is_file():
         raise PeftrunError("input file not found", where=str(path))
     text = path.read_text(encoding="utf-8")
@@ -288,6 +290,10 @@ def generate_rows(
 def answer_rows(model, rows, options: GenerationOptions, output: str | Path | None = None, **kwargs) -> int:
     """Print each answered row as a JSON line as it comes (and write them all to `output`, as JSON lines,
     atomically); kwargs go to generate_rows. Returns the number of rows answered."""
+    if output:
+        from peftrun.io.outputs import check_output_file
+
+        output = check_output_file(output, where=f"--output ({output})")
     answered = generate_rows(model, model.tokenizer, rows, options, **kwargs)
 
     def printed():

@@ -9,7 +9,10 @@ import torch
 from peftrun.adapted import PeftrunModel
 from peftrun.errors import PeftrunError
 from peftrun.io.atomic import atomic_dir
-from peftrun.io.loading import load_adapted
+from peftrun.io.loading import load_adapted, model_section_for
+from peftrun.io.lock import beside_lock
+from peftrun.io.outputs import check_output_folder, user_path, write_marker
+from peftrun.io.peft_format import read_adapter
 from peftrun.tasks import SEQ_2_SEQ_LM
 
 
@@ -34,14 +37,25 @@ def probe_logits(model, task_type: str) -> torch.Tensor:
 
 def merge(
     adapter: str | Path, output: str | Path | None = None, *, base: str | None = None,
-    allow_pickle: bool = False, tolerance: float = 1e-4,
+    allow_pickle: bool = False, tolerance: float = 1e-4, trust_remote_code: bool = False, overwrite: bool = False,
 ) -> tuple[Path, float]:
-    """Write base + adapter as one plain transformers model; returns (folder, max |merged - unmerged|)."""
-    adapter = Path(adapter)
-    output = Path(output) if output else adapter.parent / f"{adapter.name}-merged"
+    """Write base + adapter as one plain transformers model; returns (folder, max |merged - unmerged|).
+
+    The output follows io.outputs' policy: never the adapter, the base model or a folder above either, never
+    a protected folder; an existing non-empty folder only with `overwrite` and only when peftrun wrote it."""
+    adapter = user_path(adapter)
+    output = user_path(output) if output else adapter.parent / f"{adapter.name}-merged"
     if output.resolve() == adapter.resolve():
         raise PeftrunError("--output must differ from the adapter folder; merging never overwrites an adapter")
-    peft_model, tokenizer = load_adapted(adapter, base=base, allow_pickle=allow_pickle)
+    config, state = read_adapter(adapter, allow_pickle=allow_pickle)
+    section = model_section_for(
+        adapter, config, base, state, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
+    del state
+    inputs = [(adapter, "the adapter folder"), (section.name_or_path, "the base model folder")]
+    where = f"--output ({output})"
+    check_output_folder(output, where=where, inputs=inputs, overwrite=overwrite)
+    peft_model, tokenizer = load_adapted(adapter, allow_pickle=allow_pickle, model_section=section)
     if not peft_model.method.mergeable:
         raise PeftrunError(
             f"method '{peft_model.method.name}' adds modules of its own and cannot be folded into the base weights",
@@ -55,8 +69,12 @@ def merge(
         raise PeftrunError(
             f"merged and unmerged outputs differ by {diff:.3g} on a probe input (tolerance {tolerance:g}); nothing written"
         )
-    with atomic_dir(output) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    with beside_lock(output, command="merge"):
+        # checked again under the lock: another command may have written there since
+        check_output_folder(output, where=where, inputs=inputs, overwrite=overwrite)
+        with atomic_dir(output) as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            write_marker(tmp, "merge")
     return output, diff

@@ -22,8 +22,8 @@ from peftrun.data import (
 from peftrun.errors import PeftrunError
 from peftrun.evaluate import EvalResult, evaluate, label_options, make_constraint
 from peftrun.generation import generate_texts
-from peftrun.io.loading import load_adapted
-from peftrun.io.peft_format import read_recipe_copy
+from peftrun.io.loading import load_adapted, saved_section
+from peftrun.io.outputs import check_output_file, user_path
 from peftrun.io.rows import write_rows
 from peftrun.models import load_model, load_tokenizer
 from peftrun.tasks import SEQ_CLS, TOKEN_CLS, has_label_names, is_lm
@@ -38,9 +38,8 @@ def _label_names(recipe, adapter: Path | None, splits=None) -> list[str] | None:
         return None  # a reward model's head has one output and no class names
     if recipe.data.label_names:
         return list(recipe.data.label_names)
-    saved = (read_recipe_copy(adapter) or {}) if adapter else {}
-    names = (saved.get("data") or {}).get("label_names")
-    if names:
+    names = saved_section(adapter, "data").get("label_names") if adapter else None
+    if isinstance(names, list) and names:
         return [str(n) for n in names]
     if splits is None:
         splits = load_splits(recipe.data, recipe.training.seed)
@@ -194,9 +193,13 @@ def run_predict(
     allow_pickle: bool = False,
     batch_size: int | None = None,
 ) -> int:
-    """Predict every row of `input_path`; write its columns plus `prediction` to `output_path`."""
-    output_path = Path(output_path)
+    """Predict every row of `input_path`; write its columns plus `prediction` to `output_path` (io.outputs'
+    policy: replaced atomically when it exists; never the input, a folder, or a protected folder)."""
+    input_path = user_path(input_path)
+    adapter = user_path(adapter) if adapter is not None else None
+    output_path = user_path(output_path)
     _check_output(output_path)
+    check_output_file(output_path, where=f"--output ({output_path})", inputs=[(input_path, "the --input file")])
     if Path(input_path).suffix.lower() not in EXTENSIONS:
         raise PeftrunError(
             f"cannot read '{Path(input_path).suffix}' files",

@@ -10,7 +10,6 @@ import math
 import os
 import re
 import string
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -664,6 +663,7 @@ def recipe_from_dict(
             where=source,
         )
     refuse_secrets(data, source=source, lines=lines)
+    data = expand_home(data)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
@@ -784,27 +784,41 @@ def refuse_secrets(data: Any, *, source: str | None, lines: dict[tuple[str, ...]
 
 
 def check_output_dir_value(output_dir: str, *, where: str) -> None:
-    """output_dir gets files written and (checkpoints/) deleted: it must be a folder of its own."""
-    if not output_dir.strip():
-        raise PeftrunError("output_dir is empty", where=where)
-    try:
-        out = Path(output_dir).expanduser().resolve()
-    except RuntimeError as exc:  # ~someone who has no home folder here
-        raise PeftrunError(f"output_dir '{output_dir}' cannot be resolved: {exc}", where=where) from None
-    repo = Path(__file__).resolve().parent.parent
-    protected = (
-        (Path(out.anchor), "the filesystem root"),
-        (Path.home().resolve(), "your home folder"),
-        (Path.cwd().resolve(), "the current folder"),
-        (repo, "the peftrun source folder"),
-    )
-    for folder, what in protected:
-        if out == folder or out in folder.parents:
-            raise PeftrunError(
-                f"output_dir '{output_dir}' is {what} or a folder above it; a run writes and prunes files there",
-                where=where,
-                hint="give a folder of its own, e.g. out/my_run",
-            )
+    """output_dir gets files written and (checkpoints/) deleted: the one output policy decides (io.outputs)."""
+    from peftrun.io.outputs import check_output_dir_value as check
+
+    check(output_dir, where=where)
+
+
+# Recipe keys that hold a local path: `~` is expanded in them before anything reads them.
+PATH_KEYS = (
+    ("output_dir",),
+    ("model", "name_or_path"), ("model", "tokenizer"), ("model", "gguf_file"), ("model", "offload_folder"),
+    ("data", "path"), ("data", "train_file"), ("data", "eval_file"), ("data", "test_file"),
+    ("distributed", "accelerate_config"), ("distributed", "deepspeed", "config_file"),
+    ("distributed", "deepspeed", "offload_optimizer_nvme_path"), ("distributed", "deepspeed", "offload_param_nvme_path"),
+)
+
+
+def expand_home(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the raw recipe with `~` expanded in its path keys (and grpo.rewards[*].adapter)."""
+    data = copy.deepcopy(data)
+
+    def expand(node: Any, key: str) -> None:
+        if isinstance(node, dict) and isinstance(node.get(key), str) and node[key].startswith("~"):
+            from peftrun.io.outputs import user_path
+
+            node[key] = str(user_path(node[key]))
+
+    for keys in PATH_KEYS:
+        node: Any = data
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        expand(node, keys[-1])
+    rewards = (data.get("grpo") or {}).get("rewards") if isinstance(data.get("grpo"), dict) else None
+    for reward in rewards if isinstance(rewards, list) else []:
+        expand(reward, "adapter")
+    return data
 
 
 def _ds_value(config: dict[str, Any], *keys: str) -> Any:

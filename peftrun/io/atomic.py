@@ -31,6 +31,14 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
+def _remove(path: Path) -> None:
+    """Delete what peftrun is replacing, never through a symbolic link (a link loses only itself)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike[str], *, tmp: Path | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
@@ -53,7 +61,7 @@ def atomic_dir(final: str | os.PathLike[str], *, tmp: Path | None = None) -> Ite
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -75,8 +83,8 @@ def atomic_files(folder: str | os.PathLike[str], write, *, last: str = "adapter_
         names = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == last)
         for name in names:
             target = folder / name
-            if target.is_dir():
-                shutil.rmtree(target)
+            if target.is_dir() or target.is_symlink():
+                _remove(target)
             os.replace(tmp / name, target)
         _fsync_dir(folder)
     finally:

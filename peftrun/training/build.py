@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from peftrun.adapted import PeftrunModel, wrap
 from peftrun.data import load_splits
 from peftrun.errors import PeftrunError
+from peftrun.io.outputs import is_empty_for_a_run, refuse_protected, user_path
 from peftrun.models import load_model, load_tokenizer
 from peftrun.training.engines import Engine, engine_for, make_accelerator
 from peftrun.training.hooks import Hooks
@@ -21,8 +22,9 @@ from peftrun.training.resume import Checkpointer, Position, latest_checkpoint
 
 
 def check_output_dir(recipe, resume: bool) -> Path:
-    """Refuse to mix a new run with an old one; --resume needs a checkpoint to resume from."""
-    out = Path(recipe.output_dir)
+    """Refuse to mix a new run with an old one; --resume needs a checkpoint to resume from. peftrun's own
+    bookkeeping (the marker, the lock of this run, its cache) does not count as content."""
+    out = output_path(recipe)
     has_checkpoint = latest_checkpoint(out) is not None
     if resume and not has_checkpoint:
         raise PeftrunError(
@@ -33,13 +35,19 @@ def check_output_dir(recipe, resume: bool) -> Path:
     resuming = has_checkpoint and (resume or recipe.training.auto_resume)
     if out.exists() and not out.is_dir():
         raise PeftrunError("output_dir is a file, not a folder", where=f"output_dir ({out})")
-    if out.exists() and any(out.iterdir()) and not (recipe.overwrite or resuming):
+    if out.is_dir() and not is_empty_for_a_run(out) and not (recipe.overwrite or resuming):
         raise PeftrunError(
             "output_dir is not empty; a new run would mix with what is there",
             where=f"output_dir ({out})",
             hint="set overwrite: true (or --set overwrite=true), choose another output_dir, or --resume",
         )
     return out
+
+
+def output_path(recipe) -> Path:
+    """The run's output_dir, `~` expanded, checked against io.outputs' protected folders."""
+    refuse_protected(recipe.output_dir, where="output_dir", name="output_dir")
+    return user_path(recipe.output_dir)
 
 
 def build(recipe, objective: Objective | None = None):

@@ -7,18 +7,24 @@ point of this loop where it was taken, so a resumed run computes what an uninter
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from peftrun.data import datasets_cache
 from peftrun.errors import PeftrunError
+from peftrun.io.lock import output_dir_lock
+from peftrun.io.outputs import RUN_CACHE, remove_inside, write_marker
 from peftrun.io.peft_format import save_adapter
 from peftrun.memory import MemoryTracker
 from peftrun.memory import report as memory_report
-from peftrun.training.build import Run, check_output_dir, prepare
+from peftrun.training.build import Run, check_output_dir, output_path, prepare
 from peftrun.training.engines import rank_spread
 from peftrun.training.hooks import Hooks, installed
 from peftrun.training.launch import lost_peers
@@ -30,10 +36,40 @@ from peftrun.training.tracking import MetricsLog, check_installed, open_log
 def train(recipe, *, resume: bool = False, hooks: Hooks | None = None) -> dict[str, Any]:
     """Train the recipe's adapter; returns the last epoch's record (metrics.jsonl's last line).
 
+    For the life of the run output_dir is locked (io.lock: a second run on it is refused, naming this one)
+    and the datasets library caches its Arrow files under output_dir/.peftrun-cache, removed at the end.
     A rank whose collective fails because another rank died or hangs ends with one line saying so (exit 3)."""
-    hooks = hooks or installed()
     check_installed(recipe.training.report_to)  # a missing tracker package stops before any model loads
+    out = output_path(recipe)
+    cache = out / RUN_CACHE
+    with run_lock(out), datasets_cache(cache / "datasets"):
+        try:
+            return _train(recipe, resume, hooks or installed())
+        finally:
+            if owns_output_dir():
+                with contextlib.suppress(PeftrunError):
+                    remove_inside(cache, out)
+
+
+def owns_output_dir() -> bool:
+    """Whether this process keeps output_dir's lock: a lone run, or global rank 0 of a launched one (the
+    process that writes the adapter and checkpoints; the others only read what it wrote)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    if not owns_output_dir():
+        yield
+        return
+    with output_dir_lock(out, command="train"):
+        yield
+
+
+def _train(recipe, resume: bool, hooks: Hooks) -> dict[str, Any]:
     out = check_output_dir(recipe, resume)
+    if owns_output_dir():
+        write_marker(out, "train", list_files=False)  # what wrote here; never leave to replace it whole
     run = None
     try:
         run = prepare(recipe, out, resume, hooks)

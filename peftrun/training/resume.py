@@ -12,10 +12,10 @@ as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from peftrun.errors import PeftrunError
 from peftrun.io.atomic import atomic_dir
+from peftrun.io.outputs import remove_inside
 from peftrun.io.peft_format import read_adapter, read_recipe_copy, safe_torch_load, write_adapter
 from peftrun.training.engines import OPTIMIZER_FILE, Engine
 from peftrun.training.hooks import Hooks
@@ -99,42 +100,41 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
     return found[-1] if found else None
 
 
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return path.resolve() != root.resolve()
-
-
-def remove_inside(path: Path, root: Path) -> None:
-    """rmtree that refuses anything not strictly inside `root` (and symlinks, which may point anywhere)."""
-    if path.is_symlink():
-        path.unlink()
-        return
-    if not _inside(path, root):
-        raise PeftrunError(f"refusing to delete '{path}': it is not inside '{root}'")
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def prune(output_dir: str | os.PathLike[str], keep: int | None) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints; touches output_dir/checkpoints only."""
-    if not keep:
+    """Delete all but the newest `keep` complete checkpoints; touches output_dir/checkpoints only, and never
+    through a symbolic link: a checkpoints/ that links elsewhere is not pruned (io.outputs.remove_inside)."""
+    if not keep or checkpoint_root(output_dir).is_symlink():
         return []
-    root = checkpoint_root(output_dir)
     old = complete_checkpoints(output_dir)[:-keep]
     for path in old:
-        remove_inside(path, root)
+        remove_inside(path, Path(output_dir))
     return old
 
 
 def clean_partial(output_dir: str | os.PathLike[str]) -> None:
-    """Hidden leftovers of saves that a kill interrupted."""
+    """Hidden leftovers of saves that a kill interrupted (not through a symlinked checkpoints/)."""
     root = checkpoint_root(output_dir)
-    if root.is_dir():
+    if root.is_dir() and not root.is_symlink():
         for entry in root.iterdir():
             if entry.name.startswith(".step-"):
-                remove_inside(entry, root)
+                remove_inside(entry, Path(output_dir))
+
+
+def clear_checkpoints(output_dir: str | os.PathLike[str]) -> None:
+    """A new run in output_dir: its checkpoints/ goes, but only what peftrun writes there (step-* and their
+    partial saves); a symlinked checkpoints/ loses only the link, and a file someone else put there stays."""
+    out = Path(output_dir)
+    root = checkpoint_root(out)
+    if root.is_symlink():
+        remove_inside(root, out)
+        return
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if STEP_DIR.fullmatch(entry.name) or entry.name.startswith(".step-"):
+            remove_inside(entry, out)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when nothing else is left in it
 
 
 # ------------------------------------------------------------------ metrics
@@ -254,9 +254,7 @@ class Checkpointer:
             clean_partial(self.out)
             if folder is None:
                 self.metrics_path.unlink(missing_ok=True)
-                root = checkpoint_root(self.out)
-                if root.exists() or root.is_symlink():
-                    remove_inside(root, self.out)  # a symlink: only the link goes
+                clear_checkpoints(self.out)
         acc.wait_for_everyone()
         if folder is None:
             return Position(world_size=acc.num_processes, total_steps=total_steps)
@@ -316,8 +314,8 @@ class Checkpointer:
         root = checkpoint_root(self.out)
         tmp = root / f".{name}.partial"
         if acc.is_main_process:
-            if tmp.exists():
-                remove_inside(tmp, root)
+            if tmp.exists() or tmp.is_symlink():
+                remove_inside(tmp, self.out)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         optimizer_whole = self.engine.save_optimizer(self.model, self.optimizer, tmp)  # shards: every rank
