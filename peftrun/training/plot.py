@@ -6,7 +6,12 @@ epochs' mean (`train_epoch_loss`). Eval loss is `eval_loss` at the step of each 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 from peftrun.errors import PeftrunError
@@ -47,13 +52,30 @@ def run_label(path: Path, paths: list[Path]) -> str:
     return name if names.count(name) == 1 else str(path)
 
 
+@contextlib.contextmanager
+def _matplotlib_outside_home():
+    """matplotlib writes its font cache and config under the home folder on first import: point it at a
+    temporary folder instead (unless the user chose one with MPLCONFIGDIR), removed once it has loaded."""
+    if "matplotlib" in sys.modules or "MPLCONFIGDIR" in os.environ:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="peftrun-matplotlib-")
+    os.environ["MPLCONFIGDIR"] = folder
+    try:
+        yield
+    finally:
+        os.environ.pop("MPLCONFIGDIR", None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def plot_losses(paths: list[Path], output: Path) -> Path:
     """Draw every run's train (solid) and eval (dashed, dots) loss on one axis; write `output` (a PNG)."""
     curves = [(Path(p), read_curves(p)) for p in paths]  # every file read before anything is drawn
-    import matplotlib
+    with _matplotlib_outside_home():
+        import matplotlib
 
-    matplotlib.use("Agg", force=True)
-    from matplotlib import pyplot as plt
+        matplotlib.use("Agg", force=True)
+        from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     several = len(curves) > 1
