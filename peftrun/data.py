@@ -57,12 +57,16 @@ def load_file(path: str | Path, where: str, data_cfg=None, *, strict: bool = Tru
     if path.suffix.lower() == ".tsv":
         # GLUE's tsv files hold bare quote characters inside sentences
         kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)  # it logs a line of its own before raising
     try:
         ds = datasets.load_dataset(kind, data_files={"split": str(path)}, split="split", **kwargs)
     except Exception as exc:  # datasets raises many types for unreadable files
         if "corresponds to no data" in str(exc):  # a header without rows, an empty JSON list
             raise PeftrunError(f"{path.name} has no rows", where=f"{where} ({path})") from None
         raise PeftrunError(f"cannot read {path.name}: {_first_line(exc)}", where=f"{where} ({path})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if len(ds) == 0:
         raise PeftrunError(f"{path.name} has no rows", where=f"{where} ({path})")
     if data_cfg is None:
@@ -73,7 +77,11 @@ def load_file(path: str | Path, where: str, data_cfg=None, *, strict: bool = Tru
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
-    """An exception's first line of message (its type's name where it has none), cut to `limit` characters."""
+    """An exception's first line of message (its type's name where it has none), cut to `limit` characters;
+    where datasets wrapped the cause in "An error occurred while generating the dataset", the cause's."""
+    seen = 0
+    while "error occurred while generating" in str(exc) and (exc.__cause__ or exc.__context__) and seen < 5:
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
     lines = str(exc).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:limit]
 

@@ -405,6 +405,15 @@ def test_list_labels_through_train_exit_2(work, tmp_path):
     expect_exit_2(run_cli("train", str(recipe)), "train.jsonl", "column 'label' must hold one value per row")
 
 
+def test_unreadable_data_file_is_one_line_naming_the_cause(work, tmp_path):
+    """datasets logs a line of its own before raising, and wraps the cause: the user sees one line, the cause."""
+    root, model = work
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_bytes(b"\x00\xff{a")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(model, tmp_path / "d", tmp_path / "out"))
+    expect_exit_2(run_cli("train", str(recipe)), f"({tmp_path / 'd' / 'train.jsonl'}): cannot read train.jsonl: JSON parse")
+
+
 # ------------------------------------------------------------------ evaluation: a NaN loss is no JSON
 
 
