@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from peftrun.errors import PeftrunError, did_you_mean
 from peftrun.io.atomic import atomic_dir
@@ -42,8 +41,10 @@ from peftrun.io.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     RECIPE_COPY,
+    first_non_finite,
     read_adapter,
     read_recipe_copy,
+    save_tensors,
 )
 from peftrun.io.scrub import scrub
 from peftrun.methods.lora import LoraConfig, lora_scaling, pattern_value
@@ -151,6 +152,7 @@ def read_sources(inputs: list[tuple[str | Path, float]], allow_pickle: bool = Fa
             raise PeftrunError("DoRA adapters do not combine: their update is not B·A alone", where=where)
         if not any(k.endswith(A_KEY) for k in state):
             raise PeftrunError("no lora_A/lora_B tensors in this adapter", where=str(folder))
+        check_factors(state, Path(folder) / ADAPTER_WEIGHTS)
         if not torch.isfinite(torch.tensor(float(weight))):
             raise PeftrunError(f"weight {weight} is not a finite number", where=str(folder))
         sources.append(Source(Path(folder), float(weight), config, state))
@@ -164,6 +166,25 @@ def read_sources(inputs: list[tuple[str | Path, float]], allow_pickle: bool = Fa
                     hint="combine adapters trained on the same base model for the same task",
                 )
     return sources
+
+
+def check_factors(state: dict[str, torch.Tensor], where: Path) -> None:
+    """Each lora_A has its lora_B and back, both matrices, A (r × in) and B (out × r) of one rank r."""
+    for key in sorted(state):
+        if not key.endswith((A_KEY, B_KEY)):
+            continue
+        module = key[: -len(A_KEY)]
+        a_key, b_key = module + A_KEY, module + B_KEY
+        partner = b_key if key == a_key else a_key
+        if partner not in state:
+            raise PeftrunError(f"'{key}' has no '{partner}' beside it", where=str(where))
+        a, b = state[a_key], state[b_key]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise PeftrunError(
+                f"'{module}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}: they must be matrices "
+                "(r × in) and (out × r) of one rank r",
+                where=str(where),
+            )
 
 
 def _check_method(method: str, rank: int | None, density: float) -> None:
@@ -190,8 +211,9 @@ def combine_module(
     rank: int | None,
     density: float,
     generator: torch.Generator,
+    path: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of one module from its parts (A_i, B_i, s_i, w_i), scaling 1."""
+    """(A, B) of one module (`path`, for messages) from its parts (A_i, B_i, s_i, w_i), scaling 1."""
     if method == "cat":
         return torch.cat([a for a, _, _, _ in parts]), torch.cat([w * s * b for _, b, s, w in parts], dim=1)
     if method == "linear":
@@ -212,6 +234,11 @@ def combine_module(
         m = sum(w * dare_drop(d, density, generator) for w, d in zip(weights, deltas))
     else:  # dare_ties
         m = elect_and_merge([w * dare_drop(d, density, generator) for w, d in zip(weights, deltas)])
+    if not bool(torch.isfinite(m).all()):  # finite inputs: an overflow of float32, which SVD cannot take
+        raise PeftrunError(
+            f"the combined update of '{path}' is not finite (it overflowed float32); nothing written",
+            hint="use smaller --adapter weights",
+        )
     return truncate_svd(m, k)
 
 
@@ -234,7 +261,7 @@ def combine_states(
         if method == "linear" and len(parts) < len(sources):
             a0, b0 = parts[0][0], parts[0][1]  # an adapter without this module adds zero factors
             parts += [(torch.zeros_like(a0), torch.zeros_like(b0), 1.0, 0.0)] * (len(sources) - len(parts))
-        a, b = combine_module(method, parts, rank=rank, density=density, generator=generator)
+        a, b = combine_module(method, parts, rank=rank, density=density, generator=generator, path=path)
         state[f"{PREFIX}{path}{A_KEY}"] = a.contiguous()
         state[f"{PREFIX}{path}{B_KEY}"] = b.contiguous()
         ranks[path] = a.shape[0]
@@ -255,6 +282,13 @@ def _other_tensors(sources: list[Source]) -> dict[str, torch.Tensor]:
         raise PeftrunError(
             f"'{partial[0]}' (a trained head or bias) is in only some of the adapters; they cannot be combined"
         )
+    for key in sorted(union):
+        shapes = {tuple(src.state[key].shape) for src in sources}
+        if len(shapes) > 1:
+            raise PeftrunError(
+                f"'{key}' (a trained head or bias) has different shapes across the adapters: {sorted(shapes)}",
+                hint="combine adapters trained on the same base model for the same task",
+            )
     return {k: sum(src.weight * src.state[k].float() for src in sources).contiguous() for k in sorted(union)}
 
 
@@ -313,6 +347,12 @@ def combine(
     _check_method(method, rank, density)
     sources = read_sources(inputs, allow_pickle=allow_pickle)
     state, ranks, distance = combine_states(sources, method, rank=rank, density=density, seed=seed)
+    bad = first_non_finite(state)
+    if bad is not None:  # finite inputs, finite weights: only an overflow of float32 gets here
+        raise PeftrunError(
+            f"the combined tensor '{bad}' is not finite (it overflowed float32); nothing written",
+            hint="use smaller --adapter weights",
+        )
     config = combined_config(sources, ranks)
     provenance = {
         "method": method,
@@ -325,7 +365,7 @@ def combine(
     with beside_lock(output, command="combine"):
         check_output_folder(output, where=where, inputs=named_inputs, overwrite=overwrite)  # again, under the lock
         with atomic_dir(output) as tmp:
-            save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            save_tensors(state, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(scrub(config), indent=2, sort_keys=True) + "\n")
             (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
             _copy_tokenizer_and_recipe(sources[0].folder, tmp, config)

@@ -91,19 +91,100 @@ def load_file(path: str | Path, where: str, data_cfg=None, *, strict: bool = Tru
         raise PeftrunError(
             f"cannot read '{path.suffix}' files", where=where, hint=f"use one of {', '.join(EXTENSIONS)} (csv, tsv, json and jsonl also gzipped: .gz)"
         )
+    if path.stat().st_size == 0:
+        raise PeftrunError(f"{path.name} is empty (0 bytes): no rows to read", where=f"{where} ({path})")
     kwargs: dict[str, Any] = {}
     if suffix == ".tsv":
         # GLUE's tsv files hold bare quote characters inside sentences
         kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)  # it logs a line of its own before raising
     try:
         ds = datasets.load_dataset(
             kind, data_files={"split": str(path)}, split="split", cache_dir=str(datasets_cache_dir()), **kwargs
         )
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise PeftrunError(
-            f"cannot read {path.name}: {str(exc).splitlines()[0][:200]}", where=where
-        ) from None
-    return map_columns(ds, data_cfg, f"{where} ({path.name})", strict=strict) if data_cfg is not None else ds
+        if "corresponds to no data" in str(exc):  # a header without rows, an empty JSON list
+            raise PeftrunError(f"{path.name} has no rows", where=f"{where} ({path})") from None
+        raise PeftrunError(f"cannot read {path.name}: {_first_line(exc)}", where=f"{where} ({path})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    if len(ds) == 0:
+        raise PeftrunError(f"{path.name} has no rows", where=f"{where} ({path})")
+    if data_cfg is None:
+        return ds
+    ds = map_columns(ds, data_cfg, f"{where} ({path.name})", strict=strict)
+    check_value_shapes(ds, data_cfg, f"{where} ({path})")
+    return ds
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line of message (its type's name where it has none), cut to `limit` characters;
+    where datasets wrapped the cause in "An error occurred while generating the dataset", the cause's."""
+    seen = 0
+    while "error occurred while generating" in str(exc) and (exc.__cause__ or exc.__context__) and seen < 5:
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+def _scalar(feature) -> bool:
+    import datasets
+
+    return isinstance(feature, (datasets.Value, datasets.ClassLabel))
+
+
+def _list_of_scalars(feature) -> bool:
+    import datasets
+
+    inner = getattr(feature, "feature", None)
+    list_types = tuple(t for t in (getattr(datasets, n, None) for n in ("Sequence", "List", "LargeList")) if t)
+    return (isinstance(feature, list) and len(feature) == 1 and _scalar(feature[0])) or (
+        isinstance(feature, list_types) and _scalar(inner)
+    )
+
+
+def check_value_shapes(ds, data_cfg, where: str) -> None:
+    """Columns read as one value per row (a text, a label, an answer) hold scalars, and token classification's
+    words and tags are lists of scalars: a list or mapping there would be turned into its repr, or fail later.
+    Columns the data lacks are left to check_columns; chat, preference and prompt rows are checked where read."""
+    if data_cfg.format in ("chat", "preference", "prompts"):
+        return
+    features = ds.features
+    wanted = source_columns(data_cfg, ds) + target_columns(data_cfg, ds)
+    for column in dict.fromkeys(wanted):
+        if column not in features:
+            continue
+        feature = features[column]
+        if data_cfg.format == "tokens":
+            if not _list_of_scalars(feature):
+                raise PeftrunError(
+                    f"column '{column}' must hold a list of words or tags in each row, not {_describe(feature)}",
+                    where=where,
+                )
+        elif not _scalar(feature):
+            raise PeftrunError(
+                f"column '{column}' must hold one value per row (a text or a label), not {_describe(feature)}",
+                where=where,
+                hint=f"e.g. row 0 holds {_short_value(ds[0][column])}",
+            )
+
+
+def _describe(feature) -> str:
+    import datasets
+
+    if isinstance(feature, dict):
+        return "a mapping"
+    if isinstance(feature, (list, tuple)) or type(feature).__name__ in ("Sequence", "List", "LargeList"):
+        return "a list"
+    if isinstance(feature, (datasets.Value, datasets.ClassLabel)):
+        return "single values"
+    return type(feature).__name__
+
+
+def _short_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def map_columns(ds, data_cfg, where: str, *, strict: bool = True):
@@ -186,6 +267,8 @@ def load_splits(data_cfg, seed: int) -> Splits:
         eval_ = drop_empty(eval_, data_cfg) if eval_ is not None else None
     if len(train) == 0:
         raise PeftrunError("the training set is empty (after dropping empty rows)", where="data")
+    if eval_ is not None and len(eval_) == 0:
+        raise PeftrunError("the eval set is empty (after dropping empty rows)", where="data")
     if eval_ is None:
         if len(train) < 2:
             raise PeftrunError("too few rows to carve an eval split", where="data")
@@ -219,10 +302,12 @@ def _load_hub(data_cfg):
             raise PeftrunError(f"no split '{name}'; there are {list(ds)}", where=f"data.{key}")
     eval_name = data_cfg.eval_split or next((s for s in SPLIT_NAMES["eval"] if s in ds), None)
     test_name = data_cfg.test_split or ("test" if "test" in ds else None)
-    pick = {
-        k: map_columns(ds[n], data_cfg, f"data.path ({data_cfg.path}[{n}])") if n else None
-        for k, n in (("train", data_cfg.train_split), ("eval", eval_name), ("test", test_name))
-    }
+    pick = {}
+    for key, split in (("train", data_cfg.train_split), ("eval", eval_name), ("test", test_name)):
+        where = f"data.path ({data_cfg.path}[{split}])"
+        pick[key] = map_columns(ds[split], data_cfg, where) if split else None
+        if pick[key] is not None:
+            check_value_shapes(pick[key], data_cfg, where)
     return pick["train"], pick["eval"], pick["test"]
 
 

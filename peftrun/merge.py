@@ -12,7 +12,7 @@ from peftrun.io.atomic import atomic_dir
 from peftrun.io.loading import load_adapted, model_section_for
 from peftrun.io.lock import beside_lock
 from peftrun.io.outputs import check_output_folder, user_path, write_marker
-from peftrun.io.peft_format import read_adapter
+from peftrun.io.peft_format import first_non_finite, read_adapter
 from peftrun.tasks import SEQ_2_SEQ_LM
 
 
@@ -33,6 +33,20 @@ def probe_logits(model, task_type: str) -> torch.Tensor:
     inner = model.model if isinstance(model, PeftrunModel) else model
     batch = {k: v.to(next(inner.parameters()).device) for k, v in probe_batch(inner, task_type).items()}
     return model(**batch).logits.float().cpu()
+
+
+def verify_finite(adapter: Path, before: torch.Tensor, after: torch.Tensor, merged) -> None:
+    """A merge is verified only where the outputs (with the adapter, and merged) and the merged weights are all
+    finite: NaN compares unequal to everything, and an overflow to inf would otherwise be written as it is."""
+    for name, logits in (("with the adapter", before), ("after merging", after)):
+        if not bool(torch.isfinite(logits).all()):
+            raise PeftrunError(
+                f"the model's output on a probe input {name} is not finite (NaN or inf); nothing written",
+                where=str(adapter),
+            )
+    bad = first_non_finite(merged.state_dict())
+    if bad is not None:
+        raise PeftrunError(f"merged weight '{bad}' is not finite (NaN or inf); nothing written", where=str(adapter))
 
 
 def merge(
@@ -64,6 +78,7 @@ def merge(
     before = probe_logits(peft_model, peft_model.task_type)
     merged = peft_model.merge_and_unload()
     after = probe_logits(merged, peft_model.task_type)
+    verify_finite(adapter, before, after, merged)
     diff = (before - after).abs().max().item()
     if not diff <= tolerance:
         raise PeftrunError(

@@ -4,6 +4,7 @@ split, or on an unlabelled file whose predictions are written as csv or jsonl, a
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -106,13 +107,29 @@ def run_eval(recipe, adapter: str | Path | None, *, allow_pickle: bool = False) 
         objective.bind(model, tokenizer, None)
         loader = DataLoader(data.eval, batch_size=size, shuffle=False, collate_fn=data.eval_collate)
         with autocast(recipe):
-            return objective.evaluate(model, loader, None)
+            return finite_metrics(objective.evaluate(model, loader, None), recipe, adapter)
     eval_ds = tokenize_split(splits.eval, recipe.data, tokenizer, task, label_names, for_eval=True)
     loader = DataLoader(eval_ds, batch_size=size, shuffle=False, collate_fn=Collator(tokenizer.pad_token_id, task))
     with autocast(recipe):
-        return evaluate(
+        result = evaluate(
             model, loader, task_type=task, tokenizer=tokenizer, label_names=label_names, data_cfg=recipe.data
         )
+    return finite_metrics(result, recipe, adapter)
+
+
+def finite_metrics(result: EvalResult, recipe, adapter: str | Path | None) -> EvalResult:
+    """`result` when every metric is a finite number; else one PeftrunError naming the adapter (or the base
+    model) and the metric: a NaN loss is no result, and `metrics=` must stay valid JSON."""
+    for key, value in result.metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            what = f"the adapter {adapter}" if adapter is not None else f"the base model {recipe.model.name_or_path}"
+            raise PeftrunError(
+                f"{key} is {value} on the eval split: {what} computes non-finite outputs",
+                where=str(adapter) if adapter is not None else "model.name_or_path",
+                hint="its weights (or the base model's) hold NaN/inf or overflow in this precision; try "
+                "training.mixed_precision: no, or an earlier checkpoint",
+            )
+    return result
 
 
 # ------------------------------------------------------------------ predict

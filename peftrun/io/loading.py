@@ -84,6 +84,8 @@ def model_section_for(
         section["name_or_path"] = str(user_path(base))
     if not section.get("name_or_path"):
         raise PeftrunError("the adapter does not name its base model", where=str(folder), hint="pass --base MODEL")
+    if not section.get("task_type"):
+        raise PeftrunError("the adapter does not name its task_type", where=str(folder / "adapter_config.json"))
     if has_label_names(section.get("task_type")) and not section.get("num_labels"):
         section["num_labels"] = _num_labels_from_state(state)
     section.update(granted, random_init=False)

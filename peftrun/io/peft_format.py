@@ -3,10 +3,17 @@
 An adapter folder holds `adapter_config.json` (peft's fields) and `adapter_model.safetensors`
 (peft's keys), so peft, vLLM and anything else that reads peft adapters reads ours, and back.
 Saving is atomic (io.atomic) and scrubbed of credentials (io.scrub).
+
+Everything in an adapter folder is untrusted input and is checked where it is read (`read_adapter`,
+`read_recipe_copy`): adapter_config.json must be a JSON object whose peft fields have their types (peft_type
+naming a method peftrun knows; r and target_modules where the method has them; finite numbers within the
+recipe's bounds), the weights must load and be finite, and a saved recipe's sections must be mappings
+with the types a recipe has. Each refusal is one PeftrunError naming the file and the key or tensor.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -17,10 +24,10 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from peftrun.errors import PeftrunError
-from peftrun.io.atomic import atomic_dir, atomic_files
+from peftrun.errors import PeftrunError, did_you_mean
+from peftrun.io.atomic import atomic_dir, atomic_files, naming_files
 from peftrun.io.scrub import scrub
-from peftrun.tasks import TASK_HEADS
+from peftrun.tasks import TASK_HEADS, TASK_TYPES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -34,6 +41,10 @@ UNSUPPORTED_WHEN_SET = (
     "use_qalora",
     "lora_bias",
 )
+MAX_CONFIG_BYTES = 16 << 20  # a peft config is a few KB; rank patterns of a huge model stay far below this
+# Fields a method with a rank cannot do without: peft always writes them, and a default would only fail later
+# as a mismatch of shapes (or build layers of the wrong size).
+RANKED_REQUIRED = ("r", "target_modules")
 
 
 def adapter_config_dict(
@@ -80,7 +91,7 @@ def write_adapter(
     if state is None:
         state = peft_model.adapter_state_dict(name)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_tensors(state, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config = adapter_config_dict(peft_model, name, base_model)
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(scrub(config), indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
@@ -128,32 +139,179 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
         ) from None
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata=None) -> None:
+    """safetensors' save_file, whose failure to write (a full disk) is an OSError naming `path`."""
+    with naming_files(path):
+        save_file(tensors, str(path), metadata=metadata)
+
+
+def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
+    """torch.save through memory, then one plain write: a failed write (a full disk) is an OSError naming
+    `path`, where torch's own writer would raise a RuntimeError that names nothing."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        with open(path, "wb") as fh:
+            fh.write(buffer.getbuffer())
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first key (in order) whose floating-point tensor holds NaN or an infinity, else None."""
+    for key, tensor in tensors.items():
+        if torch.is_tensor(tensor) and (tensor.is_floating_point() or tensor.is_complex()):
+            if not bool(torch.isfinite(tensor).all()):
+                return key
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else _json_kind(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _NonFinite(Exception):
+    """JSON's NaN / Infinity / -Infinity literals, which Python's json module would otherwise accept."""
+
+
+def _refuse_constant(name: str) -> float:
+    raise _NonFinite(name)
+
+
+def read_adapter_config(file: str | os.PathLike[str]) -> dict[str, Any]:
+    """adapter_config.json as a checked dict (see check_adapter_config); every fault names the file."""
+    file = Path(file)
+    where = str(file)
+    size = file.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise PeftrunError(f"{ADAPTER_CONFIG} has {size:,} bytes, over the limit of {MAX_CONFIG_BYTES:,}", where=where)
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PeftrunError(
+            f"{ADAPTER_CONFIG} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})", where=where
+        ) from None
+    try:
+        config = json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise PeftrunError(
+            f"{ADAPTER_CONFIG} is not valid JSON: {exc.msg} at line {exc.lineno}", where=where
+        ) from None
+    except _NonFinite as exc:
+        raise PeftrunError(f"{ADAPTER_CONFIG} holds {exc.args[0]}: its numbers must be finite", where=where) from None
+    except RecursionError:
+        raise PeftrunError(f"{ADAPTER_CONFIG} is nested too deeply to be a peft config", where=where) from None
+    except ValueError as exc:  # an integer of thousands of digits
+        raise PeftrunError(f"{ADAPTER_CONFIG} cannot be read: {one_line_of(exc)}", where=where) from None
+    return check_adapter_config(config, where)
+
+
+def one_line_of(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type where the message is empty), cut to `limit`."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+def check_adapter_config(config: Any, where: str) -> dict[str, Any]:
+    """Refuse what is not a usable peft config, naming the key; return it with the method's fields in the
+    types peftrun uses (pydantic's validated values), so every reader of the dict may trust them."""
+    from peftrun.methods import get_method, method_for_peft_type, method_names
+    from peftrun.recipe import MAX_SIZE, find_unusable_value
+
+    if not isinstance(config, dict):
+        raise PeftrunError(
+            f"{ADAPTER_CONFIG} must hold a JSON object of peft's fields, not {_json_kind(config)}", where=where
+        )
+    found = find_unusable_value(config)
+    if found:
+        path, reason = found
+        raise PeftrunError(f"'{'.'.join(path)}' {reason}", where=where)
+    if "peft_type" not in config:
+        raise PeftrunError("'peft_type' is missing: this is not a peft adapter config", where=where)
+    peft_type = config["peft_type"]
+    if not isinstance(peft_type, str):
+        raise PeftrunError(f"'peft_type' must be a string such as \"LORA\", got {_short(peft_type)}", where=where)
+    try:
+        method = method_for_peft_type(peft_type)
+    except PeftrunError as exc:
+        known = [get_method(m).peft_type for m in method_names()]
+        raise PeftrunError(exc.message, where=where, hint=did_you_mean(peft_type, known)) from None
+    for key in ("base_model_name_or_path", "revision"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise PeftrunError(f"'{key}' must be a string or null, got {_short(config[key])}", where=where)
+    task_type = config.get("task_type")
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise PeftrunError(
+            f"'task_type' {_short(task_type)} is not a task peftrun runs", where=where,
+            hint=f"one of {', '.join(TASK_TYPES)}, or null",
+        )
+    if "r" in method.Config.model_fields:
+        for key in RANKED_REQUIRED:
+            if config.get(key) is None:
+                raise PeftrunError(
+                    f"'{key}' is missing: a {peft_type} adapter names its rank and the modules it adapts", where=where
+                )
+    validated = config_from_peft(method, config, where)
+    found = find_unusable_value(validated, max_abs=MAX_SIZE)
+    if found:
+        path, reason = found
+        raise PeftrunError(f"'{'.'.join(path)}' {reason}", where=where)
+    typed = validated.model_dump(mode="json")
+    return {k: typed[k] if k in typed and k != "inference_mode" else v for k, v in config.items()}
+
+
+def read_weights(file: Path, *, pickle: bool = False) -> dict[str, torch.Tensor]:
+    """An adapter's tensors: loadable (safetensors, or a pickle read safely) and finite, else the file named."""
+    if pickle:
+        state = safe_torch_load(file)
+        if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+            raise PeftrunError(
+                f"holds {type(state).__name__}, not a mapping of tensor names to tensors", where=str(file)
+            )
+    else:
+        try:
+            state = load_file(str(file))
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+            raise PeftrunError(
+                f"the weights file is truncated or corrupt ({one_line_of(exc, 120)})",
+                where=str(file),
+                hint="restore it from a checkpoint under <output_dir>/checkpoints",
+            ) from None
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise PeftrunError(
+            f"tensor '{bad}' holds NaN or infinite values", where=str(file),
+            hint="these weights are broken (training diverged?); use an earlier checkpoint",
+        )
+    return state
+
+
 def read_adapter(
     folder: str | os.PathLike[str], *, allow_pickle: bool = False
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config, state dict) from a peft-format folder, with clear errors for what is wrong."""
+    """(adapter_config, state dict) from a peft-format folder, both checked (see the module's docstring)."""
     folder = Path(folder)
     config_file = folder / ADAPTER_CONFIG
     if not folder.is_dir():
         raise PeftrunError("adapter folder not found", where=str(folder))
     if not config_file.is_file():
         raise PeftrunError(f"no {ADAPTER_CONFIG} here: not an adapter folder", where=str(folder))
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise PeftrunError(
-            f"{ADAPTER_CONFIG} is not valid JSON: {exc.msg} at line {exc.lineno}", where=str(config_file)
-        ) from None
+    config = read_adapter_config(config_file)
     weights = folder / ADAPTER_WEIGHTS
     if weights.is_file():
-        try:
-            state = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise PeftrunError(
-                f"the weights file is truncated or corrupt ({str(exc).splitlines()[0][:120]})",
-                where=str(weights),
-                hint="restore it from a checkpoint under <output_dir>/checkpoints",
-            ) from None
+        state = read_weights(weights)
     elif (folder / PICKLE_WEIGHTS).is_file():
         if not allow_pickle:
             raise PeftrunError(
@@ -161,7 +319,7 @@ def read_adapter(
                 where=str(folder),
                 hint="pass --allow-pickle if you trust this file",
             )
-        state = safe_torch_load(folder / PICKLE_WEIGHTS)
+        state = read_weights(folder / PICKLE_WEIGHTS, pickle=True)
     else:
         raise PeftrunError(f"no {ADAPTER_WEIGHTS} here", where=str(folder))
     return config, state
@@ -181,12 +339,61 @@ def config_from_peft(method, data: dict[str, Any], where: str = ADAPTER_CONFIG):
         return method.Config.model_validate(known)
     except ValidationError as err:
         first = err.errors()[0]
-        raise PeftrunError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}", where=where) from None
+        got = f" (got {_short(first['input'])})" if "input" in first and first["type"] != "missing" else ""
+        raise PeftrunError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}{got}", where=where) from None
+
+
+# The sections of a saved recipe that peftrun reads back, and placeholders for the keys a partial copy may leave
+# out (a copy holds what its writer wrote; a user may keep only `data: {format: alpaca}`).
+_SECTION_PLACEHOLDERS = {"model": {"name_or_path": "-", "task_type": TASK_TYPES[0]}}
 
 
 def read_recipe_copy(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The recipe saved beside an adapter (untrusted: read within the YAML limits), or None where there is none."""
-    from peftrun.yaml_safe import read_yaml
+    """The recipe saved beside an adapter, or None where there is none. Untrusted: read within the YAML limits,
+    a mapping whose sections are mappings, its `model` section typed as a recipe's, the `data` keys peftrun
+    reads back (format, label_names) checked, and its numbers finite; else a PeftrunError naming file and key."""
+    from peftrun.yaml_safe import read_yaml_lines
 
     file = Path(folder) / RECIPE_COPY
-    return read_yaml(file, what="saved recipe") if file.is_file() else None
+    if not file.is_file():
+        return None
+    data, lines = read_yaml_lines(file, what="saved recipe")
+    check_recipe_copy(data, source=str(file), lines=lines)
+    return data
+
+
+def check_recipe_copy(data: dict[str, Any], *, source: str, lines: dict) -> None:
+    from pydantic import ValidationError
+
+    from peftrun.recipe import DataSection, ModelSection, Recipe, _where, check_values, raise_validation_error
+
+    for key, section in data.items():
+        if key in Recipe.model_fields and section is not None and not isinstance(section, dict) and key not in (
+            "output_dir", "overwrite"
+        ):
+            raise PeftrunError(
+                f"section '{key}' must be a mapping, not {type(section).__name__}",
+                where=_where(source, lines, (str(key),)),
+            )
+    check_values(data, source=source, lines=lines)
+    model = data.get("model")
+    if model:
+        try:
+            ModelSection.model_validate({**_SECTION_PLACEHOLDERS["model"], **model})
+        except ValidationError as err:
+            raise_validation_error(err, schema=ModelSection, source=source, lines=lines, prefix=("model",))
+    section = data.get("data") or {}
+    if "format" in section:
+        from pydantic import TypeAdapter
+
+        try:
+            TypeAdapter(DataSection.model_fields["format"].annotation).validate_python(section["format"])
+        except ValidationError as err:
+            raise_validation_error(err, schema=DataSection, source=source, lines=lines, prefix=("data", "format"))
+    names = section.get("label_names")
+    if names is not None and (
+        not isinstance(names, list) or any(isinstance(n, (list, dict)) or n is None for n in names)
+    ):
+        raise PeftrunError(
+            "must be a list of class names (single values)", where=_where(source, lines, ("data", "label_names"))
+        )

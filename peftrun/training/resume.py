@@ -8,12 +8,18 @@ consumed; the order itself is a function of (seed, epoch)) and the resolved reci
 hidden folder and renamed into place, so a folder named step-* is always complete. Resuming restores the
 RNG states at the same point of the loop where they were saved, so a resumed run computes the same numbers
 as one that never stopped.
+
+A checkpoint is only written with finite trainable tensors (checked after the optimizer step, on every process,
+before anything is written), so "the last good checkpoint" is finite. On --resume, the newest checkpoint whose
+files all read back is used: a corrupt newer one is skipped with a line saying why; when none reads back, the
+error names the bad file of the newest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -21,16 +27,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from peftrun.errors import PeftrunError
-from peftrun.io.atomic import atomic_dir
+from peftrun.errors import PeftrunError, one_line
+from peftrun.io.atomic import atomic_dir, naming_files
 from peftrun.io.outputs import remove_inside
-from peftrun.io.peft_format import read_adapter, read_recipe_copy, safe_torch_load, write_adapter
+from peftrun.io.peft_format import (
+    RECIPE_COPY,
+    first_non_finite,
+    one_line_of,
+    read_adapter,
+    read_recipe_copy,
+    safe_torch_load,
+    save_tensors,
+    save_torch,
+    write_adapter,
+)
 from peftrun.training.engines import OPTIMIZER_FILE, Engine
 from peftrun.training.hooks import Hooks
 from peftrun.training.launch import launched
-from peftrun.training.rng import read_rng, rng_state, set_rng_state, write_rng
+from peftrun.training.rng import RNG_FILE, read_rng, rng_state, set_rng_state, write_rng
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -100,6 +116,69 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
     return found[-1] if found else None
 
 
+# Position fields a trainer state must hold (later fields have defaults for checkpoints written before them).
+POSITION_REQUIRED = ("step", "epoch", "batches")
+
+
+def read_position(folder: Path) -> Position:
+    """The loop position in `folder`'s trainer_state.json; a PeftrunError naming the file when it is unusable."""
+    file = folder / STATE_FILE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise PeftrunError(f"not valid JSON ({one_line_of(exc, 120)})", where=str(file)) from None
+    if not isinstance(state, dict):
+        raise PeftrunError(f"holds {type(state).__name__}, not a JSON object", where=str(file))
+    missing = [k for k in POSITION_REQUIRED if k not in state]
+    if missing:
+        raise PeftrunError(f"'{missing[0]}' is missing", where=str(file))
+    values = {}
+    for name, spec in Position.__dataclass_fields__.items():
+        if name not in state:
+            continue
+        value = state[name]
+        kinds = (int, float) if spec.type in ("float", float) else (int,)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value < 0:
+            raise PeftrunError(f"'{name}' must be a number at least 0, got {value!r}", where=str(file))
+        values[name] = value
+    return Position(**values)
+
+
+def checkpoint_fault(folder: Path, rank: int = 0) -> tuple[str, str] | None:
+    """(file name, reason) of the first file of `folder` that a resume could not read back, else None.
+
+    Engine-agnostic: every file of the folder is read as its kind says (.json parsed, .safetensors loaded
+    and finite, .pt through the safe loader, the recipe copy within the YAML limits), the trainer state checked
+    field by field, and this process's RNG state read. Nothing is applied to the run.
+    """
+    try:
+        position = read_position(folder)
+    except PeftrunError as exc:
+        return STATE_FILE, exc.message
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".safetensors":
+                bad = first_non_finite(load_file(str(file)))
+                if bad is not None:
+                    return file.name, f"tensor '{bad}' holds NaN or infinite values"
+            elif file.suffix == ".pt":
+                safe_torch_load(file)
+            elif file.name == RECIPE_COPY:
+                read_recipe_copy(folder)
+        except PeftrunError as exc:
+            return file.name, exc.message
+        except Exception as exc:  # whatever a library raises for a file it cannot read: the file is at fault
+            return file.name, one_line_of(exc, 120)
+    if rank < position.world_size:  # more processes than wrote it: load() says so, naming both counts
+        try:
+            read_rng(folder, rank)
+        except Exception as exc:
+            return RNG_FILE, f"the RNG state of process {rank} cannot be read ({one_line_of(exc, 100)})"
+    return None
+
+
 def prune(output_dir: str | os.PathLike[str], keep: int | None) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints; touches output_dir/checkpoints only, and never
     through a symbolic link: a checkpoints/ that links elsewhere is not pruned (io.outputs.remove_inside)."""
@@ -154,7 +233,8 @@ def truncate_metrics(path: Path, lines: int) -> None:
     with open(path, "rb") as fh:
         kept = [line for line in fh if line.endswith(b"\n")][:lines]
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(b"".join(kept))
+    with naming_files(path):
+        tmp.write_bytes(b"".join(kept))
     os.replace(tmp, path)
 
 
@@ -248,7 +328,7 @@ class Checkpointer:
     def begin(self, resume: bool, total_steps: int) -> Position:
         """A fresh position (clearing the last run's checkpoints and metrics), or the newest checkpoint's."""
         acc = self.accelerator
-        folder = latest_checkpoint(self.out) if (resume or self.recipe.training.auto_resume) else None
+        folder = self.usable_checkpoint() if (resume or self.recipe.training.auto_resume) else None
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             clean_partial(self.out)
@@ -264,10 +344,39 @@ class Checkpointer:
         acc.print(f"resuming from {folder} (step {position.step}, epoch {position.epoch}, batch {position.batches})")
         return position
 
+    def usable_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint whose files every process reads back (checkpoint_fault); the corrupt
+        ones skipped are named in one line. None without checkpoints; a PeftrunError when none is usable."""
+        acc = self.accelerator
+        skipped: list[tuple[Path, tuple[str, str]]] = []
+        for folder in reversed(complete_checkpoints(self.out)):
+            fault = checkpoint_fault(folder, acc.process_index)
+            if acc.num_processes > 1:  # a shard one process cannot read rules the folder out for all
+                from accelerate.utils import gather_object
+
+                fault = next((f for f in gather_object([fault]) if f), None)
+            if fault is None:
+                if len(skipped) == 1:
+                    bad, (name, reason) = skipped[0]
+                    acc.print(one_line(f"checkpoint {bad.name} is corrupt ({name}: {reason}); resuming from {folder.name}"))
+                elif skipped:
+                    what = ", ".join(f"{bad.name} ({name}: {reason})" for bad, (name, reason) in skipped)
+                    acc.print(one_line(f"checkpoints {what} are corrupt; resuming from {folder.name}"))
+                return folder
+            skipped.append((folder, fault))
+        if not skipped:
+            return None
+        newest, (name, reason) = skipped[0]
+        older = f"; the {len(skipped) - 1} before it are corrupt too" if len(skipped) > 1 else ""
+        raise PeftrunError(
+            f"checkpoint {newest.name} is corrupt ({reason}) and no earlier checkpoint is usable{older}",
+            where=str(newest / name),
+            hint="start a new run without --resume (overwrite: true), or restore that file",
+        )
+
     def load(self, folder: Path) -> Position:
         acc = self.accelerator
-        state = json.loads((folder / STATE_FILE).read_text())
-        position = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
+        position = read_position(folder)
         if position.world_size != acc.num_processes:
             raise PeftrunError(
                 f"this checkpoint was written by {position.world_size} process(es); {acc.num_processes} run now",
@@ -322,6 +431,15 @@ class Checkpointer:
         acc.wait_for_everyone()
         peft_model = acc.unwrap_model(self.model)
         training_state = trainable_state(self.engine, self.model, peft_model)  # whole tensors, on every rank
+        bad = first_non_finite(training_state)  # every rank holds the same whole tensors: all stop alike
+        if bad is not None:
+            if acc.is_main_process:
+                remove_inside(tmp, root)
+            raise PeftrunError(
+                f"the trainable weight '{bad.removeprefix('param.')}' is not finite (NaN or inf) after optimizer "
+                f"step {position.step}; training stopped and no checkpoint of it was written; {self.describe_last()}",
+                hint="lower training.learning_rate, or use float32 / bf16 instead of fp16",
+            )
         # ZeRO-3 and FSDP leave each rank a slice: write whole tensors, not torch.Size([0]) or one shard
         with self.engine.whole_adapter(self.model, peft_model, peft_model.active_adapter) as own:
             if acc.is_main_process:
@@ -331,11 +449,11 @@ class Checkpointer:
                         folder, peft_model, peft_model.active_adapter, self.recipe.model.name_or_path,
                         recipe=self.recipe, state=own,
                     )
-                    save_file(training_state, str(folder / TRAINABLE_FILE))
+                    save_tensors(training_state, folder / TRAINABLE_FILE)
                     self.hooks.at("checkpoint_write", position.step)
                     if optimizer_whole is not None:
-                        torch.save(optimizer_whole, folder / OPTIMIZER_FILE)
-                    torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+                        save_torch(optimizer_whole, folder / OPTIMIZER_FILE)
+                    save_torch(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
                     write_rng(folder, states)
                     (folder / STATE_FILE).write_text(json.dumps(asdict(position), indent=1) + "\n")
                 prune(self.out, self.recipe.training.keep_last_n)

@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from peftrun.io.peft_format import save_tensors
 
 RNG_FILE = "rng_state.json"
 RNG_TENSORS = "rng_state.safetensors"
@@ -52,7 +54,7 @@ def write_rng(folder: Path, states: list[dict[str, Any]]) -> None:
         for i, cuda in enumerate(state.get("cuda", [])):
             tensors[f"rank{rank}.cuda{i}"] = cuda.clone()
     (folder / RNG_FILE).write_text(json.dumps(meta))
-    save_file(tensors, str(folder / RNG_TENSORS))
+    save_tensors(tensors, folder / RNG_TENSORS)
 
 
 def read_rng(folder: Path, rank: int) -> dict[str, Any]:
