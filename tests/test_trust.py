@@ -128,8 +128,8 @@ def test_pickle_request_from_a_saved_recipe_is_refused_by_merge(model_dir, tmp_p
 
 @pytest.mark.parametrize(
     "text, message",
-    [("- a\n- b\n", "YAML mapping"), ("model: [1, 2]\n", "model section is not a mapping"),
-     ("model:\n  num_labels: many\n", "base model settings are not valid")],
+    [("- a\n- b\n", "YAML mapping"), ("model: [1, 2]\n", "section 'model' must be a mapping"),
+     ("model:\n  num_labels: many\n", "model.num_labels: Input should be a valid integer")],
 )
 def test_malformed_saved_recipe_is_one_line_naming_the_file(model_dir, tmp_path, text, message):
     from peftrun.io.loading import model_section_for
