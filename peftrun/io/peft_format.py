@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from peftrun.errors import PeftrunError, did_you_mean
 from peftrun.io.atomic import atomic_dir, atomic_files, naming_files
 from peftrun.io.scrub import scrub
+from peftrun.models import portable_name
 from peftrun.tasks import TASK_HEADS, TASK_TYPES
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,7 +58,7 @@ def adapter_config_dict(
         **body,
         "peft_type": method.peft_type,
         "task_type": peft_model.task_type,
-        "base_model_name_or_path": base_model,
+        "base_model_name_or_path": portable_name(base_model) if base_model else base_model,
         "revision": revision,
         "inference_mode": True,
     }
