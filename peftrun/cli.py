@@ -85,8 +85,14 @@ def params(recipe: RecipeArg, set_: SetOpt = None) -> None:
     from peftrun.adapted import wrap
     from peftrun.models import build_from_config
     from peftrun.recipe import load_recipe
+    from peftrun.tasks import is_diffusion
 
     r = load_recipe(recipe, set_)
+    if is_diffusion(r.model.task_type):  # a pipeline's components: the UNet (and text encoder) adapters
+        from peftrun.diffusion.adapted import adapted_from_recipe
+
+        typer.echo(adapted_from_recipe(r).trainable_report())
+        return
     num_labels = r.model.num_labels or (len(r.data.label_names) if r.data.label_names else 2)
     model = build_from_config(
         r.model.name_or_path, r.model.task_type, meta=True, num_labels=num_labels,

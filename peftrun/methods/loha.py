@@ -22,6 +22,7 @@ from torch import nn
 from peftrun.methods import Method
 from peftrun.methods.inject import Injected
 from peftrun.methods.lycoris import LycorisConfig, LycorisLayer, apply_lycoris
+from peftrun.tasks import TASK_TYPES
 
 
 class LoHaConfig(LycorisConfig):
@@ -73,6 +74,7 @@ METHOD = Method(
     kind="reparameterisation",
     summary="low-rank Hadamard product update (W1a·W1b)⊙(W2a·W2b) added to frozen weights (FedPara/LyCORIS)",
     mergeable=True,
+    task_types=TASK_TYPES,
     Config=LoHaConfig,
     apply=apply,
 )

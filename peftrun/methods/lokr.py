@@ -26,6 +26,7 @@ from torch import nn
 from peftrun.methods import Method
 from peftrun.methods.inject import Injected
 from peftrun.methods.lycoris import LycorisConfig, LycorisLayer, apply_lycoris
+from peftrun.tasks import TASK_TYPES
 
 
 class LoKrConfig(LycorisConfig):
@@ -121,6 +122,7 @@ METHOD = Method(
     kind="reparameterisation",
     summary="Kronecker-product update W1⊗W2 (optionally low-rank factors) added to frozen weights (LyCORIS)",
     mergeable=True,
+    task_types=TASK_TYPES,
     Config=LoKrConfig,
     apply=apply,
 )

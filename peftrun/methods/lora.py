@@ -30,6 +30,7 @@ from peftrun.methods import Method, TunerConfig, lora_kernels
 from peftrun.methods.inject import Injected, inject
 from peftrun.methods.layers import AdapterLayer
 from peftrun.methods.targets import LORA_TARGETS
+from peftrun.tasks import TASK_TYPES
 
 
 class LoraConfig(TunerConfig):
@@ -188,6 +189,7 @@ METHOD = Method(
     kind="reparameterisation",
     summary="low-rank update B·A added to frozen weights (rsLoRA scaling and DoRA magnitude/direction options)",
     mergeable=True,
+    task_types=TASK_TYPES,
     Config=LoraConfig,
     apply=apply,
 )
