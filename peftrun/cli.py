@@ -123,8 +123,19 @@ def merge(
     base: Annotated[str | None, typer.Option("--base", help="base model, if not the one the adapter names")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="accept .bin adapter weights")] = False,
 ) -> None:
-    """Fold an adapter into its base model and write a plain transformers model folder."""
+    """Fold an adapter into its base model and write a plain transformers model folder (for a DreamBooth
+    adapter: a whole diffusers pipeline folder)."""
+    from peftrun.diffusion.adapted import is_diffusion_adapter
     from peftrun.merge import merge as run
+
+    if is_diffusion_adapter(adapter):
+        from peftrun.diffusion.images import merge_to_pipeline
+
+        if output is None:
+            raise PeftrunError("give --output: the pipeline folder to write")
+        folder, diff = merge_to_pipeline(adapter, output, base=base)
+        typer.echo(f"merged pipeline written to {folder} (max |merged - unmerged| noise prediction: {diff:.2e})")
+        return
 
     folder, diff = run(adapter, output, base=base, allow_pickle=allow_pickle)
     typer.echo(f"merged model written to {folder} (max |merged - unmerged| on a probe input: {diff:.2e})")
@@ -298,6 +309,16 @@ def _load_for_generation(adapter, use, no_adapter, base, dtype, device_map, offl
     )
 
 
+def _wants_image(adapters: list[str] | None, loading: dict) -> bool:
+    """A TEXT_TO_IMAGE adapter (unet/ inside) or a diffusers pipeline as --base."""
+    from peftrun.api import parse_adapter_spec
+    from peftrun.diffusion.adapted import is_diffusion_adapter
+
+    if any(is_diffusion_adapter(parse_adapter_spec(a, with_weight=True)[1]) for a in adapters or []):
+        return True
+    return bool(loading.get("base")) and (Path(loading["base"]) / "model_index.json").is_file()
+
+
 @app.command()
 @user_errors
 def predict(
@@ -341,10 +362,28 @@ def generate(
     template: TemplateOpt = "auto",
     system: SystemOpt = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="print tokens as they come")] = True,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="images: denoising steps")] = 50,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="images: classifier-free guidance")] = 7.5,
+    size: Annotated[str | None, typer.Option("--size", help="images: N or HxW (default: the pipeline's)")] = None,
     loading=None,  # the LOADING flags, as a dict (see flag_group)
 ) -> None:
-    """Generate with an adapter (or several: --adapter a=DIR --adapter b=DIR --use a) on its base model."""
+    """Generate with an adapter (or several: --adapter a=DIR --adapter b=DIR --use a) on its base model.
+    With a DreamBooth (TEXT_TO_IMAGE) adapter: an image of PROMPT to --output (PNG); several adapters, or
+    DIR:weight, act together with their weights."""
     from peftrun.generation import DEFAULT, answer, answer_rows, read_rows
+
+    if _wants_image(adapter, loading):
+        from peftrun.diffusion.images import image_command
+
+        if not prompt or output is None:
+            raise PeftrunError("an image needs a PROMPT and --output FILE.png")
+        path = image_command(
+            prompt, list(adapter or []), output, base=loading["base"], use=use, no_adapter=no_adapter,
+            steps=steps, guidance_scale=guidance_scale, seed=options.seed, size=size, dtype=loading["dtype"],
+            allow_pickle=loading["allow_pickle"],
+        )
+        typer.echo(f"image written to {path}")
+        return
 
     if prompt is not None and input_ is not None:
         raise PeftrunError("give a PROMPT or --input FILE, not both")

@@ -242,3 +242,86 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(work, trained):
         for key in ("loss", "eval_loss", "train_epoch_loss"):
             if key in w:
                 assert g[key] == pytest.approx(w[key], abs=1e-6), key
+
+
+# ------------------------------------------------------------------ using the adapters
+
+
+def cli(*args: str):
+    from typer.testing import CliRunner
+
+    from peftrun.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_image_command_writes_a_png_of_the_asked_size_deterministic_with_a_seed(work, trained, tmp_path):
+    from PIL import Image
+
+    paths = []
+    for name in ("a.png", "b.png", "c.png"):
+        seed = "3" if name != "c.png" else "4"
+        result = cli("generate", "--adapter", str(trained), "a photo of sks cat", "--output", str(tmp_path / name),
+                     "--steps", "2", "--guidance-scale", "3.0", "--seed", seed, "--size", "16x24")
+        assert result.exit_code == 0, result.output
+        paths.append(tmp_path / name)
+    with Image.open(paths[0]) as img:
+        assert img.format == "PNG" and img.size == (24, 16)  # width x height
+        first = img.tobytes()
+    with Image.open(paths[1]) as img:
+        assert img.tobytes() == first  # the same seed, the same pixels
+    with Image.open(paths[2]) as img:
+        assert img.tobytes() != first
+    result = cli("generate", "--adapter", str(trained), "x", "--output", str(tmp_path / "d.png"), "--size", "15")
+    assert result.exit_code == 2 and "multiples of 8" in result.output
+
+
+def test_several_adapters_at_once_with_weights(work, trained):
+    """w_a ΔW_a + w_b ΔW_b acting together equals the base plus the weighted sum of each one's change."""
+    from peftrun.diffusion.images import load_with_adapters
+
+    model, _ = load_with_adapters(None, {"a": trained, "b": work / "lora_killed"} if (work / "lora_killed").is_dir()
+                                  else {"a": trained, "b": trained})
+    unet, text = model.model.unet, model.model.text_encoder
+    inputs = noise_inputs(unet, text)
+    with model.disable_adapters():
+        base = predict(unet, text, inputs)
+    # a lone adapter at weight w on the UNet's Linear/Conv layers is linear in w when the text encoder is off
+    model.set_weighted({"a": 0.5})
+    half = predict(unet, text, inputs)
+    model.set_weighted({"a": 1.0})
+    full = predict(unet, text, inputs)
+    model.set_adapter("a")
+    assert torch.equal(predict(unet, text, inputs), full)  # set_adapter restores each adapter's own scale
+    model.set_weighted({"a": 0.0, "b": 0.0})
+    assert (predict(unet, text, inputs) - base).abs().max().item() <= TOL
+    assert (half - base).abs().max() > 1e-5 and (full - half).abs().max() > 1e-5
+
+
+def test_combine_handles_conv_factors(work, trained, tmp_path):
+    from peftrun.combination import combine
+
+    result = combine([(trained / "unet", 0.7), (trained / "unet", 0.3)], tmp_path / "unet", method="cat")
+    assert result.max_relative_distance <= 1e-5
+    state = load_file(str(tmp_path / "unet" / "adapter_model.safetensors"))
+    original = load_file(str(trained / "unet" / "adapter_model.safetensors"))
+    conv = [k for k in original if ".conv1.lora_A" in k][0]
+    assert state[conv].dim() == 4 and state[conv].shape[1:] == original[conv].shape[1:]
+    svd = combine([(trained / "unet", 0.7), (trained / "unet", 0.3)], tmp_path / "svd", method="svd")
+    assert svd.max_relative_distance <= 1e-4  # the sum has the inputs' rank: exact up to rounding
+
+
+def test_merge_writes_a_pipeline_diffusers_loads_with_equal_predictions(work, trained, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from peftrun.diffusion.images import load_with_adapters
+
+    result = cli("merge", "--adapter", str(trained), "--output", str(tmp_path / "merged"))
+    assert result.exit_code == 0, result.output
+    diff = float(result.output.split("noise prediction: ")[1].split(")")[0])
+    assert diff <= TOL
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "merged", safety_checker=None)
+    model, _ = load_with_adapters(None, {"default": trained})
+    inputs = noise_inputs(pipe.unet, pipe.text_encoder)
+    merged = predict(pipe.unet, pipe.text_encoder, inputs)
+    assert (merged - predict(model.model.unet, model.model.text_encoder, inputs)).abs().max().item() <= TOL

@@ -147,3 +147,60 @@ def load_with_adapters(base: str | None, adapters: dict[str, Path], *, dtype: st
     if adapters:
         model.set_adapter(next(iter(adapters)))
     return model, load_tokenizer(section)
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """"512" -> (512, 512); "512x768" -> (height 512, width 768); None -> the pipeline's own size."""
+    if not size:
+        return None, None
+    head, sep, tail = size.lower().partition("x")
+    try:
+        height = int(head)
+        width = int(tail) if sep else height
+    except ValueError:
+        raise PeftrunError(f"--size takes N or HxW, e.g. 512 or 512x768 (got '{size}')", where="--size") from None
+    return height, width
+
+
+def image_command(
+    prompt: str, adapters: list[str], output: str | Path, *, base: str | None = None, use: str | None = None,
+    no_adapter: bool = False, steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None,
+    size: str | None = None, dtype: str | None = None, allow_pickle: bool = False,
+) -> Path:
+    """`peftrun generate` for TEXT_TO_IMAGE: one PNG of `prompt`. Adapters are DreamBooth folders
+    (DIR, name=DIR, DIR:weight); with several, or any weight, they act together, each update scaled by
+    its weight (default 1); --use picks one of them alone; --no-adapter the base pipeline."""
+    from peftrun.api import parse_adapter_spec
+
+    named: dict[str, Path] = {}
+    weights: dict[str, float] = {}
+    for spec in adapters or []:
+        name, folder, weight = parse_adapter_spec(spec, with_weight=True)
+        name = name or ("default" if len(adapters) == 1 else Path(folder).name)
+        if name in named:
+            raise PeftrunError(f"two adapters are named '{name}'", hint="name them: --adapter a=DIR --adapter b=DIR")
+        named[name], weights[name] = Path(folder), 1.0 if weight is None else weight
+    if use is not None and use not in named:
+        raise PeftrunError(f"no adapter named '{use}' to use", hint=f"given: {', '.join(named) or 'none'}")
+    height, width = parse_size(size)
+    model, tokenizer = load_with_adapters(base, named, dtype=dtype or "float32", allow_pickle=allow_pickle)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    if use is not None:
+        model.set_adapter(use)
+    elif len(named) > 1 or any(w != 1.0 for w in weights.values()):
+        model.set_weighted(weights)
+    components = model.model
+    if no_adapter:
+        with model.disable_adapters():
+            image = sample(components, tokenizer, [prompt], steps=steps, guidance_scale=guidance_scale, seed=seed,
+                           height=height, width=width)[0]
+    else:
+        image = sample(components, tokenizer, [prompt], steps=steps, guidance_scale=guidance_scale, seed=seed,
+                       height=height, width=width)[0]
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.partial")
+    image.save(tmp, format="PNG")
+    tmp.replace(output)
+    return output
