@@ -325,3 +325,24 @@ def test_merge_writes_a_pipeline_diffusers_loads_with_equal_predictions(work, tr
     inputs = noise_inputs(pipe.unet, pipe.text_encoder)
     merged = predict(pipe.unet, pipe.text_encoder, inputs)
     assert (merged - predict(model.model.unet, model.model.text_encoder, inputs)).abs().max().item() <= TOL
+
+
+def test_estimate_rows_against_the_seed_table():
+    """The seed's A100 table: full fine-tuning 27.5 GB, LoRA 15.5 GB, LoRA + gradient checkpointing 8.12 GB;
+    the same W + G + O + A as the language models, within 15%."""
+    from peftrun.estimate import estimate
+    from peftrun.recipe import load_recipe
+
+    repo = Path(__file__).resolve().parent.parent
+    path = repo / "recipes" / "sd_v1_4_dreambooth_lora.yaml"
+    plain = estimate(load_recipe(path, ["model.gradient_checkpointing=false"]), baseline=0.0)
+    checkpointed = estimate(load_recipe(path), baseline=0.0)
+    got = {
+        "full": plain.row("full fine-tuning").device / 1e9,
+        "lora": plain.row("lora").device / 1e9,
+        "lora+gc": checkpointed.row("lora").device / 1e9,
+    }
+    seed = {"full": 27.5, "lora": 15.5, "lora+gc": 8.12}
+    for key, want in seed.items():
+        assert abs(got[key] - want) / want <= 0.15, (key, got[key], want)
+    assert plain.row("lora").trainable * 4 / 1e6 == pytest.approx(8.8, rel=0.10)  # the checkpoint's MB
