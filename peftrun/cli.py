@@ -93,8 +93,14 @@ def params(recipe: RecipeArg, set_: SetOpt = None) -> None:
     from peftrun.adapted import wrap
     from peftrun.models import build_from_config
     from peftrun.recipe import load_recipe
+    from peftrun.tasks import is_diffusion
 
     r = load_recipe(recipe, set_, machine=False)  # the meta device: no GPU needed
+    if is_diffusion(r.model.task_type):  # a pipeline's components: the UNet (and text encoder) adapters
+        from peftrun.diffusion.adapted import adapted_from_recipe
+
+        typer.echo(adapted_from_recipe(r).trainable_report())
+        return
     num_labels = r.model.num_labels or (len(r.data.label_names) if r.data.label_names else 2)
     if r.training.objective == "reward":
         num_labels = 1  # a reward model's head has one output (as training builds it)
@@ -131,8 +137,22 @@ def merge(
         bool, typer.Option("--overwrite", help="replace an --output folder that a peftrun merge or combine wrote")
     ] = False,
 ) -> None:
-    """Fold an adapter into its base model and write a plain transformers model folder."""
+    """Fold an adapter into its base model and write a plain transformers model folder (for a DreamBooth
+    adapter: a whole diffusers pipeline folder)."""
+    from peftrun.diffusion.adapted import is_diffusion_adapter
     from peftrun.merge import merge as run
+
+    if is_diffusion_adapter(adapter):
+        from peftrun.diffusion.images import merge_to_pipeline
+
+        from peftrun.io.outputs import check_output_folder
+
+        if output is None:
+            raise PeftrunError("give --output: the pipeline folder to write")
+        check_output_folder(output, where=f"--output ({output})", inputs=[(adapter, "the adapter")], overwrite=overwrite)
+        folder, diff = merge_to_pipeline(adapter, output, base=base)
+        typer.echo(f"merged pipeline written to {folder} (max |merged - unmerged| noise prediction: {diff:.2e})")
+        return
 
     folder, diff = run(
         adapter, output, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
@@ -373,6 +393,16 @@ def _load_for_generation(
     )
 
 
+def _wants_image(adapters: list[str] | None, loading: dict) -> bool:
+    """A TEXT_TO_IMAGE adapter (unet/ inside) or a diffusers pipeline as --base."""
+    from peftrun.api import parse_adapter_spec
+    from peftrun.diffusion.adapted import is_diffusion_adapter
+
+    if any(is_diffusion_adapter(parse_adapter_spec(a, with_weight=True)[1]) for a in adapters or []):
+        return True
+    return bool(loading.get("base")) and (Path(loading["base"]) / "model_index.json").is_file()
+
+
 @app.command()
 @user_errors
 def predict(
@@ -416,10 +446,28 @@ def generate(
     template: TemplateOpt = "auto",
     system: SystemOpt = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="print tokens as they come")] = True,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="images: denoising steps")] = 50,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="images: classifier-free guidance")] = 7.5,
+    size: Annotated[str | None, typer.Option("--size", help="images: N or HxW (default: the pipeline's)")] = None,
     loading=None,  # the LOADING flags, as a dict (see flag_group)
 ) -> None:
-    """Generate with an adapter (or several: --adapter a=DIR --adapter b=DIR --use a) on its base model."""
+    """Generate with an adapter (or several: --adapter a=DIR --adapter b=DIR --use a) on its base model.
+    With a DreamBooth (TEXT_TO_IMAGE) adapter: an image of PROMPT to --output (PNG); several adapters, or
+    DIR:weight, act together with their weights."""
     from peftrun.generation import DEFAULT, answer, answer_rows, read_rows
+
+    if _wants_image(adapter, loading):
+        from peftrun.diffusion.images import image_command
+
+        if not prompt or output is None:
+            raise PeftrunError("an image needs a PROMPT and --output FILE.png")
+        path = image_command(
+            prompt, list(adapter or []), output, base=loading["base"], use=use, no_adapter=no_adapter,
+            steps=steps, guidance_scale=guidance_scale, seed=options.seed, size=size, dtype=loading["dtype"],
+            allow_pickle=loading["allow_pickle"],
+        )
+        typer.echo(f"image written to {path}")
+        return
 
     if prompt is not None and input_ is not None:
         raise PeftrunError("give a PROMPT or --input FILE, not both")

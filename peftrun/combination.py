@@ -78,8 +78,13 @@ class Source:
                 self.config.get("alpha_pattern") or {}, path, self.config.get("lora_alpha", 8)
             )
             scaling = lora_scaling(alpha, a.shape[0], bool(self.config.get("use_rslora")))
-            out[path] = (a.float(), b.float(), scaling)
+            # a Conv2d's A (r, in, kh, kw) and B (out, r, 1, 1) as matrices: ΔW = s B A over the unrolled kernel
+            out[path] = (a.float().flatten(1), b.float().flatten(1), scaling)
         return out
+
+    def kernel(self, path: str) -> tuple[int, ...]:
+        """The (kh, kw) of a Conv2d module's A, () for a Linear one."""
+        return tuple(self.state[f"{PREFIX}{path}{A_KEY}"].shape[2:])
 
 
 @dataclass
@@ -262,13 +267,16 @@ def combine_states(
             a0, b0 = parts[0][0], parts[0][1]  # an adapter without this module adds zero factors
             parts += [(torch.zeros_like(a0), torch.zeros_like(b0), 1.0, 0.0)] * (len(sources) - len(parts))
         a, b = combine_module(method, parts, rank=rank, density=density, generator=generator, path=path)
+        kernel = next(src.kernel(path) for f, src in zip(factors, sources) if path in f)
+        if kernel:  # back to Conv2d factors: A (k, in, kh, kw), B (out, k, 1, 1)
+            a, b = a.reshape(a.shape[0], -1, *kernel), b.reshape(*b.shape, 1, 1)
         state[f"{PREFIX}{path}{A_KEY}"] = a.contiguous()
         state[f"{PREFIX}{path}{B_KEY}"] = b.contiguous()
         ranks[path] = a.shape[0]
         target = sum(w * s * (bi @ ai) for ai, bi, s, w in parts)
         norm = torch.linalg.norm(target)
         if norm > 0:
-            distance = max(distance, (torch.linalg.norm(b @ a - target) / norm).item())
+            distance = max(distance, (torch.linalg.norm(b.flatten(1) @ a.flatten(1) - target) / norm).item())
     state.update(_other_tensors(sources))
     return state, ranks, distance
 

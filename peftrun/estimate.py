@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftrun.tasks import CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS
+from peftrun.tasks import CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TEXT_TO_IMAGE
 
 GB = 1e9
 ADAMW_STATE_BYTES = 8
@@ -101,9 +101,11 @@ def _batch(model: nn.Module, task_type: str, batch: int, seq: int, target: int) 
 
 
 def saved_activation_bytes(
-    model: nn.Module, inputs: dict[str, torch.Tensor], checkpointing: bool = False
+    model: nn.Module, inputs: dict[str, torch.Tensor], checkpointing: bool = False, block_types: tuple = ()
 ) -> int:
-    """Bytes autograd keeps for backward after one forward pass (see the module docstring)."""
+    """Bytes autograd keeps for backward after one forward pass (see the module docstring). `block_types`: more
+    module classes that gradient checkpointing recomputes whole (a diffusers UNet's resnets and
+    transformer blocks), beside transformers' GradientCheckpointingLayer."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -133,7 +135,7 @@ def saved_activation_bytes(
 
     handles = []
     for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer):
+        if isinstance(module, (GradientCheckpointingLayer, *block_types)):
             handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
             handles.append(module.register_forward_hook(leave))
     try:
@@ -209,6 +211,8 @@ def estimate(
 
     m = recipe.model
     task = m.task_type
+    if task == TEXT_TO_IMAGE:
+        return _estimate_diffusion(recipe, device_gb=device_gb, baseline=baseline)
     num_labels = m.num_labels or (len(recipe.data.label_names) if recipe.data.label_names else 2)
     if recipe.training.objective == "reward":
         num_labels = 1  # a reward model's head has one output (as training builds it)
@@ -252,6 +256,58 @@ def estimate(
         _plain_row("full fine-tuning", w_full, n, a_full, baseline),
         _plain_row(method, w_method, n_t, a_method, baseline),
         _zero3_row(f"{method} + ZeRO-3 CPU offload", w_method, n_method, n_t, a_zero3, baseline, ranks),
+    ]
+    est.device_gb = device_gb
+    if device_gb is not None:
+        for row in est.rows:
+            row.fits = row.device <= device_gb * GB
+    return est
+
+
+def _estimate_diffusion(recipe, *, device_gb: float | None, baseline: float | None) -> Estimate:
+    """TEXT_TO_IMAGE (DreamBooth): the same W + G + O + A, from the pipeline's components on the meta device.
+    One step's UNet batch is batch_size images, twice that with prior preservation, at dreambooth.resolution;
+    the prompts are the text encoder's max_position_embeddings long. Full fine-tuning trains the UNet (and
+    the text encoder with train_text_encoder) whole; the VAE only encodes (no saved tensors). Checkpointed
+    units: the UNet's resnets and transformer blocks, the text encoder's layers. Attention is counted as the
+    meta device runs it (the probabilities saved, as the language models' eager attention): a GPU's fused
+    SDPA kernel saves less, so on torch>=2 GPUs the activations run lower than these. No ZeRO-3 row."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from peftrun.diffusion.adapted import adapted_from_recipe
+
+    m, db = recipe.model, recipe.dreambooth
+    baseline = process_baseline() if baseline is None else baseline
+    images = recipe.training.batch_size * (2 if db.with_prior_preservation else 1)
+    blocks = (ResnetBlock2D, BasicTransformerBlock)
+
+    def measure(model: nn.Module) -> float:
+        meta = torch.device("meta")
+        length = model.model.text_encoder.config.max_position_embeddings
+        inputs = {
+            "pixel_values": torch.zeros(images, 3, db.resolution, db.resolution, device=meta),
+            "input_ids": torch.zeros(images, length, dtype=torch.long, device=meta),
+        }
+        model.train()
+        return saved_activation_bytes(model, inputs, m.gradient_checkpointing, blocks)
+
+    adapted = adapted_from_recipe(recipe)
+    a_method = measure(adapted)
+    w_method, n, n_t = weight_bytes(adapted)
+    full = adapted_from_recipe(recipe.model_copy(update={"model": m.model_copy(update={"dtype": "float32"})}))
+    components = full.model
+    whole = [components.unet] + ([components.text_encoder] if db.train_text_encoder else [])
+    for module in whole:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    a_full = measure(full)
+    _, _, n_full = weight_bytes(full)
+    w_full = sum(p.numel() * 4 for p in components.parameters() if p is not None) - 4 * n_t
+    est = Estimate(m.name_or_path, n - n_t, images, db.resolution, None, baseline)
+    est.rows = [
+        _plain_row("full fine-tuning", w_full, n_full - n_t, a_full, baseline),
+        _plain_row(recipe.method.name, w_method, n_t, a_method, baseline),
     ]
     est.device_gb = device_gb
     if device_gb is not None:

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from peftrun.errors import SECRET_KEYS, PeftrunError, did_you_mean, looks_secret, mask_secrets
-from peftrun.tasks import CAUSAL_LM, SEQ_CLS, TASK_TYPES
+from peftrun.tasks import CAUSAL_LM, SEQ_CLS, TASK_TYPES, TEXT_TO_IMAGE
 from peftrun.yaml_safe import MAX_DEPTH, YamlSyntaxError, parse_yaml, parse_yaml_lines, read_yaml_text
 
 # Upper bounds on what a recipe may ask for, so that a value that validates cannot crash a run later.
@@ -70,15 +70,24 @@ class ModelSection(Section):
         return self
 
 
+# method keys that hold another component's own method parameters (TEXT_TO_IMAGE: the text encoder's adapter)
+COMPONENT_KEYS = ("text_encoder",)
+
+
 class MethodSection(BaseModel):
-    """`name` picks the method; every other key is that method's own parameter (peft's names)."""
+    """`name` picks the method; every other key is that method's own parameter (peft's names), except
+    `text_encoder`: the text encoder's own parameters of the same method (TEXT_TO_IMAGE)."""
 
     model_config = ConfigDict(extra="allow")
     name: str = "lora"
 
     @property
     def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+        return {k: v for k, v in (self.model_extra or {}).items() if k not in COMPONENT_KEYS}
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {k: v for k, v in (self.model_extra or {}).items() if k in COMPONENT_KEYS}
 
 
 class DataSection(Section):
@@ -91,7 +100,8 @@ class DataSection(Section):
     eval_split: str | None = None
     test_split: str | None = None
     # preference: chosen/rejected pairs (reward, dpo, orpo); prompts: prompts alone (grpo); see peftrun/preference.py
-    format: Literal["plain", "alpaca", "chat", "tokens", "text", "preference", "prompts"] = "plain"
+    # images: a folder of instance images (DreamBooth, objective diffusion; see the dreambooth section)
+    format: Literal["plain", "alpaca", "chat", "tokens", "text", "preference", "prompts", "images"] = "plain"
     # preference/prompt rows that cannot teach (identical answers, no room for an answer): drop and count, or refuse
     bad_rows: Literal["drop", "error"] = "drop"
     text_column: str = "text"
@@ -180,7 +190,8 @@ class TrainingSection(Section):
     fused_lora: bool = True
     progress_bar: bool = True
     # what is learned (peftrun/training/objectives/): the task's labels, or a reward model, DPO, ORPO, GRPO
-    objective: Literal["supervised", "reward", "dpo", "orpo", "grpo"] = "supervised"
+    # diffusion: DreamBooth's noise-prediction loss on a TEXT_TO_IMAGE pipeline (the dreambooth section)
+    objective: Literal["supervised", "reward", "dpo", "orpo", "grpo", "diffusion"] = "supervised"
     # experiment trackers that get metrics.jsonl's numbers too (peftrun/training/tracking.py); none by default
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(default_factory=list, max_length=4)
 
@@ -241,6 +252,33 @@ class GRPOSection(Section):
     epsilon: float = Field(default=0.2, gt=0.0, lt=1.0)  # clip range of the probability ratio
     eval_greedy: bool = True  # held-out prompts answered greedily, one each
     rewards: list[RewardSpec] = Field(default_factory=list)
+
+
+class DreamBoothSection(Section):
+    """DreamBooth (Ruiz et al., 2022) on a TEXT_TO_IMAGE pipeline: data.path holds the instance images;
+    peftrun/training/objectives/diffusion.py. Names as diffusers' and peft's DreamBooth scripts."""
+
+    instance_prompt: str | None = None  # e.g. "a photo of sks dog"
+    class_prompt: str | None = None  # e.g. "a photo of dog" (prior preservation)
+    class_data_dir: str | None = None  # class images; missing ones are generated with the base pipeline first
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = Field(default=1.0, ge=0.0, le=1000.0)
+    num_class_images: int = Field(default=100, ge=1, le=MAX_COUNT)
+    sample_batch_size: int = Field(default=4, ge=1, le=MAX_SIZE)  # generating class images
+    class_inference_steps: int = Field(default=50, ge=1, le=10_000)
+    resolution: int = Field(default=512, ge=8, le=MAX_SIZE)
+    center_crop: bool = False
+    random_flip: bool = False
+    train_text_encoder: bool = False  # its adapter takes method.text_encoder (default q_proj, v_proj)
+    noise_offset: float = Field(default=0.0, ge=0.0, le=10.0)
+
+    @model_validator(mode="after")
+    def _prior(self) -> DreamBoothSection:
+        if self.with_prior_preservation and (not self.class_prompt or not self.class_data_dir):
+            raise ValueError("with_prior_preservation needs class_prompt and class_data_dir")
+        if self.resolution % 8:
+            raise ValueError("resolution must be a multiple of 8 (the VAE downsamples by 8)")
+        return self
 
 
 Offload = Literal["none", "cpu", "nvme"]
@@ -374,6 +412,7 @@ class Recipe(Section):
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
     grpo: GRPOSection = Field(default_factory=GRPOSection)
+    dreambooth: DreamBoothSection = Field(default_factory=DreamBoothSection)
     output_dir: str = "out"
     overwrite: bool = False
 
@@ -390,7 +429,7 @@ class Recipe(Section):
 
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
-        data["method"] = {"name": self.method.name, **self.method.params}
+        data["method"] = {"name": self.method.name, **self.method.params, **self.method.components}
         return data
 
 
@@ -609,11 +648,22 @@ OBJECTIVE_FIT = {
     "dpo": (CAUSAL_LM, "preference"),
     "orpo": (CAUSAL_LM, "preference"),
     "grpo": (CAUSAL_LM, "prompts"),
+    "diffusion": (TEXT_TO_IMAGE, "images"),
 }
 
 
 def _check_objective(recipe: Recipe, source: str | None, lines: dict[tuple[str, ...], int]) -> None:
     objective, task, fmt = recipe.training.objective, recipe.model.task_type, recipe.data.format
+    if recipe.method.components and task != TEXT_TO_IMAGE:
+        raise PeftrunError(
+            "method.text_encoder gives a text encoder's adapter its own parameters, which only TEXT_TO_IMAGE has",
+            where=_where(source, lines, ("method", "text_encoder")),
+        )
+    if task == TEXT_TO_IMAGE and objective == "supervised":
+        raise PeftrunError(
+            "task_type TEXT_TO_IMAGE learns by denoising: set training.objective: diffusion",
+            where=_where(source, lines, ("training", "objective")),
+        )
     if objective == "supervised":
         if fmt in ("preference", "prompts"):
             raise PeftrunError(
@@ -634,6 +684,8 @@ def _check_objective(recipe: Recipe, source: str | None, lines: dict[tuple[str, 
             f"training.objective '{objective}' reads data.format '{want_format}', not '{fmt}'",
             where=_where(source, lines, ("data", "format")),
         )
+    if objective == "diffusion":
+        _check_dreambooth(recipe, source, lines)
     if objective == "grpo" and not recipe.grpo.rewards:
         raise PeftrunError(
             "training.objective 'grpo' needs at least one reward",
@@ -645,6 +697,55 @@ def _check_objective(recipe: Recipe, source: str | None, lines: dict[tuple[str, 
             f"training.objective '{objective}' batches pairs or prompts whole: no packing or length grouping",
             where=_where(source, lines, ("data", "packing" if recipe.data.packing else "group_by_length")),
         )
+
+
+def _check_dreambooth(recipe: Recipe, source: str | None, lines: dict[tuple[str, ...], int]) -> None:
+    db = recipe.dreambooth
+    if not db.instance_prompt:
+        raise PeftrunError(
+            "DreamBooth needs the prompt of the instance images",
+            where=_where(source, lines, ("dreambooth", "instance_prompt")),
+            hint='e.g. dreambooth.instance_prompt: "a photo of sks dog"',
+        )
+    if recipe.data.path is None:
+        raise PeftrunError(
+            "DreamBooth reads the instance images from data.path (a folder of images)",
+            where=_where(source, lines, ("data", "path")),
+        )
+    text = recipe.method.components.get("text_encoder")
+    if text is not None and not db.train_text_encoder:
+        raise PeftrunError(
+            "method.text_encoder is set but dreambooth.train_text_encoder is false",
+            where=_where(source, lines, ("method", "text_encoder")),
+            hint="set dreambooth.train_text_encoder: true, or remove method.text_encoder",
+        )
+    if db.train_text_encoder:
+        text_encoder_config(recipe, lines=lines, source=source)
+
+
+def text_encoder_config(recipe: Recipe, *, lines: dict[tuple[str, ...], int] | None = None, source: str | None = None):
+    """The text encoder's method config (TEXT_TO_IMAGE with dreambooth.train_text_encoder): method.text_encoder,
+    or the method's defaults on q_proj and v_proj (peft's DreamBooth example)."""
+    from peftrun.methods import get_method
+
+    method = get_method(recipe.method.name)
+    params = recipe.method.components.get("text_encoder")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise PeftrunError(
+            "method.text_encoder is a mapping of the method's parameters, e.g. {r: 8, lora_alpha: 32}",
+            where=_where(source, lines or {}, ("method", "text_encoder")),
+        )
+    params = {"target_modules": ["q_proj", "v_proj"], **params}
+    try:
+        config = method.Config.model_validate(params)
+    except ValidationError as err:
+        raise_validation_error(
+            err, schema=method.Config, source=source, lines=lines or {}, prefix=("method", "text_encoder")
+        )
+    check_values(config, source=source, lines=lines or {}, prefix=("method", "text_encoder"), max_abs=MAX_SIZE)
+    return config
 
 
 def recipe_from_dict(

@@ -11,8 +11,12 @@ SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
 CAUSAL_LM = "CAUSAL_LM"
 SEQ_CLS = "SEQ_CLS"
 TOKEN_CLS = "TOKEN_CLS"
+# Stable Diffusion components (diffusers UNet, CLIP text encoder, VAE, noise scheduler): peftrun/diffusion/
+TEXT_TO_IMAGE = "TEXT_TO_IMAGE"
 
-TASK_TYPES: tuple[str, ...] = (SEQ_2_SEQ_LM, CAUSAL_LM, SEQ_CLS, TOKEN_CLS)
+# The transformers tasks (one model, one auto class); every method trains these.
+LANGUAGE_TASKS: tuple[str, ...] = (SEQ_2_SEQ_LM, CAUSAL_LM, SEQ_CLS, TOKEN_CLS)
+TASK_TYPES: tuple[str, ...] = (*LANGUAGE_TASKS, TEXT_TO_IMAGE)
 
 # The label value cross-entropy skips (transformers' and torch's default): prompt tokens, padding, sub-words.
 IGNORE_INDEX = -100
@@ -37,6 +41,11 @@ def is_lm(task_type: str) -> bool:
 def has_label_names(task_type: str) -> bool:
     """Tasks with a fixed set of classes read from the data (a head with one output per class)."""
     return task_type in (SEQ_CLS, TOKEN_CLS)
+
+
+def is_diffusion(task_type: str | None) -> bool:
+    """Tasks on a diffusers pipeline's components rather than one transformers model."""
+    return task_type == TEXT_TO_IMAGE
 
 
 def auto_class(task_type: str):

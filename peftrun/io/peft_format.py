@@ -88,13 +88,17 @@ def resolved_fields(peft_model, name: str, body: dict[str, Any]) -> dict[str, An
 def write_adapter(
     tmp: Path, peft_model, name: str, base_model: str, tokenizer=None, recipe=None, state=None
 ) -> None:
-    """`state`: the adapter's tensors when the caller gathered them whole (sharded training)."""
+    """`state`: the adapter's tensors when the caller gathered them whole (sharded training). A model of
+    several components (TEXT_TO_IMAGE: peftrun/diffusion/adapted.py) writes one such folder per component."""
     if state is None:
         state = peft_model.adapter_state_dict(name)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    save_tensors(state, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    config = adapter_config_dict(peft_model, name, base_model)
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(scrub(config), indent=2, sort_keys=True) + "\n")
+    if hasattr(peft_model, "write_components"):
+        peft_model.write_components(tmp, name, base_model, state)
+    else:
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+        save_tensors(state, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        config = adapter_config_dict(peft_model, name, base_model)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(scrub(config), indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     if recipe is not None:

@@ -21,7 +21,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from peftrun.errors import PeftrunError, did_you_mean
-from peftrun.tasks import TASK_TYPES  # re-exported for callers that still import it from here
+from peftrun.tasks import LANGUAGE_TASKS
+from peftrun.tasks import TASK_TYPES as TASK_TYPES  # re-exported for callers that import it from here
 
 
 class MethodConfig(BaseModel):
@@ -70,7 +71,8 @@ class Method:
     # apply(peft_model, config, adapter_name): layer-wrapping methods return inject()'s Injected (what was
     # resolved from defaults); the config is left as it was given.
     apply: Callable[..., Any]
-    task_types: tuple[str, ...] = TASK_TYPES
+    # the transformers tasks by default; methods that adapt convolutions add TEXT_TO_IMAGE (tasks.TASK_TYPES)
+    task_types: tuple[str, ...] = LANGUAGE_TASKS
     forward: Callable[..., Any] | None = None
     generate: Callable[..., Any] | None = None
     state: Callable[..., dict] | None = None

@@ -37,7 +37,8 @@ class Injected:
 
 
 def model_type_of(model: nn.Module) -> str:
-    return getattr(model.config, "model_type", "?")
+    """The transformers model type ("?" for modules without one: a diffusers UNet, a plain nn.Module)."""
+    return getattr(getattr(model, "config", None), "model_type", None) or "?"
 
 
 def inject(
@@ -84,6 +85,7 @@ def inject(
         layers_pattern=config.layers_pattern,
         exclude_modules=config.exclude_modules,
         skip=modules_to_save_names(model, config, peft_model.task_type),
+        conv2d=layer.supports_conv2d,
     )
     if check is not None:
         check(names)

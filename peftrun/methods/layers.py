@@ -19,9 +19,13 @@ from peftrun.errors import PeftrunError
 
 
 def base_weight_shape(layer: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear, a GPT-2 Conv1D or an Embedding (num, dim)."""
+    """(out_features, in_features) of a Linear, a GPT-2 Conv1D, a Conv2d (channels) or an Embedding (num, dim)."""
     if isinstance(layer, nn.Linear):
         return layer.out_features, layer.in_features
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise PeftrunError(f"cannot adapt a grouped Conv2d (groups={layer.groups}): only groups=1 is supported")
+        return layer.out_channels, layer.in_channels
     if isinstance(layer, Conv1D):
         in_features, out_features = layer.weight.shape
         return out_features, in_features
@@ -80,6 +84,8 @@ class AdapterLayer(nn.Module):
     """A frozen `base_layer` plus adapters keyed by name; subclasses add the maths."""
 
     adapter_attrs: tuple[str, ...] = ()
+    # Whether the method can wrap an nn.Conv2d (LoRA, LoHa, LoKr); inject() refuses Conv2d targets otherwise.
+    supports_conv2d: bool = False
 
     def __init__(self, base_layer: nn.Module, shape: tuple[int, int] | None = None):
         """shape: (out, in) where the base is no single Linear/Conv1D (an attention block); else its weight's."""
@@ -88,6 +94,8 @@ class AdapterLayer(nn.Module):
         self.out_features, self.in_features = shape or base_weight_shape(base_layer)
         # GPT-2's Conv1D stores its weight as (in, out): a "fan_in_fan_out" layer.
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        # A Conv2d's weight is (out, in, kh, kw); the methods that adapt one (supports_conv2d) say how.
+        self.is_conv = isinstance(base_layer, nn.Conv2d)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -103,7 +111,8 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError  # pragma: no cover - abstract
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """The (out, in) weight update of adapter `name`; methods that cannot merge keep this error."""
+        """The (out, in) weight update of adapter `name` (a Conv2d's: the weight's own shape, (out, in, kh, kw));
+        methods that cannot merge keep this error."""
         raise PeftrunError(f"{type(self).__name__} cannot be merged into the base weights")
 
     # -- shared plumbing ---------------------------------------------------------------------

@@ -10,6 +10,10 @@ W2 becomes low rank, W2 = W2a W2b (rank r), when r < max(b, d) / 2; with decompo
 base; "lycoris" zeroes W2 (or W2b) instead; False keeps every factor random. rank_dropout (rescaled by
 1 / mean(mask) with rank_dropout_scale) and module_dropout as in `lycoris.py`. peft keys: `lokr_w1`,
 `lokr_w2`, or `lokr_w1_a`/`lokr_w1_b`, `lokr_w2_a`/`lokr_w2_b`. Merge: W <- W + ΔW.
+
+On a Conv2d (out, in, kh, kw) the kernel goes with W2: a full W2 ∈ R^{b×d×kh×kw} (W1 broadcast over the
+kernel), or low rank W2 = W2a W2b with W2b ∈ R^{r×d·kh·kw}, or with use_effective_conv2d (kernel over
+1x1) W2 = T2 ×₁ W2a ×₂ W2b from a core T2 ∈ R^{r×r×kh×kw}, W2a ∈ R^{r×b}, W2b ∈ R^{r×d} (peft key `lokr_t2`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 from peftrun.methods import Method
 from peftrun.methods.inject import Injected
 from peftrun.methods.lycoris import LycorisConfig, LycorisLayer, apply_lycoris
+from peftrun.tasks import TASK_TYPES
 
 
 class LoKrConfig(LycorisConfig):
@@ -55,7 +60,7 @@ def factorize(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 class LoKrLayer(LycorisLayer):
-    adapter_attrs = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    adapter_attrs = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
     def __init__(self, base_layer: nn.Module, name: str = ""):
         super().__init__(base_layer, name)
@@ -75,11 +80,17 @@ class LoKrLayer(LycorisLayer):
             self.lokr_w1_b[name] = self.new_factor(r, c)
         else:
             self.lokr_w1[name] = self.new_factor(a, c, zero=zero_w1)
-        if r < max(b, d) / 2:
-            self.lokr_w2_a[name] = self.new_factor(b, r)
+        kh, kw = self.kernel
+        if r >= max(b, d) / 2:
+            kernel = (kh, kw) if self.is_conv else ()
+            self.lokr_w2[name] = self.new_factor(b, d, *kernel, zero=zero_w2)
+        elif self.effective_conv2d(config):
+            self.lokr_t2[name] = self.new_factor(r, r, kh, kw)
+            self.lokr_w2_a[name] = self.new_factor(r, b)
             self.lokr_w2_b[name] = self.new_factor(r, d, zero=zero_w2)
         else:
-            self.lokr_w2[name] = self.new_factor(b, d, zero=zero_w2)
+            self.lokr_w2_a[name] = self.new_factor(b, r)
+            self.lokr_w2_b[name] = self.new_factor(r, d * kh * kw, zero=zero_w2)
 
     def _factor(self, name: str, which: str) -> torch.Tensor:
         full = getattr(self, f"lokr_{which}")
@@ -88,7 +99,14 @@ class LoKrLayer(LycorisLayer):
         return getattr(self, f"lokr_{which}_a")[name] @ getattr(self, f"lokr_{which}_b")[name]
 
     def make_delta(self, name: str) -> torch.Tensor:
-        return torch.kron(self._factor(name, "w1"), self._factor(name, "w2"))
+        w1 = self._factor(name, "w1")
+        if name in self.lokr_t2:  # the CP form of W2: (b, d, kh, kw)
+            w2 = torch.einsum("abkl,ao,bi->oikl", self.lokr_t2[name], self.lokr_w2_a[name], self.lokr_w2_b[name])
+        else:
+            w2 = self._factor(name, "w2")
+        if w2.dim() == 4:  # a kernel-shaped W2: W1 repeats over the kernel positions
+            w1 = w1[:, :, None, None]
+        return torch.kron(w1, w2)
 
     def rescales_rank_dropout(self, name: str) -> bool:
         return self.rescale[name]
@@ -104,6 +122,7 @@ METHOD = Method(
     kind="reparameterisation",
     summary="Kronecker-product update W1⊗W2 (optionally low-rank factors) added to frozen weights (LyCORIS)",
     mergeable=True,
+    task_types=TASK_TYPES,
     Config=LoKrConfig,
     apply=apply,
 )

@@ -10,6 +10,9 @@ into a learned magnitude m (one per output feature) and a direction:
     W' = m · (W + s B A) / ||W + s B A||_row,   the norm detached as in the paper (sec. 4.3).
 
 Merge: W <- W + s B A (LoRA) or W <- W' (DoRA).
+
+On a Conv2d (peft's layout): A is a Conv2d in -> r with the base's kernel, stride and padding, B a 1x1
+Conv2d r -> out, so ΔW[o, i, :, :] = s Σ_k B[o, k] A[k, i, :, :]. DoRA is not offered on convolutions.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from peftrun.errors import PeftrunError
 from peftrun.methods import Method, TunerConfig, lora_kernels
 from peftrun.methods.inject import Injected, inject
 from peftrun.methods.layers import AdapterLayer
 from peftrun.methods.targets import LORA_TARGETS
+from peftrun.tasks import TASK_TYPES
 
 
 class LoraConfig(TunerConfig):
@@ -55,6 +60,7 @@ def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
 
 class LoraLayer(AdapterLayer):
     adapter_attrs = ("lora_A", "lora_B", "lora_magnitude_vector")
+    supports_conv2d = True
     # The fused update of lora_kernels.py where it is exact; False (per layer, on the class, or for one
     # model through `use_fused(model, False)`, which a recipe's training.fused_lora: false asks for) runs
     # the plain modules.
@@ -76,8 +82,19 @@ class LoraLayer(AdapterLayer):
         self.r[name] = r
         self.scaling[name] = lora_scaling(alpha, r, config.use_rslora)
         kw = self.adapter_tensor_kwargs()
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)
+        if self.is_conv:
+            if config.use_dora:
+                raise PeftrunError(
+                    f"DoRA is not supported on the Conv2d '{self.module_name}'", where="method.use_dora"
+                )
+            base = self.base_layer
+            self.lora_A[name] = nn.Conv2d(
+                self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False, **kw
+            )
+            self.lora_B[name] = nn.Conv2d(r, self.out_features, 1, 1, bias=False, **kw)
+        else:
+            self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
+            self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.reset(name, config.init_lora_weights)
         if config.use_dora:
@@ -98,6 +115,9 @@ class LoraLayer(AdapterLayer):
         nn.init.zeros_(self.lora_B[name].weight)
 
     def delta_weight(self, name: str) -> torch.Tensor:
+        if self.is_conv:  # B (out, r, 1, 1) times A (r, in, kh, kw) over r
+            b, a = self.lora_B[name].weight, self.lora_A[name].weight
+            return torch.einsum("or,rikl->oikl", b.flatten(1), a) * self.scaling[name]
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
         if name in self.lora_magnitude_vector:
             w = self.base_weight().to(delta.dtype)
@@ -112,7 +132,7 @@ class LoraLayer(AdapterLayer):
 
     def _fast_dropout(self, name: str) -> float | None:
         """The dropout rate the fused path applies, or None where it does not apply (DoRA, other modules)."""
-        if not self.fast_path or name in self.lora_magnitude_vector:
+        if not self.fast_path or self.is_conv or name in self.lora_magnitude_vector:
             return None
         dropout = self.lora_dropout[name]
         if type(dropout) is nn.Identity:
@@ -169,6 +189,7 @@ METHOD = Method(
     kind="reparameterisation",
     summary="low-rank update B·A added to frozen weights (rsLoRA scaling and DoRA magnitude/direction options)",
     mergeable=True,
+    task_types=TASK_TYPES,
     Config=LoraConfig,
     apply=apply,
 )

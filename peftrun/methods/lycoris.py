@@ -6,6 +6,11 @@ regularisers from LyCORIS:
     1 / mean(mask) where the method asks for it);
   - module_dropout: with probability p a training step skips the adapter of a layer altogether.
 Merge folds ΔW into the base weight (AdapterLayer.merge); unmerge restores it exactly.
+
+On a Conv2d (out, in, kh, kw) the update is built as an (out, in·kh·kw) matrix and reshaped to the
+weight's shape, or, with use_effective_conv2d on a kernel larger than 1x1, from a (r, r, kh, kw) core
+tensor (peft's `*_t1`/`*_t2`, a CP decomposition); the layer then adds conv2d(x, ΔW) with the base's
+stride, padding and dilation.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class LycorisConfig(TunerConfig):
     alpha: float = Field(default=8, gt=0)
     rank_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     module_dropout: float = Field(default=0.0, ge=0.0, le=1.0)
-    use_effective_conv2d: bool = False  # only changes Conv2d layers, which peftrun does not adapt
+    use_effective_conv2d: bool = False  # Conv2d layers with a kernel over 1x1: a CP core per factor
     init_weights: bool = True
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
@@ -39,16 +44,20 @@ class LycorisConfig(TunerConfig):
 class LycorisLayer(AdapterLayer):
     """A layer whose adapter is a full (out, in) update built by `make_delta`; dropout as above."""
 
+    supports_conv2d = True
+
     def __init__(self, base_layer: nn.Module, name: str = ""):
         super().__init__(base_layer)
         self.module_name = name
+        # (kh, kw) of a Conv2d base, else (1, 1): the update's columns are in·kh·kw (the unrolled kernel).
+        self.kernel: tuple[int, int] = tuple(base_layer.kernel_size) if self.is_conv else (1, 1)
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.rank_dropout: dict[str, float] = {}
         self.module_dropout: dict[str, float] = {}
 
     def make_delta(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
-        """The method's unscaled (out, in) update."""
+        """The method's unscaled update: (out, in·kh·kw), or a Conv2d weight's own shape."""
         raise NotImplementedError
 
     def add_adapter(self, name: str, config: LycorisConfig) -> None:
@@ -63,6 +72,10 @@ class LycorisLayer(AdapterLayer):
 
     def create_factors(self, name: str, config: LycorisConfig) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def effective_conv2d(self, config: LycorisConfig) -> bool:
+        """Whether this layer's factors take a CP core: use_effective_conv2d on a kernel over 1x1."""
+        return self.is_conv and config.use_effective_conv2d and self.kernel != (1, 1)
 
     def rescales_rank_dropout(self, name: str) -> bool:
         """Whether rows kept by rank_dropout are scaled by 1 / mean(mask) (LoHa always; LoKr on request)."""
@@ -79,11 +92,13 @@ class LycorisLayer(AdapterLayer):
 
     def delta_weight(self, name: str, *, rank_dropout: bool = False) -> torch.Tensor:
         delta = self.make_delta(name) * self.scaling[name]
+        if self.is_conv:
+            delta = delta.reshape(self.base_layer.weight.shape)
         if rank_dropout:
             keep = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout[name]).to(delta.dtype)
             if self.rescales_rank_dropout(name):
                 keep = keep / keep.mean().clamp_min(1e-12)  # all rows dropped: ΔW = 0
-            delta = delta * keep.unsqueeze(1)
+            delta = delta * keep.view(-1, *[1] * (delta.dim() - 1))
         return delta
 
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
@@ -92,6 +107,12 @@ class LycorisLayer(AdapterLayer):
             return result
         drop = self.training and self.rank_dropout[name] > 0
         delta = self.delta_weight(name, rank_dropout=drop)
+        if self.is_conv:
+            base = self.base_layer
+            update = nn.functional.conv2d(
+                x.to(delta.dtype), delta, stride=base.stride, padding=base.padding, dilation=base.dilation
+            )
+            return result + update.to(result.dtype)
         return result + nn.functional.linear(x.to(delta.dtype), delta).to(result.dtype)
 
 

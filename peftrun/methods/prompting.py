@@ -30,9 +30,9 @@ from peftrun.methods.layers import gathered
 from peftrun.tasks import (
     CAUSAL_LM,
     IGNORE_INDEX,
+    LANGUAGE_TASKS,
     SEQ_2_SEQ_LM,
     SEQ_CLS,
-    TASK_TYPES,
     TOKEN_CLS,
     has_label_names,
     is_lm,
@@ -366,7 +366,7 @@ def soft_prompt_method(**fields: Any) -> Method:
     defaults: dict[str, Any] = dict(
         kind="soft prompt",
         mergeable=False,
-        task_types=TASK_TYPES,
+        task_types=LANGUAGE_TASKS,
         forward=forward,
         generate=generate,
         state=state,

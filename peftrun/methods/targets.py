@@ -125,7 +125,10 @@ def default_targets(
     return list(table[model_type])
 
 
-def is_adaptable(module: nn.Module) -> bool:
+def is_adaptable(module: nn.Module, conv2d: bool = False) -> bool:
+    """A Linear or GPT-2 Conv1D; with `conv2d` (methods that adapt convolutions) an ungrouped nn.Conv2d too."""
+    if conv2d and isinstance(module, nn.Conv2d) and module.groups == 1:
+        return True
     return isinstance(module, (nn.Linear, Conv1D))
 
 
@@ -179,8 +182,11 @@ def find_targets(
     exclude_modules: str | Sequence[str] | None = None,
     skip: Sequence[str] = (),
     require_adaptable: bool = True,
+    conv2d: bool = False,
 ) -> list[str]:
-    """Module paths to adapt, or a PeftrunError listing the candidates when nothing matches."""
+    """Module paths to adapt, or a PeftrunError listing the candidates when nothing matches.
+
+    conv2d: the method adapts nn.Conv2d layers too (LoRA, LoHa, LoKr on a diffusion UNet)."""
     if target_modules == "all-linear":
         target_modules = all_linear_names(model)
     layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
@@ -198,14 +204,15 @@ def find_targets(
             continue
         if layers is not None and _layer_index(name, patterns) not in layers:
             continue
-        if require_adaptable and not is_adaptable(module):
+        if require_adaptable and not is_adaptable(module, conv2d):
+            kinds = "Linear, Conv1D and (ungrouped) Conv2d" if conv2d else "Linear and Conv1D"
             raise PeftrunError(
-                f"target module '{name}' is a {type(module).__name__}; only Linear and Conv1D layers can be adapted",
+                f"target module '{name}' is a {type(module).__name__}; only {kinds} layers can be adapted",
                 where="method.target_modules",
             )
         found.append(name)
     if not found:
-        candidates = sorted({n.split(".")[-1] for n, m in model.named_modules() if is_adaptable(m)})
+        candidates = sorted({n.split(".")[-1] for n, m in model.named_modules() if is_adaptable(m, conv2d)})
         raise PeftrunError(
             f"target_modules {target_modules!r} match no module of this model",
             where="method.target_modules",

@@ -15,6 +15,7 @@ from peftrun.data import load_splits
 from peftrun.errors import PeftrunError
 from peftrun.io.outputs import is_empty_for_a_run, refuse_protected, user_path
 from peftrun.models import load_model, load_tokenizer
+from peftrun.tasks import is_diffusion
 from peftrun.training.engines import Engine, engine_for, make_accelerator
 from peftrun.training.hooks import Hooks
 from peftrun.training.objectives import Objective, make_objective
@@ -53,6 +54,10 @@ def output_path(recipe) -> Path:
 def build(recipe, objective: Objective | None = None):
     """Tokenizer, data splits, label names and the adapted model, as the recipe and its objective describe them."""
     objective = objective or make_objective(recipe)
+    if is_diffusion(recipe.model.task_type):  # a pipeline's components, not one transformers model
+        from peftrun.training.objectives.diffusion import build_pipeline
+
+        return build_pipeline(recipe)
     tokenizer = load_tokenizer(recipe.model)
     splits = load_splits(recipe.data, recipe.training.seed)
     label_names = objective.find_label_names(splits)

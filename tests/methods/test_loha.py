@@ -75,8 +75,12 @@ def test_default_init_starts_from_the_base():
     assert torch.count_nonzero(layer.delta_weight("default")) == 0
 
 
-def test_refuses_conv2d():
-    oracle.check_refuses_conv2d("loha")
+def test_adapts_conv2d():
+    # Conv2d layers are adapted as peft adapts them: tests/methods/test_conv2d.py compares them with peft
+    net = oracle.conv_net()
+    cfg = oracle.get_method("loha").Config.model_validate({"target_modules": ["0"]})
+    trainable, _ = oracle.wrap(net, "CAUSAL_LM", "loha", cfg).parameter_counts()
+    assert trainable > 0
 
 
 def test_recipes_validate_and_count_as_peft():

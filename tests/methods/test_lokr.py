@@ -122,8 +122,12 @@ def test_merge_equals_unmerged_and_unmerge_is_exact(arch, task, config):
     oracle.check_merge("lokr", arch, task, {"init_weights": False, **config})
 
 
-def test_refuses_conv2d():
-    oracle.check_refuses_conv2d("lokr")
+def test_adapts_conv2d():
+    # Conv2d layers are adapted as peft adapts them: tests/methods/test_conv2d.py compares them with peft
+    net = oracle.conv_net()
+    cfg = oracle.get_method("lokr").Config.model_validate({"target_modules": ["0"]})
+    trainable, _ = oracle.wrap(net, "CAUSAL_LM", "lokr", cfg).parameter_counts()
+    assert trainable > 0
 
 
 def test_recipes_validate_and_count_as_peft():

@@ -6,6 +6,7 @@ takes the adapted model and a batch and returns the loss and the metrics to log,
     dpo         direct preference optimisation against the same base with the adapter off (sigmoid, IPO)
     orpo        odds-ratio preference optimisation: chosen NLL minus lambda * log sigmoid(log odds ratio)
     grpo        group-relative policy optimisation on prompts, rewarded by rules and saved classifiers
+    diffusion   DreamBooth on a TEXT_TO_IMAGE pipeline: denoising loss with prior preservation
 
 A method's own training term (AdaLoRA's orthogonality regulariser) is added to every objective's loss here,
 once. Adding a way of learning = one module with an Objective subclass (its data, loss and evaluation) and one
@@ -114,6 +115,7 @@ OBJECTIVES: dict[str, str] = {
     "dpo": "peftrun.training.objectives.dpo",
     "orpo": "peftrun.training.objectives.orpo",
     "grpo": "peftrun.training.objectives.grpo",
+    "diffusion": "peftrun.training.objectives.diffusion",
 }
 
 
