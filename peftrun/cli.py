@@ -144,7 +144,6 @@ def merge(
 
     if is_diffusion_adapter(adapter):
         from peftrun.diffusion.images import merge_to_pipeline
-
         from peftrun.io.outputs import check_output_folder
 
         if output is None:
