@@ -184,16 +184,31 @@ def combine(
     rank: int | None = None,
     density: float = 0.5,
     seed: int = 0,
+    majority_sign_method: str = "total",
+    svd_clamp: float | None = None,
     overwrite: bool = False,
 ) -> Combined:
     """Combine LoRA adapters {name: (folder, weight)} (or [(folder, weight), ...]) into a new adapter folder.
 
-    method: linear, cat, svd, ties, dare_linear or dare_ties (see peftrun.combination for each one's equation).
+    method: peft's names, meaning what peft's add_weighted_adapter means by them (linear, cat, svd, ties,
+    ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd;
+    rank is peft's svd_rank), or peftrun's own formulas (linear_factors, ties_delta, dare_linear_delta,
+    dare_ties_delta). See peftrun.combination for each one's equation.
     """
     from peftrun.combination import combine as run
 
     pairs = list(adapters.values()) if isinstance(adapters, Mapping) else list(adapters)
-    return run(pairs, output, method=method, rank=rank, density=density, seed=seed, overwrite=overwrite)
+    return run(
+        pairs,
+        output,
+        method=method,
+        rank=rank,
+        density=density,
+        seed=seed,
+        majority_sign_method=majority_sign_method,
+        svd_clamp=svd_clamp,
+        overwrite=overwrite,
+    )
 
 
 # ------------------------------------------------------------------ training: wrap a model, or train a recipe

@@ -531,10 +531,26 @@ def combine(
         list[str], typer.Option("--adapter", help="a LoRA adapter and its weight: DIR:0.7 or name=DIR:0.7 (repeat)")
     ],
     output: Annotated[Path, typer.Option("--output", help="the new adapter folder")],
-    method: Annotated[str, typer.Option("--method", help="linear, cat, svd, ties, dare_linear, dare_ties")] = "cat",
-    rank: Annotated[int | None, typer.Option("--rank", help="rank of the result for svd, ties, dare_*")] = None,
-    density: Annotated[float, typer.Option("--density", help="share of entries ties/dare keep")] = 0.5,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="peft's names, meaning what they mean in peft's add_weighted_adapter: linear, cat, svd, ties, "
+            "ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, "
+            "magnitude_prune_svd; peftrun's own: linear_factors, ties_delta, dare_linear_delta, dare_ties_delta",
+        ),
+    ] = "cat",
+    rank: Annotated[
+        int | None, typer.Option("--rank", help="rank of the result for svd, *_svd (peft's svd_rank), *_delta")
+    ] = None,
+    density: Annotated[float, typer.Option("--density", help="share of entries ties/dare/magnitude_prune keep")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="seed of DARE's random drop")] = 0,
+    majority_sign: Annotated[
+        str, typer.Option("--majority-sign", help="ties/dare_ties sign election: total or frequency")
+    ] = "total",
+    svd_clamp: Annotated[
+        float | None, typer.Option("--svd-clamp", help="svd/*_svd: clamp the factors at this quantile")
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="replace an --output folder that a peftrun merge or combine wrote")
     ] = False,
@@ -547,7 +563,17 @@ def combine(
     for spec in adapter:
         _, folder, weight = parse_adapter_spec(spec, with_weight=True)
         pairs.append((folder, 1.0 if weight is None else weight))
-    result = run(pairs, output, method=method, rank=rank, density=density, seed=seed, overwrite=overwrite)
+    result = run(
+        pairs,
+        output,
+        method=method,
+        rank=rank,
+        density=density,
+        seed=seed,
+        majority_sign_method=majority_sign,
+        svd_clamp=svd_clamp,
+        overwrite=overwrite,
+    )
     ranks = sorted(set(result.ranks.values()))
     typer.echo(
         f"combined {len(pairs)} adapters with {method} into {result.folder}: {len(result.ranks)} modules, "
