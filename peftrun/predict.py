@@ -1,5 +1,6 @@
 """`peftrun eval` and `peftrun predict`: a saved adapter (or the bare base model) on the recipe's eval
-split, or on an unlabelled file whose predictions are written as csv or jsonl, atomically."""
+split, or on an unlabelled file whose predictions are written as csv, tsv or jsonl (or, for token
+classification, as a CoNLL file: each word and its predicted tag), atomically."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftrun.checkpoint import read_recipe_copy
+from peftrun.conll import is_conll, write_conll
 from peftrun.data import (
     EXTENSIONS,
     Collator,
@@ -28,8 +30,9 @@ from peftrun.errors import PeftrunError
 from peftrun.evaluate import EvalResult, evaluate, generate_texts, make_constraint
 from peftrun.merge import load_adapted
 from peftrun.models import load_model, load_tokenizer
+from peftrun.tasks import TOKEN_CLS
 
-OUTPUT_FORMATS = (".csv", ".jsonl", ".tsv")
+OUTPUT_FORMATS = (".csv", ".jsonl", ".tsv", ".conll")
 PREDICTION_COLUMN = "prediction"
 
 
@@ -109,12 +112,18 @@ def run_eval(recipe, adapter: str | Path | None, *, allow_pickle: bool = False) 
 # ------------------------------------------------------------------ predict
 
 
-def _check_output(path: Path) -> None:
+def _check_output(path: Path, task: str) -> None:
     if path.suffix.lower() not in OUTPUT_FORMATS:
         raise PeftrunError(
             f"cannot write '{path.suffix}' files",
             where=f"--output ({path})",
             hint=f"name the output with one of {', '.join(OUTPUT_FORMATS)}",
+        )
+    if path.suffix.lower() == ".conll" and task != TOKEN_CLS:
+        raise PeftrunError(
+            f"a .conll output holds one tag per word: token classification only, not {task}",
+            where=f"--output ({path})",
+            hint="name the output .csv, .tsv or .jsonl",
         )
     if path.is_dir():
         raise PeftrunError("the output is a folder; give a file name", where=f"--output ({path})")
@@ -210,14 +219,16 @@ def run_predict(
     allow_pickle: bool = False,
     batch_size: int | None = None,
 ) -> int:
-    """Predict every row of `input_path`; write its columns plus `prediction` to `output_path`."""
+    """Predict every row of `input_path`; write its columns plus `prediction` to `output_path`
+    (a .conll output: each word as the input has it, TAB, its predicted tag; a blank line after each sentence)."""
     output_path = Path(output_path)
-    _check_output(output_path)
-    if Path(input_path).suffix.lower() not in EXTENSIONS:
+    _check_output(output_path, recipe.model.task_type)
+    if Path(input_path).suffix.lower() not in EXTENSIONS and not is_conll(input_path, recipe.data):
+        token_hint = ", or CoNLL (.conll, .txt, none)" if recipe.model.task_type == TOKEN_CLS else ""
         raise PeftrunError(
             f"cannot read '{Path(input_path).suffix}' files",
             where=f"--input ({input_path})",
-            hint=f"use one of {', '.join(EXTENSIONS)}",
+            hint=f"use one of {', '.join(EXTENSIONS)}{token_hint}",
         )
     ds = load_file(input_path, "--input", recipe.data, strict=False)
     check_columns(ds, recipe.data, f"--input ({Path(input_path).name})", with_label=False)
@@ -225,6 +236,9 @@ def run_predict(
     size = batch_size or recipe.training.eval_batch_size or recipe.training.batch_size
     with autocast(recipe):
         preds = predict_rows(recipe, model, tokenizer, label_names, ds, size)
+    if output_path.suffix.lower() == ".conll":
+        write_conll(ds[recipe.data.tokens_column], preds, output_path)
+        return len(preds)
     rows = [{**row, PREDICTION_COLUMN: pred} for row, pred in zip(ds, preds)]
     write_rows(rows, output_path)
     return len(rows)

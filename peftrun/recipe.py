@@ -78,7 +78,7 @@ class DataSection(Section):
     train_split: str = "train"
     eval_split: str | None = None
     test_split: str | None = None
-    format: Literal["plain", "alpaca", "chat", "tokens", "text"] = "plain"
+    format: Literal["plain", "alpaca", "chat", "tokens", "text", "conll"] = "plain"
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
@@ -107,6 +107,10 @@ class DataSection(Section):
     # multitask prompt tuning: the column holding each row's task (an id 0..num_tasks-1, or a name in task_names)
     task_column: str | None = None
     task_names: list[str] | None = None
+    # token classification: a prefix stripped from each token that has it (WikiANN's "en:"); and, reading CoNLL
+    # files, an I-X after neither B-X nor I-X: an error naming the line (check), read as B-X (repair), or allowed (off)
+    token_prefix: str | None = None
+    bio: Literal["check", "repair", "off"] = "check"
 
     @field_validator("verbalizer", "columns", mode="before")
     @classmethod

@@ -110,6 +110,7 @@ _MODULES: dict[str, str] = {
     "ia3": "peftrun.methods.ia3",
     "loha": "peftrun.methods.loha",
     "lokr": "peftrun.methods.lokr",
+    "full": "peftrun.methods.full",
 }
 
 
