@@ -277,3 +277,32 @@ def test_full_fine_tuning_trains_every_parameter_and_saves_the_whole_model(tagge
     assert diff <= 1e-5
     plain = AutoModelForTokenClassification.from_pretrained(folder)
     assert torch.equal(plain.state_dict()[emb], saved[f"base_model.model.{emb}"])
+
+
+def test_full_fine_tuning_resumes_exactly(tagged):
+    """A full fine-tuning run that fails mid-way resumes from its last checkpoint to the same final model."""
+    from faults import FaultHooks
+    from safetensors.torch import load_file as load_tensors
+
+    from peftrun.training.loop import train
+
+    tmp_path, _, _ = tagged
+
+    def recipe(name: str):
+        return recipe_from_dict(_recipe(tmp_path / "bert", tmp_path, tmp_path / name, {"name": "full"},
+                                        learning_rate=2e-3, num_epochs=2, save_steps=4, logging_steps=5))
+
+    train(recipe("full-reference"))  # 96 sentences / 8 = 12 steps an epoch, 24 in all
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(recipe("full-failed"), hooks=FaultHooks("after_step:10:fail"))
+    train(recipe("full-failed"), resume=True)  # from step-000008
+    want = load_tensors(str(tmp_path / "full-reference" / "adapter_model.safetensors"))
+    got = load_tensors(str(tmp_path / "full-failed" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    assert max((got[k].float() - want[k].float()).abs().max().item() for k in want) <= 1e-6
+
+    def logged(name: str) -> list[tuple]:
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], round(r["loss"], 6)) for r in map(json.loads, lines) if "loss" in r]
+
+    assert logged("full-failed") == logged("full-reference")  # steps 5, 10, 15, 20, once each
