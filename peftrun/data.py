@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from peftrun.conll import CONLL_SUFFIXES, conll_dataset, is_conll
 from peftrun.errors import PeftrunError
 from peftrun.prompts import (
+    TOKEN_FORMATS,
     chat_texts,
     source_columns,
     source_text,
@@ -78,13 +80,16 @@ def datasets_cache(folder: Path) -> Iterator[Path]:
 
 def load_file(path: str | Path, where: str, data_cfg=None, *, strict: bool = True):
     """One local file as a `datasets.Dataset`, with the recipe's column mapping applied
-    (strict=False: mapped columns the file lacks, such as the label of an unlabelled split, are skipped)."""
+    (strict=False: mapped columns the file lacks, such as the label of an unlabelled split, are skipped).
+    A CoNLL token file (peftrun.conll) gives the recipe's tokens and tags columns; strict=False: tags optional."""
     import datasets
 
     datasets.disable_progress_bars()
     path = Path(path)
     if not path.is_file():
         raise PeftrunError("data file not found", where=f"{where} ({path})")
+    if data_cfg is not None and is_conll(path, data_cfg):
+        return conll_dataset(path, data_cfg, labelled=True if strict else None)
     suffix = file_suffix(path)
     kind = EXTENSIONS.get(suffix)
     if kind is None:
@@ -206,9 +211,11 @@ def map_columns(ds, data_cfg, where: str, *, strict: bool = True):
     return ds.rename_columns(renames) if renames else ds
 
 
-def _find_split_file(folder: Path, split: str) -> Path | None:
+def _find_split_file(folder: Path, split: str, data_cfg=None) -> Path | None:
+    fmt = getattr(data_cfg, "format", None)
+    suffixes = CONLL_SUFFIXES if fmt == "conll" else (*EXTENSIONS, *CONLL_SUFFIXES) if fmt == "tokens" else EXTENSIONS
     for stem in SPLIT_NAMES[split]:
-        for ext in EXTENSIONS:
+        for ext in suffixes:
             candidate = folder / f"{stem}{ext}"
             if candidate.is_file():
                 return candidate
@@ -228,10 +235,11 @@ def _load_sources(data_cfg):
         if local.is_file():
             train = load_file(local, "data.path", data_cfg)
         elif local.is_dir():
-            files = {s: _find_split_file(local, s) for s in SPLIT_NAMES}
+            files = {s: _find_split_file(local, s, data_cfg) for s in SPLIT_NAMES}
             if files["train"] is None:
+                conll = " or a CoNLL train/train.conll/train.txt" if data_cfg.format in TOKEN_FORMATS else ""
                 raise PeftrunError(
-                    "no train file (train.csv/.tsv/.json/.jsonl/.parquet) in this folder",
+                    f"no train file (train.csv/.tsv/.json/.jsonl/.parquet{conll}) in this folder",
                     where=f"data.path ({local})",
                     hint="or name the files with data.train_file / data.eval_file",
                 )
@@ -250,7 +258,8 @@ def _load_sources(data_cfg):
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or file_suffix(Path(name)) in EXTENSIONS or name.count("/") > 1
+    suffix = file_suffix(Path(name))
+    return name.startswith((".", "/", "~")) or suffix in EXTENSIONS or suffix == ".conll" or name.count("/") > 1
 
 
 def load_splits(data_cfg, seed: int) -> Splits:
@@ -357,7 +366,7 @@ def label_names_for(splits: Splits, data_cfg) -> list[str]:
         return list(data_cfg.label_names)
     if data_cfg.verbalizer:
         return list(dict.fromkeys(data_cfg.verbalizer.values()))
-    if data_cfg.format == "tokens":
+    if data_cfg.format in TOKEN_FORMATS:
         seen = {t for tags in splits.train[data_cfg.tags_column] for t in tags}
     else:
         seen = set(splits.train[data_cfg.label_column])
@@ -414,8 +423,10 @@ def tokenize_split(
             out["labels"] = class_index(row[data_cfg.label_column], "data.label_names")
         return out
 
+    prefix = data_cfg.token_prefix or ""
+
     def token_cls(row: dict) -> dict:
-        words = [str(w) for w in row[data_cfg.tokens_column]]
+        words = [str(w).removeprefix(prefix) if prefix else str(w) for w in row[data_cfg.tokens_column]]
         enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_len)
         # the first sub-token of each word carries its tag; the rest and special tokens are ignored
         first, previous = [], None
@@ -489,12 +500,12 @@ def tokenize_split(
             f"data.format 'text' (language modelling on whole texts) is for {CAUSAL_LM}, not {task_type}",
             where="data.format",
         )
-    if (task_type == TOKEN_CLS) != (data_cfg.format == "tokens"):
+    if (task_type == TOKEN_CLS) != (data_cfg.format in TOKEN_FORMATS):
         raise PeftrunError(
             f"task_type {task_type} with data.format '{data_cfg.format}' does not fit",
             where="data.format",
-            hint="token classification reads pre-split words and their tags: data.format: tokens with "
-            f"task_type: {TOKEN_CLS}, and only then",
+            hint="token classification reads pre-split words and their tags: data.format: tokens (or conll) "
+            f"with task_type: {TOKEN_CLS}, and only then",
         )
     fn = {SEQ_CLS: seq_cls, TOKEN_CLS: token_cls, SEQ_2_SEQ_LM: seq2seq, CAUSAL_LM: causal}[task_type]
     fn = with_task_ids(fn, ds, data_cfg)

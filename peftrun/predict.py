@@ -1,5 +1,6 @@
 """`peftrun eval` and `peftrun predict`: a saved adapter (or the bare base model) on the recipe's eval
-split, or on an unlabelled file whose predictions are written as csv or jsonl, atomically."""
+split, or on an unlabelled file whose predictions are written as csv, tsv or jsonl (or, for token
+classification, as a CoNLL file: each word and its predicted tag), atomically."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from peftrun.conll import is_conll, write_conll
 from peftrun.data import (
     EXTENSIONS,
     Collator,
@@ -29,7 +31,7 @@ from peftrun.io.rows import write_rows
 from peftrun.models import load_model, load_tokenizer
 from peftrun.tasks import SEQ_CLS, TOKEN_CLS, has_label_names, is_lm
 
-OUTPUT_FORMATS = (".csv", ".jsonl", ".tsv")
+OUTPUT_FORMATS = (".csv", ".jsonl", ".tsv", ".conll")
 PREDICTION_COLUMN = "prediction"
 
 
@@ -135,12 +137,18 @@ def finite_metrics(result: EvalResult, recipe, adapter: str | Path | None) -> Ev
 # ------------------------------------------------------------------ predict
 
 
-def _check_output(path: Path) -> None:
+def _check_output(path: Path, task: str) -> None:
     if path.suffix.lower() not in OUTPUT_FORMATS:
         raise PeftrunError(
             f"cannot write '{path.suffix}' files",
             where=f"--output ({path})",
             hint=f"name the output with one of {', '.join(OUTPUT_FORMATS)}",
+        )
+    if path.suffix.lower() == ".conll" and task != TOKEN_CLS:
+        raise PeftrunError(
+            f"a .conll output holds one tag per word: token classification only, not {task}",
+            where=f"--output ({path})",
+            hint="name the output .csv, .tsv or .jsonl",
         )
     if path.is_dir():
         raise PeftrunError("the output is a folder; give a file name", where=f"--output ({path})")
@@ -211,17 +219,19 @@ def run_predict(
     batch_size: int | None = None,
 ) -> int:
     """Predict every row of `input_path`; write its columns plus `prediction` to `output_path` (io.outputs'
-    policy: replaced atomically when it exists; never the input, a folder, or a protected folder)."""
+    policy: replaced atomically when it exists; never the input, a folder, or a protected folder; a .conll
+    output: each word as the input has it, TAB, its predicted tag; a blank line after each sentence)."""
     input_path = user_path(input_path)
     adapter = user_path(adapter) if adapter is not None else None
     output_path = user_path(output_path)
-    _check_output(output_path)
+    _check_output(output_path, recipe.model.task_type)
     check_output_file(output_path, where=f"--output ({output_path})", inputs=[(input_path, "the --input file")])
-    if Path(input_path).suffix.lower() not in EXTENSIONS:
+    if Path(input_path).suffix.lower() not in EXTENSIONS and not is_conll(input_path, recipe.data):
+        token_hint = ", or CoNLL (.conll, .txt, none)" if recipe.model.task_type == TOKEN_CLS else ""
         raise PeftrunError(
             f"cannot read '{Path(input_path).suffix}' files",
             where=f"--input ({input_path})",
-            hint=f"use one of {', '.join(EXTENSIONS)}",
+            hint=f"use one of {', '.join(EXTENSIONS)}{token_hint}",
         )
     ds = load_file(input_path, "--input", recipe.data, strict=False)
     check_columns(ds, recipe.data, f"--input ({Path(input_path).name})", with_label=False)
@@ -234,6 +244,9 @@ def run_predict(
         return len(rows)
     with autocast(recipe):
         preds = predict_rows(recipe, model, tokenizer, label_names, ds, size)
+    if output_path.suffix.lower() == ".conll":
+        write_conll(ds[recipe.data.tokens_column], preds, output_path)
+        return len(preds)
     rows = [{**row, PREDICTION_COLUMN: pred} for row, pred in zip(ds, preds)]
     write_rows(rows, output_path, empty_columns=[PREDICTION_COLUMN])
     return len(rows)

@@ -22,6 +22,9 @@ ROLES = {
     "system": "system",
 }
 
+# pre-split words and their tags (token classification): rows of a json/csv/parquet file, or a CoNLL file
+TOKEN_FORMATS = ("tokens", "conll")
+
 
 # ------------------------------------------------------------------ columns
 
@@ -38,7 +41,7 @@ def source_columns(data_cfg, ds=None) -> list[str]:
         return []  # every shape of pair or prompt row is checked where it is read (peftrun/preference.py)
     if data_cfg.format == "alpaca":
         return ["instruction"]
-    if data_cfg.format == "tokens":
+    if data_cfg.format in TOKEN_FORMATS:
         return [data_cfg.tokens_column]
     if data_cfg.format == "text":
         return [data_cfg.text_column]
@@ -61,7 +64,7 @@ def target_columns(data_cfg, ds=None) -> list[str]:
         return []
     if data_cfg.format == "alpaca" or (data_cfg.format == "chat" and _is_alpaca_shaped(ds, data_cfg)):
         return ["output"]
-    if data_cfg.format == "tokens":
+    if data_cfg.format in TOKEN_FORMATS:
         return [data_cfg.tags_column]
     if data_cfg.format == "text" or (data_cfg.format == "chat" and _is_conversation(ds, data_cfg)):
         return []

@@ -101,7 +101,7 @@ class DataSection(Section):
     test_split: str | None = None
     # preference: chosen/rejected pairs (reward, dpo, orpo); prompts: prompts alone (grpo); see peftrun/preference.py
     # images: a folder of instance images (DreamBooth, objective diffusion; see the dreambooth section)
-    format: Literal["plain", "alpaca", "chat", "tokens", "text", "preference", "prompts", "images"] = "plain"
+    format: Literal["plain", "alpaca", "chat", "tokens", "text", "preference", "prompts", "images", "conll"] = "plain"
     # preference/prompt rows that cannot teach (identical answers, no room for an answer): drop and count, or refuse
     bad_rows: Literal["drop", "error"] = "drop"
     text_column: str = "text"
@@ -132,6 +132,10 @@ class DataSection(Section):
     # multitask prompt tuning: the column holding each row's task (an id 0..num_tasks-1, or a name in task_names)
     task_column: str | None = None
     task_names: list[str] | None = None
+    # token classification: a prefix stripped from each token that has it (WikiANN's "en:"); and, reading CoNLL
+    # files, an I-X after neither B-X nor I-X: an error naming the line (check), read as B-X (repair), or allowed (off)
+    token_prefix: str | None = None
+    bio: Literal["check", "repair", "off"] = "check"
 
     @field_validator("verbalizer", "columns", mode="before")
     @classmethod
@@ -624,6 +628,12 @@ def build_method_config(recipe: Recipe, *, lines: dict[tuple[str, ...], int], so
     # every method's numbers, whatever their fields: finite, and no larger than a size a model can take
     check_values(config, source=source, lines=lines, prefix=("method",), max_abs=MAX_SIZE)
     reason = method.unsupported_reason(recipe.model.task_type, config)
+    quantised = "load_in_8bit" if recipe.model.load_in_8bit else "load_in_4bit" if recipe.model.load_in_4bit else None
+    if method.trains_base_weights and quantised:
+        raise PeftrunError(
+            f"method '{method.name}' trains the base weights themselves, and 8-bit or 4-bit weights cannot train",
+            where=_where(source, lines, ("model", quantised)),
+        )
     if not reason and method.check_model is not None:
         from peftrun.models import declared_model_type
 

@@ -20,6 +20,7 @@ DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
 def recipe_schema() -> dict[str, Any]:
     from peftrun.methods import get_method, method_names
+    from peftrun.tasks import TEXT_TO_IMAGE
     from peftrun.recipe import Recipe
 
     schema = Recipe.model_json_schema(ref_template="#/$defs/{model}")
@@ -32,6 +33,11 @@ def recipe_schema() -> dict[str, Any]:
             defs.setdefault(key, value)
         properties = {"name": {"const": name, "description": f"{method.kind}: {method.summary}"}}
         properties.update(own.get("properties", {}))
+        if TEXT_TO_IMAGE in method.task_types:  # a pipeline's text encoder takes its own parameters of the method
+            properties["text_encoder"] = {
+                "type": "object",
+                "description": "TEXT_TO_IMAGE: the text encoder's adapter, its own parameters of this method",
+            }
         branch: dict[str, Any] = {
             "title": name,
             "description": own.get("description") or method.summary,

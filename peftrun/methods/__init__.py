@@ -81,6 +81,8 @@ class Method:
     # check_model(model_type, name_or_path) -> reason or None: refuse an architecture before any weights
     # load (model_type as the base's config declares it, None where that is not known without loading).
     check_model: Callable[[str | None, str], str | None] | None = None
+    # the base model's own weights train (full fine-tuning): refused on 8-bit/4-bit weights, which cannot train
+    trains_base_weights: bool = False
     # Training hooks for methods whose update depends on the loop (AdaLoRA's rank allocator):
     # extra_loss(peft_model, name) -> tensor added to the loss; after_step(peft_model, name, step, total_steps).
     extra_loss: Callable[..., Any] | None = None
@@ -114,6 +116,7 @@ _MODULES: dict[str, str] = {
     "ia3": "peftrun.methods.ia3",
     "loha": "peftrun.methods.loha",
     "lokr": "peftrun.methods.lokr",
+    "full": "peftrun.methods.full",
 }
 
 
