@@ -20,8 +20,8 @@ DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
 def recipe_schema() -> dict[str, Any]:
     from peftrun.methods import get_method, method_names
-    from peftrun.tasks import TEXT_TO_IMAGE
     from peftrun.recipe import Recipe
+    from peftrun.tasks import TEXT_TO_IMAGE
 
     schema = Recipe.model_json_schema(ref_template="#/$defs/{model}")
     defs = schema.setdefault("$defs", {})
