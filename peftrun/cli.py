@@ -406,8 +406,8 @@ def _wants_image(adapters: list[str] | None, loading: dict) -> bool:
 @user_errors
 def predict(
     recipe: RecipeArg,
-    input_file: Annotated[Path, typer.Option("--input", help="rows to predict (csv, tsv, json, jsonl, parquet)")],
-    output: Annotated[Path, typer.Option("--output", help="where predictions go: .csv, .tsv or .jsonl")],
+    input_file: Annotated[Path, typer.Option("--input", help="rows to predict (csv, tsv, json, jsonl, parquet; token classification also CoNLL)")],
+    output: Annotated[Path, typer.Option("--output", help="where predictions go: .csv, .tsv or .jsonl (token classification also .conll)")],
     adapter: AdapterOpt = None,
     set_: SetOpt = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="rows per forward")] = None,
