@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli
 from typer.testing import CliRunner
 
 from peftrun.cli import app
@@ -20,8 +20,11 @@ def run(*args: str) -> str:
 
 
 def estimate_rows(recipe: str) -> dict[str, dict[str, str]]:
-    """`peftrun estimate RECIPE --gpu-gb 80` as {setting: {column: cell}}."""
-    lines = run("estimate", f"recipes/{recipe}", "--gpu-gb", "80").splitlines()
+    """`peftrun estimate RECIPE --gpu-gb 80` as {setting: {column: cell}}, from a fresh process as a user runs it
+    (its CPU row counts the estimating process's own memory, which a test process would inflate)."""
+    proc = run_cli("estimate", f"recipes/{recipe}", "--gpu-gb", "80", env={"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
     header = next(line for line in lines if "setting" in line)
     columns = [c.strip() for c in header.strip("┃ ").split("┃")]
     rows = {}
