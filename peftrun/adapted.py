@@ -59,6 +59,11 @@ class PeftrunModel(nn.Module):
         method = method_for_peft_type(config.get("peft_type", ""))
         previous = self.active_adapter
         self.add_adapter(name, method, config_from_peft(method, config, where=str(folder / ADAPTER_CONFIG)))
+        self._fill_loaded(name, state, previous, folder)
+
+    def _fill_loaded(self, name: str, state: dict, previous: str | None, folder: Path) -> None:
+        """Copy a just-added adapter's saved tensors in; on a mismatch take it out again and reactivate
+        `previous`, so a failed load leaves the model as it was."""
         try:
             self.load_adapter_state_dict(state, name)
         except PeftrunError:

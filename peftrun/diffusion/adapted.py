@@ -99,14 +99,7 @@ class DiffusionPeftModel(PeftrunModel):
             state.update({f"{component}.{k}": v for k, v in tensors.items()})
         previous = self.active_adapter
         self.add_adapter(name, method, configs["unet"], configs.get("text_encoder"))
-        try:
-            self.load_adapter_state_dict(state, name)
-        except PeftrunError:
-            self.delete_adapter(name)
-            if previous is not None:
-                self.set_adapter(previous)
-            raise
-        self.adapter_folders[name] = folder
+        self._fill_loaded(name, state, previous, folder)
 
     # -- several at once -----------------------------------------------------------------------
     def set_weighted(self, weights: dict[str, float]) -> None:

@@ -144,9 +144,7 @@ def check_output_folder(
     overwrite: bool = False,
 ) -> Path:
     """A folder a command writes whole (merge, combine): the path to use (`~` expanded), or a refusal."""
-    out = user_path(path)
-    resolved = refuse_protected(out, where=where)
-    refuse_inputs(resolved, inputs, where=where)
+    out = _allowed(path, where, inputs)
     if out.is_symlink():
         raise PeftrunError("the output is a symbolic link; give a real folder", where=where)
     if out.exists() and not out.is_dir():
@@ -167,14 +165,19 @@ def check_output_folder(
     return out
 
 
+def _allowed(path, where: str, inputs) -> Path:
+    """`path` with `~` expanded, refused when it is a protected folder, an input or a folder above one."""
+    out = user_path(path)
+    refuse_inputs(refuse_protected(out, where=where), inputs, where=where)
+    return out
+
+
 def check_output_file(
     path: str | os.PathLike[str], *, where: str, inputs: Iterable[tuple[str | os.PathLike[str] | None, str]] = ()
 ) -> Path:
     """A file a command writes (predict --output, generate --output): replaced atomically when it exists,
     but never a folder, an input, or a protected folder."""
-    out = user_path(path)
-    resolved = refuse_protected(out, where=where)
-    refuse_inputs(resolved, inputs, where=where)
+    out = _allowed(path, where, inputs)
     if out.is_dir():
         raise PeftrunError("the output is a folder; give a file name", where=where)
     if out.exists() and not out.is_file():

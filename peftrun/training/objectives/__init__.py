@@ -16,6 +16,7 @@ line in OBJECTIVES; nothing in the loop, the engines or the checkpoints changes.
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,7 @@ class Data:
     notes: list[str] = field(default_factory=list)  # lines to print at the start (rows dropped...)
 
 
-class Objective:
+class Objective(ABC):
     """The contract. Before the model exists: `label_names(splits)` and `num_labels(label_names)` (the head);
     then `data(tokenizer, splits, label_names)`. After it is prepared, `bind(peft_model)`, then per batch
     `objective(model, batch) -> StepResult` and per evaluation `evaluate(model, loader, accelerator)`.
@@ -63,8 +64,9 @@ class Objective:
     def num_labels(self, label_names: list[str] | None) -> int | None:
         return len(label_names) if label_names else None
 
+    @abstractmethod
     def data(self, tokenizer, splits, label_names) -> Data:
-        raise NotImplementedError
+        """The objective's rows for the train and eval loaders, and how to batch them."""
 
     def bind(self, peft_model, tokenizer, label_names) -> None:
         self.peft_model, self.tokenizer, self.label_names = peft_model, tokenizer, label_names
@@ -77,8 +79,9 @@ class Objective:
             result.loss = result.loss + extra(self.peft_model, self.peft_model.active_adapter)
         return result
 
+    @abstractmethod
     def loss(self, model, batch: dict[str, Any]) -> StepResult:
-        raise NotImplementedError
+        """The step's loss (with gradient) and the numbers to log beside it."""
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, model, loader, accelerator) -> EvalResult:
