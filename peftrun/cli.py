@@ -120,9 +120,11 @@ def train(
 ) -> None:
     """Train the recipe's adapter and save it in peft's format in output_dir."""
     from peftrun.recipe import load_recipe
+    from peftrun.training.engines import end_process_group
     from peftrun.training.loop import train as run
 
     run(load_recipe(recipe, set_), resume=resume)
+    end_process_group()
 
 
 @app.command()

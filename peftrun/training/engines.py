@@ -295,6 +295,18 @@ def rank_spread(accelerator, tensors) -> float:
 # ------------------------------------------------------------------ the Accelerator of a training process
 
 
+def end_process_group() -> None:
+    """Leave the launched run's process group once its work is done (every rank calls it after the last barrier).
+
+    A process that exits with the group still up leaves its communication threads (gloo's, DeepSpeed's
+    shared-memory ones) to the interpreter's teardown, where a rank can abort ("terminate called without an
+    active exception") after a run that succeeded, and the launcher then reports the whole run failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def make_accelerator(recipe):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
