@@ -186,7 +186,8 @@ def sequence_logps(
 
 
 def token_logps(
-    run_model, base: nn.Module, labels: torch.Tensor, *, chunked: bool, within: torch.Tensor | None = None, **inputs
+    run_model, base: nn.Module, labels: torch.Tensor, *, chunked: bool, within: torch.Tensor | None = None,
+    temperature: float = 1.0, **inputs
 ):
     """log p of every labelled token under the model: (logp[T], the row of each[T], rows B, and where `within`
     marks them, a boolean mask over the T tokens, else None).
@@ -200,7 +201,8 @@ def token_logps(
         d logp_t / d h_t = (onehot(y_t) - softmax(h_t W^T)) W,   d logp_t / dW = (onehot - softmax)^T h_t,
 
     scaled by the incoming gradient of that token. Otherwise the model's own logits are read. Soft-prompt
-    methods prepend virtual tokens: the labels are aligned to the end of the sequence.
+    methods prepend virtual tokens: the labels are aligned to the end of the sequence. A `temperature` T reads
+    log softmax(logits / T), the distribution that sampling at T draws from (GRPO's policy and reference).
     """
     head = base.get_output_embeddings()
     use_chunks = chunked and plain_head(base)
@@ -227,9 +229,12 @@ def token_logps(
     if use_chunks:
         chunk = max(1, CHUNK_ELEMENTS // head.out_features)
         flat = states.reshape(-1, states.shape[-1])
-        token = _ChunkedTokenLogps.apply(flat, head.weight, head.bias, flat_targets, rows, chunk)
+        bias = head.bias
+        if temperature != 1.0:  # (h W^T + b) / T = (h / T) W^T + b / T
+            flat, bias = flat / temperature, (bias / temperature if bias is not None else None)
+        token = _ChunkedTokenLogps.apply(flat, head.weight, bias, flat_targets, rows, chunk)
     else:
-        flat = states.reshape(-1, states.shape[-1]).index_select(0, rows).float()
+        flat = states.reshape(-1, states.shape[-1]).index_select(0, rows).float() / temperature
         token = flat.log_softmax(-1).gather(1, flat_targets[rows][:, None]).squeeze(1)
     part = None
     if within is not None:

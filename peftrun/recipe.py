@@ -254,6 +254,8 @@ class GRPOSection(Section):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     beta: float = Field(default=0.04, ge=0.0, le=1000.0)  # KL to the reference (the base, adapter off)
     epsilon: float = Field(default=0.2, gt=0.0, lt=1.0)  # clip range of the probability ratio
+    # the KL term times the ratio rho (value 1, gradient d log pi): the unbiased gradient of the expected KL
+    use_bias_correction_kl: bool = True
     eval_greedy: bool = True  # held-out prompts answered greedily, one each
     rewards: list[RewardSpec] = Field(default_factory=list)
 

@@ -9,8 +9,13 @@ the recipe's rewards R (peftrun/rewards.py). Advantages are normalised within th
 and every completion token t of y_i is trained with the clipped objective and a KL penalty to the reference,
 
     rho_{i,t} = pi(y_{i,t} | x, y_{i,<t}) / pi_old(...)         (one update per sample: pi_old = pi, detached)
+    (pi and the reference read at the sampling temperature T: log softmax(logits / T))
     loss_{i,t} = -min(rho A_i, clip(rho, 1 - eps, 1 + eps) A_i) + beta KL_{i,t},
     KL_{i,t} = exp(ref - logp) - (ref - logp) - 1               (the unbiased k3 estimator),
+
+with, by default (grpo.use_bias_correction_kl, trl's name and default), beta rho KL in place of beta KL: rho is 1
+in value, but its gradient adds KL * d log pi, the score-function part of d E_{y~pi}[KL] that the k3 estimator
+alone leaves out (DeepSeek-V3.2's unbiased KL gradient). Off, the loss is the original paper's.
 
 averaged over each completion's tokens, then over completions. Held-out prompts are answered once each
 (greedily by default) and reported as eval_reward and eval_rewards/<name>.
@@ -105,15 +110,18 @@ class GRPO(Objective):
             "position_ids": (attention.cumsum(1) - 1).clamp(min=0),  # left-padded prompts, as generate saw them
         }
         base, chunked = self.peft_model.model, self.peft_model.chunked_loss
-        logp, owner, rows, _ = token_logps(model, base, labels, chunked=chunked, **inputs)
+        # both at the sampling temperature: the distribution the completions were drawn from
+        how = {"chunked": chunked, "temperature": cfg.temperature}
+        logp, owner, rows, _ = token_logps(model, base, labels, **how, **inputs)
         with torch.no_grad(), self.peft_model.disable_adapters():
-            ref, _, _, _ = token_logps(self.peft_model, base, labels, chunked=chunked, **inputs)
+            ref, _, _, _ = token_logps(self.peft_model, base, labels, **how, **inputs)
         adv = advantages.to(logp.device)[owner]
         ratio = torch.exp(logp - logp.detach())
         clipped = torch.clamp(ratio, 1 - cfg.epsilon, 1 + cfg.epsilon)
         delta = ref - logp
         kl = torch.exp(delta) - delta - 1
-        per_token = -torch.minimum(ratio * adv, clipped * adv) + cfg.beta * kl
+        penalty = kl * ratio if cfg.use_bias_correction_kl else kl
+        per_token = -torch.minimum(ratio * adv, clipped * adv) + cfg.beta * penalty
         counts = torch.zeros(rows, device=logp.device).index_add(0, owner, torch.ones_like(logp)).clamp(min=1)
         per_sequence = torch.zeros(rows, device=logp.device).index_add(0, owner, per_token) / counts
         metrics = {
