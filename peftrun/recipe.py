@@ -125,6 +125,10 @@ class DataSection(Section):
     # format: chat reads OpenAI (role/content) or ShareGPT (from/value) turns from this column when present
     messages_column: str = "messages"
     system_prompt: str | None = None
+    # format: chat (peftrun/chat.py): which assistant turns are learned (every one; the last; the row as prompt +
+    # completion), and the template: the tokenizer's own (unset), chatml, llama-3, alpaca, plain, or a .jinja file
+    train_on: Literal["all_assistant", "last_assistant", "completion"] = "all_assistant"
+    chat_template: str | None = None
     # generating models answer with one of the verbaliser's label strings (eval and predict)
     constrain_labels: bool = True
     group_by_length: bool = False
@@ -156,6 +160,19 @@ class DataSection(Section):
     def _valid_template(cls, value: str | None) -> str | None:
         if value is not None:
             check_template(value)
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value: str | None) -> str | None:
+        from peftrun.chat import TEMPLATES, is_template_file
+
+        if value and value not in TEMPLATES and not is_template_file(value):
+            close = did_you_mean(value, TEMPLATES)
+            raise ValueError(
+                f"unknown chat template '{value}'" + (f" ({close})" if close else "")
+                + f": use one of {', '.join(TEMPLATES)}, a .jinja file, or leave it unset for the tokenizer's own"
+            )
         return value
 
     @model_validator(mode="after")
