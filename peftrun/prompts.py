@@ -30,6 +30,8 @@ ROLES = {
 }
 # what an OpenAI-style turn carries besides role and content, passed through to the template as it is
 TURN_EXTRAS = ("name", "tool_calls", "tool_call_id")
+# Anthropic HH's dialogue markers: "\n\nHuman: a\n\nAssistant: b..."
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 # where format: chat finds conversations: data.messages_column, else ShareGPT's `conversations`
 SHAREGPT_COLUMN = "conversations"
 
@@ -160,28 +162,60 @@ def target_text(row: dict, data_cfg) -> str:
 
 
 def _conversation(row: dict, data_cfg, need_answer: bool = True) -> list[dict[str, Any]]:
-    """OpenAI-style (role/content, with tool calls) or ShareGPT-style (from/value) turns as role/content dicts."""
+    """OpenAI-style (role/content, with tool calls) or ShareGPT-style (from/value) turns, or an HH dialogue text
+    ("\\n\\nHuman: ...\\n\\nAssistant: ..."), as role/content dicts."""
     column = conversation_column(row, data_cfg) or data_cfg.messages_column
     where = f"data.{column}"
-    turns = []
-    for turn in row.get(column) or []:
-        if not isinstance(turn, dict):
-            raise PeftrunError(f"a conversation turn must be a mapping with role/content, not {turn!r:.60}",
+    value = row.get(column) or []
+    if isinstance(value, str):  # a whole HH dialogue in one text
+        value = parse_hh(value)
+        if not value:
+            raise PeftrunError("a conversation given as text must be an HH dialogue (Human:/Assistant: turns)",
                                where=where)
-        role = turn.get("role") or turn.get("from")
-        content = turn.get("content") if turn.get("content") is not None else turn.get("value")
-        if role not in ROLES:
-            raise PeftrunError(
-                f"unknown speaker '{role}' in a conversation" if role else "a conversation turn has no role (or from)",
-                where=where,
-                hint=f"use one of {', '.join(ROLES)}",
-            )
-        extras = {k: turn[k] for k in TURN_EXTRAS if turn.get(k) is not None}
-        if content is None and not extras:
-            raise PeftrunError(f"a '{role}' turn has no content (or value)", where=where)
-        turns.append({"role": ROLES[role], "content": "" if content is None else str(content), **extras})
+    turns = [read_turn(turn, where) for turn in value]
     if need_answer and (not turns or turns[-1]["role"] != "assistant"):
         raise PeftrunError("a conversation must end with an assistant turn (the answer to learn)", where=where)
+    return turns
+
+
+def read_turn(turn: Any, where: str) -> dict[str, Any]:
+    """One OpenAI (role/content, tool calls passed through) or ShareGPT (from/value) turn as a role/content dict."""
+    if not isinstance(turn, dict):
+        raise PeftrunError(f"a conversation turn must be a mapping with role/content, not {turn!r:.60}", where=where)
+    role = turn.get("role") or turn.get("from")
+    content = turn.get("content") if turn.get("content") is not None else turn.get("value")
+    if role not in ROLES:
+        raise PeftrunError(
+            f"unknown speaker '{role}' in a conversation" if role else "a conversation turn has no role (or from)",
+            where=where,
+            hint=f"use one of {', '.join(ROLES)}",
+        )
+    extras = {k: turn[k] for k in TURN_EXTRAS if turn.get(k) is not None}
+    if content is None and not extras:
+        raise PeftrunError(f"a '{role}' turn has no content (or value)", where=where)
+    return {"role": ROLES[role], "content": "" if content is None else str(content), **extras}
+
+
+def parse_hh(text: str) -> list[dict[str, str]]:
+    """HH's "\\n\\nHuman: a\\n\\nAssistant: b..." as turns."""
+    turns: list[dict[str, str]] = []
+    rest = text
+    while rest:
+        h, a = rest.find(HUMAN), rest.find(ASSISTANT)
+        starts = [(i, m) for i, m in ((h, HUMAN), (a, ASSISTANT)) if i >= 0]
+        if not starts:
+            break
+        i, marker = min(starts)
+        if turns and i > 0:
+            turns[-1]["content"] += rest[:i]
+        rest = rest[i + len(marker) :]
+        turns.append({"role": "user" if marker == HUMAN else "assistant", "content": ""})
+        nxt = [j for j in (rest.find(HUMAN), rest.find(ASSISTANT)) if j >= 0]
+        end = min(nxt) if nxt else len(rest)
+        turns[-1]["content"] = rest[:end]
+        rest = rest[end:]
+    for turn in turns:
+        turn["content"] = turn["content"].strip()
     return turns
 
 
