@@ -1,11 +1,13 @@
 """Chat templates and what a conversation trains: the one place where turns become text and token ids.
 
 A template is the tokenizer's own (data.chat_template unset), one of TEMPLATES for base models that have none,
-or a Jinja file. Which tokens are trained is derived by rendering the conversation prefix by prefix and
-comparing token ids: an assistant turn's tokens run from where the conversation rendered up to it with the
-generation prompt stops, to where the conversation rendered through it stops, less the whitespace a template
-writes between turns. So each trained turn is its content and its end-of-turn token, whatever the template's
-markup, and nothing of system, user or tool turns. `train_on` chooses the turns:
+or a Jinja file. Which tokens are trained is derived by rendering the conversation prefix by prefix: an
+assistant turn runs from where the conversation rendered up to it with the generation prompt ends, to where the
+conversation rendered through it ends, less the whitespace a template writes between turns; these character
+spans of the whole text become tokens through the tokenizer's offsets (a token overlapping a span is trained),
+or, for a tokenizer without offsets, by comparing the token ids of each prefix with the whole. So each
+trained turn is its content and its end-of-turn token, whatever the template's markup, and nothing of system,
+user or tool turns. `train_on` chooses the turns:
 
 - all_assistant (default): every assistant turn;
 - last_assistant: the last one only (earlier answers are context);
@@ -19,6 +21,7 @@ to it and trained: a model that never sees one never learns to stop.
 
 from __future__ import annotations
 
+import bisect
 from pathlib import Path
 
 from peftrun.errors import PeftrunError, did_you_mean
@@ -115,13 +118,26 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def _shared(a: list[int], b: list[int]) -> int:
-    """How many leading ids a and b share (a prefix rendered alone may end in a token the full text merges)."""
+    """How many leading ids a and b share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
             break
         n += 1
     return n
+
+
+def _tokens(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """The text's ids and each character span as token indices [first, stop): the tokens that overlap it, through
+    the tokenizer's offsets (a token the template's markup shares with the content is trained), or, for a
+    tokenizer without offsets, by counting the ids that the text up to each end shares with the whole."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts, ends = zip(*enc["offset_mapping"]) if enc["input_ids"] else ((), ())
+    except (NotImplementedError, TypeError, KeyError, ValueError):
+        ids = _encode(tokenizer, text)
+        return ids, [tuple(_shared(_encode(tokenizer, text[:pos]), ids) for pos in span) for span in spans]
+    return enc["input_ids"], [(bisect.bisect_right(ends, a), bisect.bisect_left(starts, b)) for a, b in spans]
 
 
 def conversation_tokens(messages: list[dict], tokenizer, data_cfg) -> tuple[list[int], list[bool], int]:
@@ -131,13 +147,13 @@ def conversation_tokens(messages: list[dict], tokenizer, data_cfg) -> tuple[list
     train_on = getattr(data_cfg, "train_on", "all_assistant")
     full = render(tokenizer, data_cfg, messages, False)
     _check_placed(messages, full)
-    ids = _encode(tokenizer, full)
-    trained = [False] * len(ids)
     last = len(messages) - 1
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if train_on != "all_assistant":
         turns = turns[-1:]
-    spans = []
+    if not turns:
+        raise PeftrunError("a conversation has no assistant turn to learn", where="data")
+    chars = []  # each trained turn as a character span of the full text
     for i in turns:
         before = render(tokenizer, data_cfg, messages[:i], True)
         through = full if i == last else render(tokenizer, data_cfg, messages[: i + 1], False)
@@ -148,19 +164,14 @@ def conversation_tokens(messages: list[dict], tokenizer, data_cfg) -> tuple[list
                 where="data.chat_template",
                 hint="train_on: last_assistant (or completion) needs only the last turn to render as a prefix",
             )
-        start = _shared(_encode(tokenizer, before), ids)
-        end = len(ids) if i == last else _shared(_encode(tokenizer, through), ids)
-        if train_on != "completion":  # the turn ends at its end-of-turn token, not the newline after it
-            while end > start and not tokenizer.decode(ids[end - 1 : end]).strip():
-                end -= 1
-        spans.append((start, end))
-    if not spans:
-        raise PeftrunError("a conversation has no assistant turn to learn", where="data")
+        # the turn ends at its end-of-turn token, not the newline a template writes after it
+        chars.append((len(before), len(through if train_on == "completion" else through.rstrip())))
+    ids, spans = _tokens(tokenizer, full, chars)
+    trained = [False] * len(ids)
     start, end = spans[-1]
     eos = tokenizer.eos_token_id
     if eos is not None and eos not in ids[start:end] and turns[-1] == last:
-        ids = ids[:end] + [eos]  # the template ends the answer without EOS: add it (and drop what followed)
-        trained = trained[:end] + [False]
+        ids, trained = ids[:end] + [eos], trained[:end] + [False]  # no EOS in the answer: add it, drop what followed
         spans[-1] = (start, end + 1)
     for a, b in spans:
         trained[a:b] = [True] * (b - a)
@@ -168,10 +179,11 @@ def conversation_tokens(messages: list[dict], tokenizer, data_cfg) -> tuple[list
 
 
 def _check_placed(messages: list[dict], full: str) -> None:
-    """A template that silently drops a turn (a role it does not know) would train on a different conversation."""
+    """A template that silently drops a turn (a role it does not know) would train on a different conversation.
+    Assistant turns are left to the prefix check: a template may rewrite earlier answers (strip reasoning)."""
     for m in messages:
         content = m.get("content")
-        if isinstance(content, str) and content.strip() and content.strip() not in full:
+        if m["role"] != "assistant" and isinstance(content, str) and content.strip() and content.strip() not in full:
             raise PeftrunError(
                 f"the chat template leaves out a '{m['role']}' turn (its text is not in the rendered conversation)",
                 where="data.chat_template",

@@ -333,6 +333,14 @@ def check_columns(ds, data_cfg, split: str, with_label: bool = True) -> None:
     """Every column the recipe reads is in the data; else one error listing the columns there are."""
     needed = source_columns(data_cfg, ds) + (target_columns(data_cfg, ds) if with_label else [])
     missing = [c for c in dict.fromkeys(needed) if c not in ds.column_names]
+    if missing and data_cfg.format == "chat":
+        raise PeftrunError(
+            f"the {split} data has no conversations for format: chat",
+            where="data",
+            hint=f"{columns_there_are(ds)}; format: chat reads turns from data.messages_column (`messages`, "
+            "role/content) or `conversations` (ShareGPT, from/value), alpaca rows (instruction/output), or "
+            "data.template/text_column as the user turn with label_column as the answer",
+        )
     if missing:
         raise PeftrunError(
             f"column(s) {missing} not in the {split} data",
