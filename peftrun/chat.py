@@ -110,6 +110,13 @@ def render(tokenizer, data_cfg, messages: list[dict], generation_prompt: bool) -
         ) from None
 
 
+def adopt_template(tokenizer, data_cfg) -> None:
+    """Make the recipe's chat template the tokenizer's own, so the tokenizer saved beside an adapter carries the
+    template it was trained with (generate, chat and other tools then prompt as training did)."""
+    if getattr(data_cfg, "format", None) == "chat" and getattr(data_cfg, "chat_template", None):
+        tokenizer.chat_template = template_text(tokenizer, data_cfg)
+
+
 # ------------------------------------------------------------------ which tokens are trained
 
 

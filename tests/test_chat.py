@@ -276,3 +276,41 @@ def test_an_hh_dialogue_text_is_a_conversation(smol):
     row = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant: Goodbye."}
     example = causal_example(row, cfg(messages_column="chosen"), smol)
     assert trained_runs(example) == [enc(smol, "Hello.") + [IM_END], enc(smol, "Goodbye.") + [IM_END]]
+
+
+def test_a_named_template_is_saved_with_the_tokenizer(tmp_path):
+    """Training makes the recipe's template the tokenizer's own, so the tokenizer beside the adapter prompts
+    generate and chat as training did."""
+    from tiny_text import save_tiny_with_tokenizer
+
+    from peftrun.recipe import recipe_from_dict
+    from peftrun.training.build import build
+
+    save_tiny_with_tokenizer(tmp_path / "model", "llama", "CAUSAL_LM", ["a b c"])
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "a"},
+                                                     {"role": "assistant", "content": "b"}]}) + "\n" for _ in range(4)))
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(tmp_path / "model"), "task_type": "CAUSAL_LM"},
+        "data": {"train_file": str(rows), "format": "chat", "chat_template": "chatml"},
+        "output_dir": str(tmp_path / "out"),
+    })
+    tokenizer = build(recipe)[0]
+    assert tokenizer.chat_template == TEMPLATES["chatml"]
+
+
+def test_a_tokenizer_without_offsets_gets_the_same_masks(smol):
+    class NoOffsets:
+        """SmolLM2's tokenizer as a tokenizer that cannot return offsets (a sentencepiece backend)."""
+
+        def __getattr__(self, name):
+            return getattr(smol, name)
+
+        def __call__(self, text, **kw):
+            if kw.get("return_offsets_mapping"):
+                raise NotImplementedError("no offsets")
+            return smol(text, **kw)
+
+    with_offsets = causal_example({"messages": CONVERSATION}, cfg(max_length=512), smol)
+    without = causal_example({"messages": CONVERSATION}, cfg(max_length=512), NoOffsets())
+    assert (without.input_ids, without.labels) == (with_offsets.input_ids, with_offsets.labels)
