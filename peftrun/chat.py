@@ -22,6 +22,7 @@ to it and trained: a model that never sees one never learns to stop.
 from __future__ import annotations
 
 import bisect
+import functools
 from pathlib import Path
 
 from peftrun.errors import PeftrunError, did_you_mean
@@ -80,10 +81,15 @@ def template_text(tokenizer, data_cfg) -> str:
             hint=(f"{close} " if close else "")
             + f"use one of {', '.join(TEMPLATES)}, a .jinja file, or leave it unset for the tokenizer's own",
         )
-    path = Path(choice)
-    if not path.is_file():
-        raise PeftrunError(f"chat template file {choice} does not exist", where="data.chat_template")
-    return path.read_text(encoding="utf-8")
+    return _read_template(str(Path(choice).resolve()))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_template(path: str) -> str:
+    """A template file, read once per process (every row renders it several times)."""
+    if not Path(path).is_file():
+        raise PeftrunError(f"chat template file {path} does not exist", where="data.chat_template")
+    return Path(path).read_text(encoding="utf-8")
 
 
 def is_template_file(choice: str) -> bool:

@@ -179,6 +179,11 @@ class DataSection(Section):
     def _has_a_source(self) -> DataSection:
         if self.path is None and self.train_file is None:
             raise ValueError("give data.path (a hub dataset or a local folder/file) or data.train_file")
+        if self.chat_template and self.format != "chat":
+            raise ValueError(
+                f"data.chat_template applies to format: chat, not {self.format} "
+                "(preference and prompt rows use the tokenizer's own template)"
+            )
         return self
 
 

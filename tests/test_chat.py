@@ -314,3 +314,8 @@ def test_a_tokenizer_without_offsets_gets_the_same_masks(smol):
     with_offsets = causal_example({"messages": CONVERSATION}, cfg(max_length=512), smol)
     without = causal_example({"messages": CONVERSATION}, cfg(max_length=512), NoOffsets())
     assert (without.input_ids, without.labels) == (with_offsets.input_ids, with_offsets.labels)
+
+
+def test_chat_template_is_for_format_chat():
+    with pytest.raises(ValueError, match="applies to format: chat, not alpaca"):
+        DataSection(train_file="x.json", format="alpaca", chat_template="chatml")
