@@ -319,3 +319,15 @@ def test_a_tokenizer_without_offsets_gets_the_same_masks(smol):
 def test_chat_template_is_for_format_chat():
     with pytest.raises(ValueError, match="applies to format: chat, not alpaca"):
         DataSection(train_file="x.json", format="alpaca", chat_template="chatml")
+
+
+def test_openai_rows_with_tool_calls_from_a_file(smol, tmp_path):
+    """A JSONL file whose turns differ in keys: the datasets library gives every turn every key (None where a row
+    has none); those Nones are not passed to the template."""
+    rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = load_splits(DataSection(train_file=str(path), eval_file=str(path), format="chat", max_length=512), 0)
+    first = tokenize_split(splits.train, cfg(max_length=512), smol, "CAUSAL_LM", None, for_eval=False)[0]
+    want = causal_example({"messages": CONVERSATION}, cfg(max_length=512), smol)
+    assert (first["input_ids"], first["labels"]) == (want.input_ids, want.labels)
