@@ -435,7 +435,7 @@ def _fit(length: int, answer_start: int, max_len: int, keep_bos: bool) -> list[i
         return list(range(length))
     answer = list(range(answer_start, min(length, answer_start + max_len - 1 - int(keep_bos))))
     room = max_len - len(answer)
-    head = [0] if keep_bos and answer_start > 0 else []
+    head = [0] if keep_bos else []
     prompt = list(range(max(len(head), answer_start - room + len(head)), answer_start))
     return head + prompt + answer
 
