@@ -491,6 +491,23 @@ def generate(
 
 @app.command()
 @user_errors
+def preview(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    n: Annotated[int, typer.Option("-n", "--examples", min=0, help="how many train examples to print")] = 3,
+) -> None:
+    """Print the first training examples as the model sees them, trained tokens highlighted, and the counts of
+    examples, tokens, trained tokens and truncated rows; loads the tokenizer and the data, never the weights."""
+    from rich.console import Console
+
+    from peftrun.preview import preview as run
+    from peftrun.recipe import load_recipe
+
+    run(load_recipe(recipe, set_, machine=False), n, Console(soft_wrap=True))
+
+
+@app.command()
+@user_errors
 def estimate(
     recipe: RecipeArg,
     set_: SetOpt = None,

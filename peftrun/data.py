@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from peftrun.chat import conversation_tokens
 from peftrun.conll import CONLL_SUFFIXES, conll_dataset, is_conll
 from peftrun.errors import PeftrunError
 from peftrun.prompts import (
     TOKEN_FORMATS,
-    chat_texts,
+    chat_messages,
     source_columns,
     source_text,
     target_columns,
@@ -332,6 +333,14 @@ def check_columns(ds, data_cfg, split: str, with_label: bool = True) -> None:
     """Every column the recipe reads is in the data; else one error listing the columns there are."""
     needed = source_columns(data_cfg, ds) + (target_columns(data_cfg, ds) if with_label else [])
     missing = [c for c in dict.fromkeys(needed) if c not in ds.column_names]
+    if missing and data_cfg.format == "chat":
+        raise PeftrunError(
+            f"the {split} data has no conversations for format: chat",
+            where="data",
+            hint=f"{columns_there_are(ds)}; format: chat reads turns from data.messages_column (`messages`, "
+            "role/content) or `conversations` (ShareGPT, from/value), alpaca rows (instruction/output), or "
+            "data.template/text_column as the user turn with label_column as the answer",
+        )
     if missing:
         raise PeftrunError(
             f"column(s) {missing} not in the {split} data",
@@ -376,15 +385,59 @@ def label_names_for(splits: Splits, data_cfg) -> list[str]:
 # ------------------------------------------------------------------ tokenisation
 
 
-def _causal_ids(prompt_ids: list[int], target_ids: list[int], max_len: int, bos: int | None):
-    """Fit prompt + answer into max_len: the answer is kept whole where it fits, the prompt is cut from
-    the left (its start is usually boilerplate; its end is what the answer follows), BOS is kept."""
-    keep_bos = bool(prompt_ids) and bos is not None and prompt_ids[0] == bos
-    target_ids = target_ids[: max_len - 1 - int(keep_bos)]
-    room = max_len - len(target_ids)
-    if len(prompt_ids) > room:
-        prompt_ids = ([bos] if keep_bos else []) + prompt_ids[len(prompt_ids) - room + int(keep_bos) :]
-    return prompt_ids, target_ids
+@dataclass
+class CausalExample:
+    """One causal-LM row as tokens: `labels` holds -100 where nothing is learned; the first `prompt_len` ids
+    are the prompt of the row's last answer (where generation starts in evaluation); `truncated`: the row was
+    longer than data.max_length and was cut."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+    truncated: bool
+
+
+def causal_example(row: dict, data_cfg, tokenizer) -> CausalExample:
+    """A row of a causal LM's data (plain, alpaca, chat, text) as one training example: its tokens, which of
+    them are trained, cut to data.max_length. The one place where such a row becomes tokens (training, evaluation
+    and `peftrun preview` all read it); a dataset's own format or template is whatever `data_cfg` says."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if data_cfg.format == "text":
+        # language modelling on the whole text (pretraining-style): every token is a target
+        ids = tokenizer(str(row[data_cfg.text_column]), add_special_tokens=True)["input_ids"]
+        kept = ids[: data_cfg.max_length - len(eos)] + eos
+        return CausalExample(kept, list(kept), 0, len(ids) + len(eos) > data_cfg.max_length)
+    if data_cfg.format == "chat":
+        messages = chat_messages(row, data_cfg, with_answer=True)
+        ids, trained, prompt_len = conversation_tokens(messages, tokenizer, data_cfg)
+    else:
+        prompt_ids = tokenizer(source_text(row, data_cfg, tokenizer), add_special_tokens=True)["input_ids"]
+        target_ids = tokenizer(target_text(row, data_cfg), add_special_tokens=False)["input_ids"] + eos
+        ids, prompt_len = prompt_ids + target_ids, len(prompt_ids)
+        trained = [False] * prompt_len + [True] * len(target_ids)
+    if data_cfg.train_on_inputs:
+        trained = [True] * len(ids)
+    keep_bos = prompt_len > 0 and ids[0] == tokenizer.bos_token_id
+    keep = _fit(len(ids), prompt_len, data_cfg.max_length, keep_bos)
+    return CausalExample(
+        input_ids=[ids[i] for i in keep],
+        labels=[ids[i] if trained[i] else IGNORE_INDEX for i in keep],
+        prompt_len=sum(1 for i in keep if i < prompt_len),
+        truncated=len(keep) < len(ids),
+    )
+
+
+def _fit(length: int, answer_start: int, max_len: int, keep_bos: bool) -> list[int]:
+    """Which positions of a row stay within max_len: the last answer is kept whole where it fits, what precedes
+    it is cut from the left (its start is usually boilerplate or early turns; its end is what the answer
+    follows), a leading BOS is kept."""
+    if length <= max_len:
+        return list(range(length))
+    answer = list(range(answer_start, min(length, answer_start + max_len - 1 - int(keep_bos))))
+    room = max_len - len(answer)
+    head = [0] if keep_bos else []
+    prompt = list(range(max(len(head), answer_start - room + len(head)), answer_start))
+    return head + prompt + answer
 
 
 def tokenize_split(
@@ -460,38 +513,16 @@ def tokenize_split(
                 out["reference"] = target
         return out
 
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    bos = tokenizer.bos_token_id
-
     def causal(row: dict) -> dict:
         if not with_labels:
             prompt = source_text(row, data_cfg, tokenizer)
             ids = tokenizer(prompt, add_special_tokens=data_cfg.format != "chat")["input_ids"][-max_len:]
             return {"input_ids": ids, "attention_mask": [1] * len(ids), "prompt_ids": ids}
-        if data_cfg.format == "text":
-            # language modelling on the whole text (pretraining-style): every token is a target
-            ids = tokenizer(str(row[data_cfg.text_column]), add_special_tokens=True)["input_ids"][
-                : max_len - len(eos)
-            ]
-            ids = ids + eos
-            return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
-        if data_cfg.format == "chat":
-            prompt, completion = chat_texts(row, data_cfg, tokenizer)
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            target_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-            if eos and eos[0] not in target_ids:
-                target_ids += eos
-        else:
-            prompt_ids = tokenizer(source_text(row, data_cfg, tokenizer), add_special_tokens=True)[
-                "input_ids"
-            ]
-            target_ids = tokenizer(target_text(row, data_cfg), add_special_tokens=False)["input_ids"] + eos
-        prompt_ids, target_ids = _causal_ids(prompt_ids, target_ids, max_len, bos)
-        ids = prompt_ids + target_ids
-        labels = list(ids) if data_cfg.train_on_inputs else [IGNORE_INDEX] * len(prompt_ids) + target_ids
-        out = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-        if for_eval:
-            out["prompt_ids"] = prompt_ids
+        example = causal_example(row, data_cfg, tokenizer)
+        ids = example.input_ids
+        out = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": example.labels}
+        if for_eval and data_cfg.format != "text":
+            out["prompt_ids"] = ids[: example.prompt_len]
             out["reference"] = target_text(row, data_cfg)
         return out
 

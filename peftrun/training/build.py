@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftrun.adapted import PeftrunModel, wrap
+from peftrun.chat import adopt_template
 from peftrun.data import load_splits
 from peftrun.errors import PeftrunError
 from peftrun.io.outputs import is_empty_for_a_run, refuse_protected, user_path
@@ -59,6 +60,7 @@ def build(recipe, objective: Objective | None = None):
 
         return build_pipeline(recipe)
     tokenizer = load_tokenizer(recipe.model)
+    adopt_template(tokenizer, recipe.data)  # saved beside the adapter: generation prompts as training did
     splits = load_splits(recipe.data, recipe.training.seed)
     label_names = objective.find_label_names(splits)
     base = load_model(recipe.model, num_labels=objective.num_labels(label_names))
