@@ -212,3 +212,20 @@ def test_hub_ids_offline_give_the_existing_clear_error(cls_work, monkeypatch):
         load_splits(data, seed=1)
     assert err.value.where.startswith("data.datasets[1].path")
     assert "cannot be loaded" in err.value.message
+
+
+def test_a_global_eval_file_is_the_eval_set_of_all_the_datasets(two_files, tmp_path):
+    a, b = two_files
+    held = write_jsonl(tmp_path / "held.jsonl", [{"text": f"held {i}", "label": f"h{i}", "id": f"h{i}"} for i in range(4)])
+    data = DataSection.model_validate({
+        "datasets": [
+            {"path": str(a), "format": "alpaca", "columns": {"instruction": "q", "output": "a"}},
+            {"path": str(b), "text_column": "question", "label_column": "answer"},
+        ],
+        "eval_file": str(held),
+    })
+    splits = load_splits(data, seed=3)  # held_out defaults to global with data.eval_file
+    assert [len(p.train) for p in splits.parts if p.train is not None] == [30, 10]  # nothing carved
+    evals = splits.pieces("eval", data)
+    assert len(evals) == 1 and evals[0][0]["id"] == [f"h{i}" for i in range(4)]
+    assert evals[0][1].format == "plain" and evals[0][1].text_column == "text"

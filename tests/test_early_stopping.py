@@ -197,3 +197,17 @@ def test_a_killed_run_resumes_to_the_same_early_stop_and_best_adapter(work):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
     # the best step's checkpoint survived pruning beside the last two
     assert [p.name for p in complete_checkpoints(out)] == ["step-000002", "step-000006", "step-000008"]
+
+
+def test_early_stopping_at_epoch_ends_alone(work):
+    # no eval_steps: the epochs' evaluations (steps 10, 20) count; the second is worse and patience is 1
+    hooks = ScriptedEval([0.5, 0.6])
+    data = recipe_dict(work, "epochs", early_stopping={"patience": 1}, load_best_at_end=True)
+    out = Path(data["output_dir"])
+    train(recipe_from_dict(data), hooks=hooks)
+    rows = records(out)
+    assert hooks.steps == [10, 20]
+    assert [r["epoch"] for r in rows if "train_epoch_loss" in r] == [0, 1]  # the third epoch never ran
+    assert next(r for r in rows if r.get("early_stopped"))["step"] == 20
+    assert next(r for r in rows if "final_adapter_step" in r)["final_adapter_step"] == 10
+    assert same_tensors(adapter(out), adapter(out / "checkpoints" / "step-000010"))
