@@ -788,6 +788,12 @@ def _check_datasets(recipe: Recipe, source: str | None, lines: dict[tuple[str, .
                 where=_where(source, lines, (*at, own_eval[0])),
                 hint="set data.held_out: per_dataset, or remove it",
             )
+    if mix_mode(data) == "concat" and data.mix_size is not None:
+        raise PeftrunError(
+            "data.mix_size is the number of rows drawn when mixing by weights; data.mix is concat (every row)",
+            where=_where(source, lines, ("data", "mix_size")),
+            hint="set data.mix: weights (and a weight on each entry), or remove mix_size",
+        )
     if mix_mode(data) == "weights" and len(weighted) != len(data.datasets):
         missing = next(i for i in range(len(data.datasets)) if i not in weighted)
         raise PeftrunError(

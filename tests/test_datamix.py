@@ -179,6 +179,8 @@ def test_a_run_prints_the_mix_and_records_it_in_metrics(cls_work):
         ([{"path": "ONE"}, {"format": "plain"}], {}, "data.datasets.1"),
         ([{"path": "ONE", "weight": 1}, {"path": "ONE"}], {}, "data.datasets.1"),
         ([{"path": "ONE", "weight": 1}], {"mix": "concat"}, "data.datasets.0.weight"),
+        ([{"path": "ONE"}], {"mix_size": 10}, "data.mix_size"),
+        ([{"path": "ONE", "eval_file": "TWO"}], {"held_out": "global"}, "data.datasets.0.eval_file"),
         ([{"path": "ONE", "template": "{0}"}], {}, "data.datasets.0.template"),
         ([{"path": "ONE"}, {"path": "MISSING.csv"}], {}, "data.datasets[1].path"),
         ([{"path": "ONE"}, {"train_file": "TWO", "text_column": "nope"}], {}, "data.datasets[1]"),

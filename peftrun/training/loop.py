@@ -129,11 +129,11 @@ def train_prepared(run: Run, hooks: Hooks) -> dict[str, Any]:
                             lr = run.scheduler.get_last_lr()[0]
                             log.write({"step": pos.step, "epoch": epoch, "loss": loss.item(), "lr": lr, **step.metrics})
                         hooks.at("after_step", pos.step)
-                        stop_if_asked(run, stop)
                         improved = evaluate_at_step(run, log, hooks, epoch)  # training.eval_steps
                         if cfg.save_steps and pos.step % cfg.save_steps == 0:
                             run.checkpoints.save(pos)
                         keep_best(run, improved)
+                        stop_if_asked(run, stop)  # after this step's evaluation: a resumed run does not repeat it
             run.checkpoints.restore_rng()  # a run resumed at an epoch's end trains no batch of it
             bar.stop()
             record = {"epoch": epoch, "step": pos.step, **print_memory(acc, mem)}
