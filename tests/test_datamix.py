@@ -231,3 +231,26 @@ def test_a_global_eval_file_is_the_eval_set_of_all_the_datasets(two_files, tmp_p
     evals = splits.pieces("eval", data)
     assert len(evals) == 1 and evals[0][0]["id"] == [f"h{i}" for i in range(4)]
     assert evals[0][1].format == "plain" and evals[0][1].text_column == "text"
+
+
+def test_preference_pairs_of_several_datasets_each_with_its_own_columns(tmp_path, tiny_dir):
+    from tiny_text import word_tokenizer
+
+    from peftrun.recipe import recipe_from_dict
+    from peftrun.training.objectives import make_objective
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"pick {i}", "chosen": "yes", "rejected": "no"} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"q": f"pick {i}", "good": "yes", "bad": "no no"} for i in range(6)])
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(tiny_dir("llama", "CAUSAL_LM")), "task_type": "CAUSAL_LM"},
+        "data": {"format": "preference", "max_length": 16, "datasets": [
+            {"path": str(a)},
+            {"path": str(b), "columns": {"prompt": "q", "chosen": "good", "rejected": "bad"}},
+        ]},
+        "training": {"objective": "dpo"},
+    }, machine=False)
+    splits = load_splits(recipe.data, seed=1)
+    tok = word_tokenizer("llama", ["pick yes no"] + [str(i) for i in range(10)])
+    data = make_objective(recipe).data(tok, splits, None)
+    assert (len(data.train), len(data.eval)) == (9 + 5, 1 + 1)
+    assert data.notes[0] == "preference pairs: 14 train, 2 eval"
