@@ -638,18 +638,32 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def _list_index(items: list, part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise PeftrunError(f"--set {item.split('=', 1)[0]}: '{part}' is not an index of that list (0..{len(items) - 1})")
+    return int(part)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     data = copy.deepcopy(data)
     for item in overrides or []:
         parts, value = _parse_override(item)
-        node = data
+        node: Any = data
         for part in parts[:-1]:
+            if isinstance(node, list):  # an item of a list by its index: data.datasets.1.weight=2
+                node = node[_list_index(node, part, item)]
+                if not isinstance(node, (dict, list)):
+                    raise PeftrunError(f"--set {item.split('=', 1)[0]}: that list item holds a value, not keys")
+                continue
             child = node.get(part)
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 child = {}
                 node[part] = child
             node = child
-        node[parts[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, parts[-1], item)] = value
+        else:
+            node[parts[-1]] = value
     return data
 
 

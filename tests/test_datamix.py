@@ -254,3 +254,14 @@ def test_preference_pairs_of_several_datasets_each_with_its_own_columns(tmp_path
     data = make_objective(recipe).data(tok, splits, None)
     assert (len(data.train), len(data.eval)) == (9 + 5, 1 + 1)
     assert data.notes[0] == "preference pairs: 14 train, 2 eval"
+
+
+def test_set_reaches_into_a_dataset_entry_by_its_index():
+    from peftrun.recipe import apply_overrides
+
+    data = {"data": {"datasets": [{"path": "a"}, {"path": "b"}]}}
+    got = apply_overrides(data, ["data.datasets.1.weight=2", "data.datasets.0.format=alpaca"])
+    assert got["data"]["datasets"] == [{"path": "a", "format": "alpaca"}, {"path": "b", "weight": 2}]
+    for bad in ("data.datasets.2.weight=1", "data.datasets.x.weight=1"):
+        with pytest.raises(PeftrunError, match="is not an index of that list"):
+            apply_overrides(data, [bad])
