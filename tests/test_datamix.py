@@ -169,6 +169,12 @@ def test_a_run_prints_the_mix_and_records_it_in_metrics(cls_work):
     # 30 rows / batch 4 = 8 steps; 5 eval rows from both datasets
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 8 and "eval_loss" in last
+    # `peftrun eval` reads the same held-out rows of both datasets, each with its own columns
+    evaluated = run_cli("eval", str(recipe), "--adapter", str(out))
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads(next(x for x in evaluated.stdout.splitlines() if x.startswith("metrics="))[8:])
+    assert metrics["eval_loss"] == pytest.approx(last["eval_loss"], abs=1e-5)
+    assert metrics["accuracy"] == pytest.approx(last["accuracy"])
 
 
 @pytest.mark.parametrize(
