@@ -45,10 +45,22 @@ def file_suffix(path: Path) -> str:
 
 @dataclass
 class Splits:
+    """The rows a run reads. With data.datasets (peftrun/datamix.py) each dataset keeps its own rows and data
+    section in `parts`, and train/eval/test are None: read them through `pieces`."""
+
     train: Any
     eval: Any | None
     test: Any | None
     label_names: list[str] | None
+    parts: list[Any] | None = None  # datamix.Part per dataset entry
+    mix: list[dict[str, Any]] | None = None  # what each dataset gave (datamix.mix_record), for the run's record
+
+    def pieces(self, split: str, data_cfg) -> list[tuple[Any, Any]]:
+        """(rows, the data section to read them with) of `split` ("train", "eval", "test"), one per dataset."""
+        if self.parts is None:
+            rows = getattr(self, split)
+            return [(rows, data_cfg)] if rows is not None else []
+        return [(getattr(p, split), p.cfg) for p in self.parts if getattr(p, split) is not None]
 
 
 # ------------------------------------------------------------------ loading
@@ -263,11 +275,16 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or suffix in EXTENSIONS or suffix == ".conll" or name.count("/") > 1
 
 
-def load_splits(data_cfg, seed: int) -> Splits:
-    """Train, eval and test splits from the recipe's data section; eval is carved from train if absent.
+def load_splits(data_cfg, seed: int, *, carve: bool = True) -> Splits:
+    """Train, eval and test splits from the recipe's data section; eval is carved from train if absent
+    (carve=False: left None). data.datasets: each dataset so, then mixed (peftrun/datamix.py).
 
     Carving is seeded, so training and a later `peftrun eval` see the same eval rows.
     """
+    if data_cfg.datasets is not None:
+        from peftrun.datamix import load_mixed
+
+        return load_mixed(data_cfg, seed)
     train, eval_, test = _load_sources(data_cfg)
     check_columns(train, data_cfg, "train")
     if eval_ is not None:
@@ -279,14 +296,14 @@ def load_splits(data_cfg, seed: int) -> Splits:
         raise PeftrunError("the training set is empty (after dropping empty rows)", where="data")
     if eval_ is not None and len(eval_) == 0:
         raise PeftrunError("the eval set is empty (after dropping empty rows)", where="data")
-    if eval_ is None:
+    if eval_ is None and carve:
         if len(train) < 2:
             raise PeftrunError("too few rows to carve an eval split", where="data")
         parts = train.train_test_split(test_size=data_cfg.eval_fraction, seed=seed)
         train, eval_ = parts["train"], parts["test"]
     if data_cfg.max_train_samples:
         train = train.select(range(min(len(train), data_cfg.max_train_samples)))
-    if data_cfg.max_eval_samples:
+    if data_cfg.max_eval_samples and eval_ is not None:
         eval_ = eval_.select(range(min(len(eval_), data_cfg.max_eval_samples)))
     return Splits(train, eval_, test, data_cfg.label_names)
 
@@ -375,10 +392,12 @@ def label_names_for(splits: Splits, data_cfg) -> list[str]:
         return list(data_cfg.label_names)
     if data_cfg.verbalizer:
         return list(dict.fromkeys(data_cfg.verbalizer.values()))
-    if data_cfg.format in TOKEN_FORMATS:
-        seen = {t for tags in splits.train[data_cfg.tags_column] for t in tags}
-    else:
-        seen = set(splits.train[data_cfg.label_column])
+    seen = set()
+    for rows, cfg in splits.pieces("train", data_cfg):  # every dataset of data.datasets, each by its columns
+        if cfg.format in TOKEN_FORMATS:
+            seen |= {t for tags in rows[cfg.tags_column] for t in tags}
+        else:
+            seen |= set(rows[cfg.label_column])
     return [str(v) for v in sorted(seen, key=lambda v: (isinstance(v, str), v))]
 
 

@@ -22,6 +22,7 @@ from peftrun.data import (
     load_splits,
     tokenize_split,
 )
+from peftrun.datamix import tokenize_pieces
 from peftrun.errors import PeftrunError
 from peftrun.evaluate import EvalResult, evaluate, label_options, make_constraint
 from peftrun.generation import generate_texts
@@ -110,7 +111,7 @@ def run_eval(recipe, adapter: str | Path | None, *, allow_pickle: bool = False) 
         loader = DataLoader(data.eval, batch_size=size, shuffle=False, collate_fn=data.eval_collate)
         with autocast(recipe):
             return finite_metrics(objective.evaluate(model, loader, None), recipe, adapter)
-    eval_ds = tokenize_split(splits.eval, recipe.data, tokenizer, task, label_names, for_eval=True)
+    eval_ds = tokenize_pieces(splits, "eval", recipe.data, tokenizer, task, label_names, for_eval=True)
     loader = DataLoader(eval_ds, batch_size=size, shuffle=False, collate_fn=Collator(tokenizer.pad_token_id, task))
     with autocast(recipe):
         result = evaluate(

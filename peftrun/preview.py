@@ -30,19 +30,22 @@ class Counts:
         self.truncated += int(example.truncated)
 
 
-def count(ds, data_cfg, tokenizer, split: str, keep: int = 0) -> Counts:
-    """Every row of a split through causal_example (as training tokenises it), keeping the first `keep`."""
+def count(pieces, tokenizer, split: str, keep: int = 0) -> Counts:
+    """Every row of a split through causal_example (as training tokenises it), keeping the first `keep`.
+    `pieces`: (rows, data section) of each dataset (Splits.pieces), each read with its own keys."""
     from peftrun.data import causal_example
 
     counts = Counts()
-    for i, row in enumerate(ds):
-        try:
-            example = causal_example(row, data_cfg, tokenizer)
-        except PeftrunError as exc:
-            raise PeftrunError(f"{split} row {i}: {exc.message}", where=exc.where, hint=exc.hint) from None
-        counts.add(example)
-        if i < keep:
-            counts.first.append(example)
+    for index, (ds, data_cfg) in enumerate(pieces):
+        which = f"{split} row" if len(pieces) == 1 else f"data.datasets[{index}] {split} row"
+        for i, row in enumerate(ds):
+            try:
+                example = causal_example(row, data_cfg, tokenizer)
+            except PeftrunError as exc:
+                raise PeftrunError(f"{which} {i}: {exc.message}", where=exc.where, hint=exc.hint) from None
+            counts.add(example)
+            if counts.examples <= keep:
+                counts.first.append(example)
     return counts
 
 
@@ -84,8 +87,8 @@ def preview(recipe, n: int, console) -> dict[str, Counts]:
     tokenizer = load_tokenizer(recipe.model)
     splits = load_splits(data_cfg, recipe.training.seed)
     counts = {
-        "train": count(splits.train, data_cfg, tokenizer, "train", keep=n),
-        "eval": count(splits.eval, data_cfg, tokenizer, "eval"),
+        "train": count(splits.pieces("train", data_cfg), tokenizer, "train", keep=n),
+        "eval": count(splits.pieces("eval", data_cfg), tokenizer, "eval"),
     }
     marks = console.color_system is None
     for i, example in enumerate(counts["train"].first):

@@ -35,6 +35,7 @@ MAX_WORKERS = 64  # data loader worker processes
 MAX_PROCESSES = 1024  # training processes on one machine
 MAX_MACHINES = 2**16
 MAX_WEIGHT_DECAY = 100.0
+MAX_DATASETS = 64  # entries of data.datasets
 
 TaskType = Literal[TASK_TYPES]  # type: ignore[valid-type]  # the task types of peftrun.tasks
 
@@ -175,16 +176,81 @@ class DataSection(Section):
             )
         return value
 
+    # several datasets in one recipe (peftrun/datamix.py): each entry names its own source and may set any
+    # key above that is not global (DATA_GLOBAL_KEYS); the keys of data are the defaults every entry takes
+    datasets: list[DatasetEntry] | None = Field(default=None, min_length=1, max_length=MAX_DATASETS)
+    # concat: every row of every dataset; weights: mix_size training rows drawn by the entries' weights
+    # (default: weights when an entry has one, else concat)
+    mix: Literal["concat", "weights"] | None = None
+    mix_size: int | None = Field(default=None, ge=1, le=MAX_COUNT)  # default: all the datasets' training rows
+    # per_dataset: each dataset's eval file/split, else eval_fraction of its rows; global: data.eval_file, else
+    # eval_fraction of all the datasets' training rows together (default: global when data.eval_file is given)
+    held_out: Literal["per_dataset", "global"] | None = None
+
     @model_validator(mode="after")
     def _has_a_source(self) -> DataSection:
+        if self.datasets is not None:
+            given = [k for k in ("path", "train_file") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(
+                    f"give data.datasets or data.{given[0]}, not both (one dataset is a list of one entry)"
+                )
+            return self
+        mixing = [k for k in ("mix", "mix_size", "held_out") if getattr(self, k) is not None]
+        if mixing:
+            raise ValueError(f"data.{mixing[0]} mixes the entries of data.datasets, and there is none")
         if self.path is None and self.train_file is None:
-            raise ValueError("give data.path (a hub dataset or a local folder/file) or data.train_file")
+            raise ValueError(
+                "give data.path (a hub dataset or a local folder/file), data.train_file, or data.datasets"
+            )
         if self.chat_template and self.format != "chat":
             raise ValueError(
                 f"data.chat_template applies to format: chat, not {self.format} "
                 "(preference and prompt rows use the tokenizer's own template)"
             )
         return self
+
+
+# data keys that hold for the whole run, not per dataset: the model's input length, the classes, batching, the mix
+DATA_GLOBAL_KEYS = (
+    "datasets", "mix", "mix_size", "held_out", "max_length", "target_max_length", "verbalizer", "label_names",
+    "constrain_labels", "group_by_length", "packing", "task_names",
+)
+# data keys naming a dataset's own files: an entry never takes them from data
+DATA_SOURCE_KEYS = ("path", "name", "train_file", "eval_file", "test_file")
+
+
+def _dataset_entry_model() -> type[BaseModel]:
+    """One entry of data.datasets: every per-dataset key of DataSection (unset: data's value) and its weight.
+    Built from DataSection's fields, so a key added there is an entry key too; the entry is validated again
+    as a whole DataSection (recipe._check_datasets), with data's keys under it."""
+    from pydantic import create_model
+
+    fields: dict[str, Any] = {}
+    for name, info in DataSection.model_fields.items():
+        if name in DATA_GLOBAL_KEYS:
+            continue
+        copied = copy.copy(info)
+        copied.default, copied.default_factory = None, None
+        fields[name] = (info.annotation | None, copied)
+    fields["weight"] = (float | None, Field(default=None, gt=0.0, le=1e6))
+    return create_model(
+        "DatasetEntry", __base__=Section, __doc__="One dataset of data.datasets (peftrun/datamix.py).", **fields
+    )
+
+
+DatasetEntry = _dataset_entry_model()
+DataSection.model_rebuild()
+
+
+class EarlyStopping(Section):
+    """Stop when the metric has not improved for `patience` evaluations in a row (training.eval_steps and
+    epoch ends); peftrun/training/best.py. patience null: never stop, only track the best (load_best_at_end)."""
+
+    metric: str = Field(default="eval_loss", min_length=1)  # any metric an evaluation reports; eval_ optional
+    mode: Literal["min", "max", "auto"] = "auto"  # auto: min for a loss or perplexity, max otherwise
+    patience: int | None = Field(default=3, ge=1, le=MAX_COUNT)
+    min_delta: float = Field(default=0.0, ge=0.0)  # a smaller change is no improvement
 
 
 class TrainingSection(Section):
@@ -201,6 +267,11 @@ class TrainingSection(Section):
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)  # null: no clipping (inf is refused)
     seed: int = Field(default=42, ge=0, le=MAX_SEED)
     eval_each_epoch: bool = True
+    # also evaluate every N optimizer steps (the held-out metrics go into metrics.jsonl at that step)
+    eval_steps: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    early_stopping: EarlyStopping | None = None
+    # the adapter of the best evaluation (early_stopping's metric, else eval_loss) becomes the final adapter
+    load_best_at_end: bool = False
     logging_steps: int = Field(default=10, ge=1, le=MAX_COUNT)
     save_steps: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     save_each_epoch: bool = True
@@ -483,11 +554,26 @@ def _fields_at(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Field names valid at the parent of `loc`, for did-you-mean on unknown keys."""
     cls: Any = model_cls
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list (data.datasets)
+            continue
         field = getattr(cls, "model_fields", {}).get(str(part))
         if field is None:
             return []
-        cls = field.annotation
+        cls = _model_in(field.annotation)
     return list(getattr(cls, "model_fields", {}).keys())
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside `X | None` or `list[X]` (itself where it is one)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _short(value: Any) -> str:
@@ -576,18 +662,32 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def _list_index(items: list, part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise PeftrunError(f"--set {item.split('=', 1)[0]}: '{part}' is not an index of that list (0..{len(items) - 1})")
+    return int(part)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     data = copy.deepcopy(data)
     for item in overrides or []:
         parts, value = _parse_override(item)
-        node = data
+        node: Any = data
         for part in parts[:-1]:
+            if isinstance(node, list):  # an item of a list by its index: data.datasets.1.weight=2
+                node = node[_list_index(node, part, item)]
+                if not isinstance(node, (dict, list)):
+                    raise PeftrunError(f"--set {item.split('=', 1)[0]}: that list item holds a value, not keys")
+                continue
             child = node.get(part)
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 child = {}
                 node[part] = child
             node = child
-        node[parts[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, parts[-1], item)] = value
+        else:
+            node[parts[-1]] = value
     return data
 
 
@@ -686,8 +786,91 @@ OBJECTIVE_FIT = {
 }
 
 
+def entry_data(data: DataSection, index: int) -> DataSection:
+    """The data section that dataset `index` of data.datasets is read with: data's keys (but the mix and the
+    sources) with the entry's own keys over them. Raises pydantic's ValidationError for a bad combination."""
+    base = data.model_dump(exclude={"datasets", "mix", "mix_size", "held_out", *DATA_SOURCE_KEYS})
+    base.update(data.datasets[index].model_dump(exclude_unset=True, exclude={"weight"}))
+    return DataSection.model_validate(base)
+
+
+def _check_datasets(recipe: Recipe, source: str | None, lines: dict[tuple[str, ...], int]) -> None:
+    """Every entry of data.datasets makes a valid data section with data's keys under it; weights need mix:
+    weights; the entries' own held-out data fits held_out. Each error names the entry."""
+    data = recipe.data
+    if data.datasets is None:
+        return
+    weighted = [i for i, e in enumerate(data.datasets) if e.weight is not None]
+    for i, entry in enumerate(data.datasets):
+        at = ("data", "datasets", str(i))
+        if entry.path is None and entry.train_file is None:
+            raise PeftrunError(
+                "a dataset entry needs path (a hub dataset or a local folder/file) or train_file",
+                where=_where(source, lines, at),
+            )
+        try:
+            entry_data(data, i)
+        except ValidationError as err:
+            raise_validation_error(err, schema=DataSection, source=source, lines=lines, prefix=at)
+        if data.mix == "concat" and entry.weight is not None:
+            raise PeftrunError(
+                "a weight is read when mixing by weights; data.mix is concat (every row of every dataset)",
+                where=_where(source, lines, (*at, "weight")),
+                hint="set data.mix: weights, or remove the weight",
+            )
+        own_eval = [k for k in ("eval_file", "eval_split") if getattr(entry, k) is not None]
+        if own_eval and held_out(data) == "global":
+            raise PeftrunError(
+                f"{own_eval[0]} gives this dataset its own held-out rows, but data.held_out is global "
+                "(one eval set for all)",
+                where=_where(source, lines, (*at, own_eval[0])),
+                hint="set data.held_out: per_dataset, or remove it",
+            )
+    if mix_mode(data) == "concat" and data.mix_size is not None:
+        raise PeftrunError(
+            "data.mix_size is the number of rows drawn when mixing by weights; data.mix is concat (every row)",
+            where=_where(source, lines, ("data", "mix_size")),
+            hint="set data.mix: weights (and a weight on each entry), or remove mix_size",
+        )
+    if mix_mode(data) == "weights" and len(weighted) != len(data.datasets):
+        missing = next(i for i in range(len(data.datasets)) if i not in weighted)
+        raise PeftrunError(
+            "mixing by weights needs a weight on every dataset entry",
+            where=_where(source, lines, ("data", "datasets", str(missing))),
+            hint="e.g. weight: 1",
+        )
+    if data.eval_file is not None and held_out(data) == "per_dataset":
+        raise PeftrunError(
+            "data.eval_file is one eval set for all the datasets, but data.held_out is per_dataset",
+            where=_where(source, lines, ("data", "eval_file")),
+            hint="set data.held_out: global, or give each entry its own eval_file",
+        )
+
+
+def mix_mode(data: DataSection) -> str:
+    """How data.datasets are combined: data.mix, else weights when an entry has a weight, else concat."""
+    if data.mix is not None:
+        return data.mix
+    return "weights" if any(e.weight is not None for e in data.datasets or []) else "concat"
+
+
+def held_out(data: DataSection) -> str:
+    """Where data.datasets' eval rows come from: data.held_out, else global when data.eval_file is given."""
+    if data.held_out is not None:
+        return data.held_out
+    return "global" if data.eval_file is not None else "per_dataset"
+
+
+def data_formats(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
+    """(recipe key, format) of the data: data.format, or each dataset entry's."""
+    data = recipe.data
+    if data.datasets is None:
+        return [(("data", "format"), data.format)]
+    return [(("data", "datasets", str(i), "format"), entry_data(data, i).format) for i in range(len(data.datasets))]
+
+
 def _check_objective(recipe: Recipe, source: str | None, lines: dict[tuple[str, ...], int]) -> None:
-    objective, task, fmt = recipe.training.objective, recipe.model.task_type, recipe.data.format
+    objective, task = recipe.training.objective, recipe.model.task_type
     if recipe.method.components and task != TEXT_TO_IMAGE:
         raise PeftrunError(
             "method.text_encoder gives a text encoder's adapter its own parameters, which only TEXT_TO_IMAGE has",
@@ -699,13 +882,19 @@ def _check_objective(recipe: Recipe, source: str | None, lines: dict[tuple[str, 
             where=_where(source, lines, ("training", "objective")),
         )
     if objective == "supervised":
-        if fmt in ("preference", "prompts"):
-            raise PeftrunError(
-                f"data.format '{fmt}' is read by the preference objectives, not by supervised training",
-                where=_where(source, lines, ("data", "format")),
-                hint="set training.objective (reward, dpo or orpo for pairs; grpo for prompts)",
-            )
+        for key, fmt in data_formats(recipe):
+            if fmt in ("preference", "prompts"):
+                raise PeftrunError(
+                    f"data.format '{fmt}' is read by the preference objectives, not by supervised training",
+                    where=_where(source, lines, key),
+                    hint="set training.objective (reward, dpo or orpo for pairs; grpo for prompts)",
+                )
         return
+    if objective == "diffusion" and recipe.data.datasets is not None:
+        raise PeftrunError(
+            "DreamBooth reads one folder of instance images (data.path), not data.datasets",
+            where=_where(source, lines, ("data", "datasets")),
+        )
     want_task, want_format = OBJECTIVE_FIT[objective]
     if task != want_task:
         what = "a reward model is a one-output classifier" if objective == "reward" else "it trains a causal LM"
@@ -713,11 +902,12 @@ def _check_objective(recipe: Recipe, source: str | None, lines: dict[tuple[str, 
             f"training.objective '{objective}' needs task_type {want_task} ({what}), not {task}",
             where=_where(source, lines, ("model", "task_type")),
         )
-    if fmt != want_format:
-        raise PeftrunError(
-            f"training.objective '{objective}' reads data.format '{want_format}', not '{fmt}'",
-            where=_where(source, lines, ("data", "format")),
-        )
+    for key, fmt in data_formats(recipe):
+        if fmt != want_format:
+            raise PeftrunError(
+                f"training.objective '{objective}' reads data.format '{want_format}', not '{fmt}'",
+                where=_where(source, lines, key),
+            )
     if objective == "diffusion":
         _check_dreambooth(recipe, source, lines)
     if objective == "grpo" and not recipe.grpo.rewards:
@@ -807,6 +997,7 @@ def recipe_from_dict(
     recipe._source = source
     recipe._method_config = build_method_config(recipe, lines=lines, source=source)
     _check_task_ids(recipe, source, lines)
+    _check_datasets(recipe, source, lines)
     _check_objective(recipe, source, lines)
     if machine:
         _check_hardware(recipe, source, lines)
@@ -936,7 +1127,7 @@ PATH_KEYS = (
 
 
 def expand_home(data: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the raw recipe with `~` expanded in its path keys (and grpo.rewards[*].adapter)."""
+    """A copy of the raw recipe with `~` expanded in its path keys (and data.datasets' files, grpo.rewards[*].adapter)."""
     data = copy.deepcopy(data)
 
     def expand(node: Any, key: str) -> None:
@@ -950,6 +1141,11 @@ def expand_home(data: dict[str, Any]) -> dict[str, Any]:
         for key in keys[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
         expand(node, keys[-1])
+    entries = data["data"].get("datasets") if isinstance(data.get("data"), dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        for key in DATA_SOURCE_KEYS:
+            if key != "name":
+                expand(entry, key)
     rewards = (data.get("grpo") or {}).get("rewards") if isinstance(data.get("grpo"), dict) else None
     for reward in rewards if isinstance(rewards, list) else []:
         expand(reward, "adapter")

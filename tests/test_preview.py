@@ -89,3 +89,29 @@ def test_preview_of_smollm2_reads_no_weights(tmp_path):
     assert res.returncode == 0, res.stderr
     assert not cache.exists()
     assert "<|im_start|>assistant\n[[" in res.stdout and "<|im_end|>]]" in res.stdout
+
+
+def test_preview_of_several_datasets_reads_each_with_its_own_keys(tmp_path):
+    """data.datasets: a ShareGPT chat file and an OpenAI-messages file trained on the last answer only; the counts
+    are the two datasets' together, an error names the dataset."""
+    recipe = yaml.safe_load(open(write_recipe(tmp_path)))
+    first = recipe["data"].pop("train_file")
+    recipe["data"].pop("eval_file")
+    second = tmp_path / "messages.jsonl"
+    second.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                               {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}))
+    recipe["data"]["datasets"] = [
+        {"train_file": first, "eval_file": first},
+        {"train_file": str(second), "eval_file": str(second), "train_on": "last_assistant"},
+    ]
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = run_cli("preview", str(path), "-n", "4")
+    assert res.returncode == 0, res.stderr
+    # the second dataset's row: the same conversation as the first row, its earlier answer not trained
+    assert "user : a </s> assistant : b </s> user : c </s> assistant : [[d </s>]]" in res.stdout
+    table = [line.split("│") for line in res.stdout.splitlines() if line.startswith("│ train")]
+    assert [cell.strip() for cell in table[0][1:6]] == ["train", "4", "61", "11 (18.0%)", "1"]
+    second.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}]}))
+    res = run_cli("preview", str(path))
+    assert res.returncode == 2 and "data.datasets[1] train row 0" in res.stderr, res.stderr

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from peftrun.adapted import PeftrunModel, wrap
 from peftrun.chat import adopt_template
 from peftrun.data import load_splits
+from peftrun.datamix import mix_lines
 from peftrun.errors import PeftrunError
 from peftrun.io.outputs import is_empty_for_a_run, refuse_protected, user_path
 from peftrun.models import load_model, load_tokenizer
@@ -166,6 +167,8 @@ class Run:
     checkpoints: Checkpointer
     position: Position
     total_steps: int
+    data_mix: list[dict] | None = None  # data.datasets: what each dataset gave (datamix.mix_record)
+    evaluated: tuple[int, object] | None = None  # (step, EvalResult) of the last evaluation
 
 
 def prepare(recipe, out: Path, resume: bool, hooks: Hooks) -> Run:
@@ -176,6 +179,8 @@ def prepare(recipe, out: Path, resume: bool, hooks: Hooks) -> Run:
     set_seed(recipe.training.seed)
     objective = make_objective(recipe)
     tokenizer, splits, label_names, model = build(recipe, objective)
+    for line in mix_lines(splits, recipe.data, recipe.training.seed):  # data.datasets: the mix and its counts
+        accelerator.print(line)
     recipe = with_label_names(recipe, label_names, objective.num_labels(label_names))
     accelerator.print(model.trainable_report())
     train_loader, eval_loader = make_loaders(recipe, tokenizer, splits, label_names, objective, accelerator.print)
@@ -200,5 +205,5 @@ def prepare(recipe, out: Path, resume: bool, hooks: Hooks) -> Run:
     objective.bind(peft_model, tokenizer, label_names)
     return Run(
         recipe, out, accelerator, engine, model, peft_model, tokenizer, optimizer, scheduler,
-        train_loader, eval_loader, objective, checkpoints, position, total_steps,
+        train_loader, eval_loader, objective, checkpoints, position, total_steps, getattr(splits, "mix", None),
     )

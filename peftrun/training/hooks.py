@@ -2,7 +2,8 @@
 a NaN loss, a failed evaluation) at an exact step. A normal run passes no hooks and nothing happens.
 
 Points: "loss" (value: the step's loss; return the loss to use), "after_step", "eval" (before evaluating),
-"checkpoint_write" (inside a checkpoint's write, before it is complete).
+"eval_metrics" (value: an evaluation's metrics; return the metrics to use), "checkpoint_write" (inside a
+checkpoint's write, before it is complete).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from peftrun.io.outputs import RUN_CACHE, remove_inside, write_marker
 from peftrun.io.peft_format import save_adapter
 from peftrun.memory import MemoryTracker
 from peftrun.memory import report as memory_report
+from peftrun.training.best import criterion, track
 from peftrun.training.build import Run, check_output_dir, output_path, prepare
 from peftrun.training.engines import rank_spread
 from peftrun.training.hooks import Hooks, installed
@@ -88,6 +89,7 @@ def train_prepared(run: Run, hooks: Hooks) -> dict[str, Any]:
     log = open_log(run.recipe, out, acc)  # metrics.jsonl and the recipe's trackers (training.report_to)
     bar = ProgressBar(acc.is_main_process and cfg.progress_bar)
     last: dict[str, Any] = {}
+    record_data_mix(run, log)  # data.datasets: what each dataset gave, at the start of a new run
 
     with bar, StopRequest() as stop:
         for epoch in range(pos.epoch, cfg.num_epochs):
@@ -127,9 +129,11 @@ def train_prepared(run: Run, hooks: Hooks) -> dict[str, Any]:
                             lr = run.scheduler.get_last_lr()[0]
                             log.write({"step": pos.step, "epoch": epoch, "loss": loss.item(), "lr": lr, **step.metrics})
                         hooks.at("after_step", pos.step)
-                        stop_if_asked(run, stop)
+                        improved = evaluate_at_step(run, log, hooks, epoch)  # training.eval_steps
                         if cfg.save_steps and pos.step % cfg.save_steps == 0:
                             run.checkpoints.save(pos)
+                        keep_best(run, improved)
+                        stop_if_asked(run, stop)  # after this step's evaluation: a resumed run does not repeat it
             run.checkpoints.restore_rng()  # a run resumed at an epoch's end trains no batch of it
             bar.stop()
             record = {"epoch": epoch, "step": pos.step, **print_memory(acc, mem)}
@@ -137,11 +141,13 @@ def train_prepared(run: Run, hooks: Hooks) -> dict[str, Any]:
                 run.checkpoints.save(pos)  # before evaluating: a failed eval loses no training
             record.update(end_of_epoch(run, epoch, hooks))
             log.write(record)
+            keep_best(run, track_best(run, record, log))
             last = record
             stop_if_asked(run, stop)
             if done(run):
                 break
 
+    load_best_adapter(run, log)  # training.load_best_at_end
     save_final_adapter(run, log)
     log.close()  # trackers finished; loss.png drawn from metrics.jsonl
     return last
@@ -151,7 +157,9 @@ def train_prepared(run: Run, hooks: Hooks) -> dict[str, Any]:
 
 
 def done(run: Run) -> bool:
-    return bool(run.recipe.training.max_steps) and run.position.step >= run.recipe.training.max_steps
+    """max_steps reached, or early stopping says so (best.py)."""
+    cfg, pos = run.recipe.training, run.position
+    return (bool(cfg.max_steps) and pos.step >= cfg.max_steps) or pos.best.stopped
 
 
 def check_finite(run: Run, loss: torch.Tensor, epoch: int) -> None:
@@ -192,26 +200,102 @@ def end_of_epoch(run: Run, epoch: int, hooks: Hooks) -> dict[str, Any]:
     if not (cfg.eval_each_epoch or epoch == cfg.num_epochs - 1 or done(run)):
         acc.print(line)
         return record
-    try:
-        hooks.at("eval", pos.step)
-        with MemoryTracker("eval") as mem:
-            result = run.objective.evaluate(run.model, run.eval_loader, acc)
-    except Exception:
-        acc.print(
-            f"evaluation failed after epoch {epoch}; {run.checkpoints.describe_last()} "
-            f"(to retry from there: {resume_command(run.recipe)})", file=sys.stderr,
-        )
-        raise
+    if run.evaluated is not None and run.evaluated[0] == pos.step:  # eval_steps evaluated this very step
+        record.update(run.evaluated[1].metrics)
+        acc.print(line + eval_line(run.evaluated[1].metrics))
+        return record
+    with MemoryTracker("eval") as mem:
+        result = evaluate_now(run, hooks, f"after epoch {epoch}")
     eval_memory = print_memory(acc, mem)
     record.update(result.metrics)
     record.update(eval_memory)
-    for key in ("eval_loss", "eval_ppl"):
-        if key in result.metrics:
-            line += f" {key}={result.metrics[key]:.6f}"
-    acc.print(line)
+    acc.print(line + eval_line(result.metrics))
     for report in run.objective.report(result):
         acc.print(report)
     return record
+
+
+def eval_line(metrics: dict[str, Any]) -> str:
+    return "".join(f" {key}={metrics[key]:.6f}" for key in ("eval_loss", "eval_ppl") if key in metrics)
+
+
+def evaluate_now(run: Run, hooks: Hooks, when: str):
+    """The objective's held-out metrics now (remembered with their step in run.evaluated); a failed evaluation
+    says where training can be resumed from."""
+    acc, pos = run.accelerator, run.position
+    try:
+        hooks.at("eval", pos.step)
+        result = run.objective.evaluate(run.model, run.eval_loader, acc)
+    except Exception:
+        acc.print(
+            f"evaluation failed {when}; {run.checkpoints.describe_last()} "
+            f"(to retry from there: {resume_command(run.recipe)})", file=sys.stderr,
+        )
+        raise
+    result.metrics = hooks.at("eval_metrics", pos.step, result.metrics)
+    run.evaluated = (pos.step, result)
+    return result
+
+
+def evaluate_at_step(run: Run, log: MetricsLog, hooks: Hooks, epoch: int) -> bool:
+    """Every training.eval_steps optimizer steps: evaluate, write the metrics at this step, count it for early
+    stopping and the best adapter. Returns whether it is the best evaluation so far."""
+    cfg, pos, acc = run.recipe.training, run.position, run.accelerator
+    if not cfg.eval_steps or pos.step % cfg.eval_steps:
+        return False
+    result = evaluate_now(run, hooks, f"at step {pos.step}")
+    acc.print(f"step={pos.step}:" + eval_line(result.metrics))
+    for report in run.objective.report(result):
+        acc.print(report)
+    log.write({"step": pos.step, "epoch": epoch, **result.metrics})
+    return track_best(run, result.metrics, log)
+
+
+def track_best(run: Run, metrics: dict[str, Any], log: MetricsLog) -> bool:
+    """Count an evaluation for early stopping and the best adapter (best.py); says when it stops the run.
+    Returns whether the evaluation at this step is the best so far."""
+    crit, pos = criterion(run.recipe.training), run.position
+    if crit is None or not any(k.startswith("eval_") for k in metrics):
+        return False
+    line = track(pos.best, crit, pos.step, metrics)
+    if line:
+        run.accelerator.print(line)
+    if pos.best.stopped and line and line.startswith("early stopping"):
+        log.write({
+            "step": pos.step, "early_stopped": True, "best_step": pos.best.step, "best_value": pos.best.value,
+            "bad_evaluations": pos.best.bad,
+        })
+    return pos.best.step == pos.step
+
+
+def keep_best(run: Run, improved: bool) -> None:
+    """load_best_at_end: the best evaluation's step has a checkpoint (kept through pruning) to load at the end."""
+    if improved and run.recipe.training.load_best_at_end:
+        run.checkpoints.save(run.position)  # once per step: a checkpoint of this step is reused
+
+
+def load_best_adapter(run: Run, log: MetricsLog) -> None:
+    """load_best_at_end: the weights of the best evaluation's checkpoint become the final adapter; printed and
+    written to metrics.jsonl with the step they come from."""
+    cfg, pos, acc = run.recipe.training, run.position, run.accelerator
+    if not cfg.load_best_at_end:
+        return
+    best = pos.best
+    if best.step is None:
+        acc.print("load_best_at_end: no evaluation was counted; the final adapter is the last step's")
+        return
+    if best.step != pos.step:
+        run.checkpoints.load_weights(best.step)
+    acc.print(f"load_best_at_end: the final adapter is the one of step {best.step} ({best.metric}={best.value:.6f})")
+    log.write({"step": pos.step, "final_adapter_step": best.step, "best_metric": best.metric, "best_value": best.value})
+
+
+def record_data_mix(run: Run, log: MetricsLog) -> None:
+    """data.datasets: how many rows each dataset gave, written once at the start of a new run (a resumed run
+    keeps the record of its start)."""
+    pos = run.position
+    if run.data_mix and (pos.step, pos.epoch, pos.batches) == (0, 0, 0):
+        log.write({"step": 0, "data_mix": run.data_mix})
 
 
 def print_memory(acc, tracker: MemoryTracker) -> dict[str, Any]:

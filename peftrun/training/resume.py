@@ -22,7 +22,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from peftrun.io.peft_format import (
     save_torch,
     write_adapter,
 )
+from peftrun.training.best import BestState
 from peftrun.training.engines import OPTIMIZER_FILE, Engine
 from peftrun.training.hooks import Hooks
 from peftrun.training.launch import launched
@@ -86,12 +87,17 @@ class Position:
     metrics_lines: int = 0  # lines of metrics.jsonl written up to here
     world_size: int = 1
     total_steps: int = 0
+    best: BestState = field(default_factory=BestState)  # early stopping and the best evaluation (best.py)
 
     def next_epoch(self, epoch: int) -> None:
         self.epoch, self.batches, self.loss_sum, self.seen = epoch, 0, 0.0, 0
 
 
 # ------------------------------------------------------------------ finding and pruning
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
 
 
 def checkpoint_root(output_dir: str | os.PathLike[str]) -> Path:
@@ -132,9 +138,9 @@ def read_position(folder: Path) -> Position:
     missing = [k for k in POSITION_REQUIRED if k not in state]
     if missing:
         raise PeftrunError(f"'{missing[0]}' is missing", where=str(file))
-    values = {}
+    values: dict[str, Any] = {"best": BestState.from_json(state.get("best"), str(file))}
     for name, spec in Position.__dataclass_fields__.items():
-        if name not in state:
+        if name not in state or name == "best":
             continue
         value = state[name]
         kinds = (int, float) if spec.type in ("float", float) else (int,)
@@ -179,12 +185,13 @@ def checkpoint_fault(folder: Path, rank: int = 0) -> tuple[str, str] | None:
     return None
 
 
-def prune(output_dir: str | os.PathLike[str], keep: int | None) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints; touches output_dir/checkpoints only, and never
-    through a symbolic link: a checkpoints/ that links elsewhere is not pruned (io.outputs.remove_inside)."""
+def prune(output_dir: str | os.PathLike[str], keep: int | None, *, keep_step: int | None = None) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (and the one of `keep_step`: the best, for
+    load_best_at_end); touches output_dir/checkpoints only, and never through a symbolic link: a checkpoints/
+    that links elsewhere is not pruned (io.outputs.remove_inside)."""
     if not keep or checkpoint_root(output_dir).is_symlink():
         return []
-    old = complete_checkpoints(output_dir)[:-keep]
+    old = [p for p in complete_checkpoints(output_dir)[:-keep] if keep_step is None or p.name != step_name(keep_step)]
     for path in old:
         remove_inside(path, Path(output_dir))
     return old
@@ -404,6 +411,23 @@ class Checkpointer:
         self.last = folder
         return position
 
+    def load_weights(self, step: int) -> Path:
+        """Put the trainable weights (and the method's loop state) of this run's checkpoint at `step` back into
+        the model (load_best_at_end); the optimizer, scheduler and position stay as they are. A collective."""
+        folder = checkpoint_root(self.out) / step_name(step)
+        if not (folder / STATE_FILE).is_file():
+            raise PeftrunError(
+                f"the checkpoint of step {step} is missing", where=str(folder),
+                hint="it is kept for load_best_at_end: was it deleted by hand?",
+            )
+        peft_model = self.accelerator.unwrap_model(self.model)
+        if (folder / TRAINABLE_FILE).is_file():
+            load_trainable_state(self.engine, self.model, peft_model, load_file(str(folder / TRAINABLE_FILE)), folder)
+        else:
+            _, adapter_state = read_adapter(folder)
+            self.engine.load_whole_adapter(self.model, peft_model, peft_model.active_adapter, adapter_state)
+        return folder
+
     def restore_rng(self) -> None:
         """Put back the RNG states at the point of the loop where they were saved (once)."""
         if self._pending_rng is not None:
@@ -456,7 +480,8 @@ class Checkpointer:
                     save_torch(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
                     write_rng(folder, states)
                     (folder / STATE_FILE).write_text(json.dumps(asdict(position), indent=1) + "\n")
-                prune(self.out, self.recipe.training.keep_last_n)
+                keep_step = position.best.step if self.recipe.training.load_best_at_end else None
+                prune(self.out, self.recipe.training.keep_last_n, keep_step=keep_step)
         acc.wait_for_everyone()
         self.last = root / name
         return self.last

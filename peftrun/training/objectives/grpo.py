@@ -41,9 +41,12 @@ class GRPO(Objective):
 
     def data(self, tokenizer, splits, label_names):
         notes, rows = [], {}
-        for split, ds in (("train", splits.train), ("eval", splits.eval)):
+        for split in ("train", "eval"):
             bad = BadRows(self.recipe.data.bad_rows)
-            rows[split] = tokenize_prompts(ds, self.recipe.data, tokenizer, bad=bad)
+            rows[split] = [  # each dataset of data.datasets with its own data section
+                prompt for ds, cfg in splits.pieces(split, self.recipe.data)
+                for prompt in tokenize_prompts(ds, cfg, tokenizer, bad=bad)
+            ]
             if bad.line(split):
                 notes.append(bad.line(split))
             if not rows[split]:

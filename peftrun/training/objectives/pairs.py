@@ -23,9 +23,12 @@ class PairObjective(Objective):
     def data(self, tokenizer, splits, label_names):
         causal = self.recipe.model.task_type == CAUSAL_LM
         notes, rows = [], {}
-        for split, ds in (("train", splits.train), ("eval", splits.eval)):
+        for split in ("train", "eval"):
             bad = BadRows(self.recipe.data.bad_rows)
-            rows[split] = tokenize_pairs(ds, self.recipe.data, tokenizer, causal=causal, bad=bad)
+            rows[split] = [  # each dataset of data.datasets with its own data section
+                pair for ds, cfg in splits.pieces(split, self.recipe.data)
+                for pair in tokenize_pairs(ds, cfg, tokenizer, causal=causal, bad=bad)
+            ]
             if bad.line(split):
                 notes.append(bad.line(split))
         from peftrun.errors import PeftrunError

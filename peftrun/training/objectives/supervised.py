@@ -4,7 +4,8 @@ Evaluated per task: accuracy and F1, entity F1, perplexity, generated-label accu
 
 from __future__ import annotations
 
-from peftrun.data import Collator, label_names_for, model_inputs, tokenize_split
+from peftrun.data import Collator, label_names_for, model_inputs
+from peftrun.datamix import tokenize_pieces
 from peftrun.evaluate import evaluate
 from peftrun.tasks import has_label_names
 from peftrun.training.objectives import Data, Objective, StepResult
@@ -19,8 +20,9 @@ class Supervised(Objective):
 
     def data(self, tokenizer, splits, label_names):
         task, cfg = self.recipe.model.task_type, self.recipe.data
-        train = tokenize_split(splits.train, cfg, tokenizer, task, label_names, for_eval=False)
-        eval_ = tokenize_split(splits.eval, cfg, tokenizer, task, label_names, for_eval=True)
+        # each dataset of data.datasets with its own data section (peftrun/datamix.py); else the one dataset
+        train = tokenize_pieces(splits, "train", cfg, tokenizer, task, label_names, for_eval=False)
+        eval_ = tokenize_pieces(splits, "eval", cfg, tokenizer, task, label_names, for_eval=True)
         collate = Collator(tokenizer.pad_token_id, task)
         return Data(train, eval_, collate, collate)
 
