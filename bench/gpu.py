@@ -17,7 +17,10 @@ The t0 and sd rows print the GPU peak the loop's memory tracker measures (peftru
 beside the seed's figure and `peftrun estimate`'s. `--dry-run` (or no CUDA) measures nothing: it prints each
 part's skip line, the recipes and settings it would use and the estimate figures, and exits 0.
 
-    python bench/gpu.py [--dry-run] [--parts bench,memory,bnb,t0,sd] [--steps 3] [--out DIR]
+    python bench/gpu.py [--dry-run | --cpu-check] [--parts bench,memory,bnb,t0,sd] [--steps 3] [--out DIR]
+
+`--cpu-check` runs the t0 rows' code (model built from the bundled config, adapter, batch, steps under the
+memory tracker) on a tiny T5 on the CPU: a check that the code works, no figure.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 GB = 1e9
+DEVICE = "cuda"  # --cpu-check runs the T0 rows' code on a tiny T5 on the CPU instead (nothing measured)
 PARTS = ("bench", "memory", "bnb", "t0", "sd")
 T0_RECIPE = REPO / "recipes" / "t0_3b_lora_twitter.yaml"
 T0_ZERO3_RECIPE = REPO / "recipes" / "t0_3b_lora_ds_zero3_offload.yaml"
@@ -56,7 +60,16 @@ MEMORY_SETTINGS = [
     "training.progress_bar=false",
     "overwrite=true",
 ]
-BNB_SHAPE = "HuggingFaceTB/SmolLM2-135M"  # bundled config; batch 4 x 256 as the bench's llama row
+BNB_SHAPE = "HuggingFaceTB/SmolLM2-135M"
+# --cpu-check: T0_3B's architecture shrunk (1+1 layers, width 32); its vocabulary stays
+TINY_T5 = {
+    "num_layers": 1,
+    "num_decoder_layers": 1,
+    "d_model": 32,
+    "d_ff": 64,
+    "num_heads": 2,
+    "d_kv": 16,
+}  # bundled config; batch 4 x 256 as the bench's llama row
 
 
 def say(line: str = "") -> None:
@@ -151,7 +164,8 @@ def describe_recipe(setting: str, recipe) -> str:
 
 
 def table(title: str, seed: dict[str, float], est: dict[str, float], measured: dict[str, str]) -> list[str]:
-    lines = [title, f"  {'setting':32s} {'seed':>9s} {'estimate':>9s}  measured (GPU peak, this run)"]
+    what = "GPU peak, this run" if DEVICE == "cuda" else "--cpu-check: a tiny model's CPU RSS peak, no figure"
+    lines = [title, f"  {'setting':32s} {'seed':>9s} {'estimate':>9s}  measured ({what})"]
     for setting, want in seed.items():
         got = est.get(setting)
         lines.append(
@@ -179,7 +193,7 @@ def tracked_steps(
     with MemoryTracker("train") as mem:
         for i in range(steps):
             if i == 1:
-                torch.cuda.synchronize()
+                sync()
                 started = time.perf_counter()
             loss = batch_fn()
             if step_fn is not None:
@@ -188,10 +202,18 @@ def tracked_steps(
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
     per_step = (time.perf_counter() - started) / (steps - 1) if started else float("nan")
     lines, _ = memory_report(mem)
-    return lines, torch.cuda.max_memory_allocated() / GB, per_step
+    peak = torch.cuda.max_memory_allocated() / GB if DEVICE == "cuda" else mem.cpu_peak / GB
+    return lines, peak, per_step
+
+
+def sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def free_cuda() -> None:
@@ -200,8 +222,9 @@ def free_cuda() -> None:
     import torch
 
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def lm_batch(recipe, vocab: int, device: str) -> dict:
@@ -230,8 +253,10 @@ def measure_t0(setting: str, recipe, steps: int) -> str:
     free_cuda()
     m = recipe.model
     if "ZeRO-3" in setting:
+        if DEVICE != "cuda":
+            return "skipped: ZeRO-3 offload runs on CUDA only here (--cpu-check)"
         return measure_t0_zero3(recipe, steps)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         base = build_from_config(
             m.name_or_path, m.task_type, dtype=DTYPES[m.dtype], overrides=m.config_overrides
         )
@@ -240,7 +265,7 @@ def measure_t0(setting: str, recipe, steps: int) -> str:
     else:
         model = wrap(base, m.task_type, recipe.method.name, recipe.method_config)
     model.train()
-    batch = lm_batch(recipe, base.config.vocab_size, "cuda")
+    batch = lm_batch(recipe, base.config.vocab_size, DEVICE)
     params = [p for p in model.parameters() if p.requires_grad]
     lines, peak, per_step = tracked_steps(
         model, lambda: model(**batch).loss, params, steps, recipe.training.learning_rate
@@ -286,7 +311,7 @@ def measure_t0_zero3(recipe, steps: int) -> str:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
-    batch = lm_batch(recipe, base.config.vocab_size, "cuda")
+    batch = lm_batch(recipe, base.config.vocab_size, DEVICE)
 
     def step(loss):
         engine.backward(loss)
@@ -445,8 +470,8 @@ def run_rows(name: str, plan, seed, est, reason, measure, args) -> dict:
 
 
 def part_t0(args, reason: str | None) -> dict:
-    est = t0_estimates()
-    measured = run_rows("t0", t0_plan(), T0_SEED, est, reason, measure_t0, args)
+    est = {} if args.cpu_check else t0_estimates()
+    measured = run_rows("t0", t0_plan(args.t0_overrides), T0_SEED, est, reason, measure_t0, args)
     for line in table("T0_3B (seed: A100 80GB, fp32, batch 8)", T0_SEED, est, measured):
         say(line)
     return {"seed": T0_SEED, "estimate": est, "measured": measured}
@@ -468,19 +493,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dry-run", action="store_true", help="measure nothing: skip lines, plans, estimates"
     )
-    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument(
+        "--cpu-check",
+        action="store_true",
+        help="run the t0 rows' code on the CPU on a tiny T5 (the T0_3B config shrunk): a check of the code, not a figure",
+    )
+    parser.add_argument(
+        "--parts", default=None, help=f"comma-separated, from {','.join(PARTS)} (default: all)"
+    )
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per measured row")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "out" / "gpu"))
     parser.add_argument("--bench-timeout", type=int, default=240)
     parser.add_argument("--part-timeout", type=int, default=180)
     args = parser.parse_args(argv)
-    parts = [p for p in args.parts.split(",") if p]
+    global DEVICE
+    args.t0_overrides = []
+    if args.cpu_check:
+        DEVICE = "cpu"
+        args.parts = args.parts or "t0"
+        args.steps = min(args.steps, 2)
+        args.t0_overrides = [f"model.config_overrides={json.dumps(TINY_T5)}"]
+    parts = [p for p in (args.parts or ",".join(PARTS)).split(",") if p]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         parser.error(f"unknown part(s): {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    reason = "--dry-run" if args.dry_run else cuda_reason()
-    if reason is None:
+    reason = "--dry-run" if args.dry_run else None if args.cpu_check else cuda_reason()
+    if reason is None and DEVICE == "cuda":
         import torch
 
         say(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")

@@ -5,6 +5,7 @@ figures it prints beside the seed's (the README's table)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -82,3 +83,23 @@ def test_plans_are_the_seed_settings():
         assert recipe.dreambooth.with_prior_preservation and recipe.dreambooth.train_text_encoder
         assert recipe.model.gradient_checkpointing == (setting == "lora + gradient checkpointing")
         assert recipe.method_config.r == 16 and recipe.method_config.target_modules == ["to_q", "to_v"]
+
+
+def test_cpu_check_runs_the_t0_rows_code(tmp_path):
+    """The measuring code itself (T0_3B's config shrunk, random weights, the seed's batch, the loop's memory
+    tracker), on the CPU: each row runs its steps and prints the seed's memory lines."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu.py"), "--cpu-check", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.count("CPU Total Peak Memory consumed during the train (max): ") == 2
+    for setting in ("full fine-tuning", "lora"):
+        assert re.search(rf"^  {setting}: [\d.]+G \([\d.]+ s/step\)$", out, re.M), out
+    assert "lora + ZeRO-3 CPU offload: skipped: ZeRO-3 offload runs on CUDA only here" in out
