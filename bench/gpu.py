@@ -40,8 +40,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 GB = 1e9
+DEADLINE = float("inf")  # time.monotonic() after which no part or row begins (--budget)
 DEVICE = "cuda"  # --cpu-check runs the T0 rows' code on a tiny T5 on the CPU instead (nothing measured)
-PARTS = ("bench", "memory", "bnb", "t0", "sd")
+PARTS = ("t0", "sd", "bnb", "memory", "bench")  # the seed's tables first: a --budget cut falls on the rest
 T0_RECIPE = REPO / "recipes" / "t0_3b_lora_twitter.yaml"
 T0_ZERO3_RECIPE = REPO / "recipes" / "t0_3b_lora_ds_zero3_offload.yaml"
 SD_RECIPE = REPO / "recipes" / "sd_v1_4_dreambooth_lora.yaml"
@@ -452,12 +453,20 @@ def part_bnb(args, reason: str | None) -> None:
             say(f"bnb: {bits}-bit LoRA FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
 
 
+def over_budget() -> str | None:
+    """The reason to skip what is left once --budget seconds have passed (the script must end in time)."""
+    if time.monotonic() > DEADLINE:
+        return "over the time budget (--budget)"
+    return None
+
+
 def run_rows(name: str, plan, seed, est, reason, measure, args) -> dict:
     measured: dict[str, str] = {}
     for setting, recipe in plan:
         say(f"{name}: {setting}: {describe_recipe(setting, recipe)}")
-        if reason:
-            measured[setting] = f"skipped: {reason}"
+        late = None if reason else over_budget()
+        if reason or late:
+            measured[setting] = f"skipped: {reason or late}"
             continue
         try:
             measured[setting] = measure(setting, recipe, args.steps)
@@ -503,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per measured row")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "out" / "gpu"))
+    parser.add_argument(
+        "--budget", type=float, default=420, help="seconds; parts and rows not begun by then skip"
+    )
     parser.add_argument("--bench-timeout", type=int, default=150)
     parser.add_argument("--part-timeout", type=int, default=180)
     args = parser.parse_args(argv)
@@ -525,8 +537,14 @@ def main(argv: list[str] | None = None) -> int:
         say(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     started = time.perf_counter()
     report: dict = {"reason": reason}
+    global DEADLINE
+    DEADLINE = time.monotonic() + args.budget
     for part in parts:
         t = time.perf_counter()
+        late = None if reason else over_budget()
+        if late:
+            say(f"SKIP {part}: {late}")
+            continue
         result = {"bench": part_bench, "memory": part_memory, "bnb": part_bnb, "t0": part_t0, "sd": part_sd}[
             part
         ](args, reason)

@@ -103,3 +103,25 @@ def test_cpu_check_runs_the_t0_rows_code(tmp_path):
     for setting in ("full fine-tuning", "lora"):
         assert re.search(rf"^  {setting}: [\d.]+G \([\d.]+ s/step\)$", out, re.M), out
     assert "lora + ZeRO-3 CPU offload: skipped: ZeRO-3 offload runs on CUDA only here" in out
+
+
+def test_parts_not_begun_within_the_budget_skip(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu.py"),
+            "--cpu-check",
+            "--budget",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SKIP t0: over the time budget (--budget)" in proc.stdout
