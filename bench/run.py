@@ -8,7 +8,9 @@ frozen forward+backward (the limit) and to peft, and the targets met or missed, 
 and bench/results.json. Then the end-to-end run: recipes/offline/minilm_sst2_lora.yaml (+ group_by_length) through the
 peftrun CLI against bench/peft_trainer_sst2.py (HF peft + Trainer): wall time, peak RSS, accuracy.
 
-    python -m bench.run [--quick] [--rounds N] [--models minilm,llama,t5] [--no-e2e] [--tiny]
+Last, the CLI's latency: `peftrun validate` and `--help` in fresh processes beside `python -c pass`.
+
+    python -m bench.run [--quick] [--rounds N] [--models minilm,llama,t5] [--no-e2e] [--tiny] [--cli-only]
 """
 
 from __future__ import annotations
@@ -307,6 +309,64 @@ def e2e_once(impl: str, data: Path, out: Path, args) -> dict:
     return res
 
 
+# ------------------------------------------------------------------ CLI latency
+
+CLI_RECIPE = "recipes/t0_3b_lora_twitter.yaml"
+# what a user types, each in a fresh process, beside the interpreter's own start (python -c pass)
+CLI_COMMANDS = {
+    "python -c pass": ["-c", "pass"],
+    "peftrun --help": ["-m", "peftrun", "--help"],
+    f"peftrun validate {CLI_RECIPE}": ["-m", "peftrun", "validate", CLI_RECIPE],
+}
+CLI_LIMIT_S = 1.0  # issue #18: a CLI people type all day answers in well under a second
+
+
+def run_cli_latency(args) -> dict:
+    """Wall time of each CLI_COMMANDS entry, interleaved over --cli-rounds fresh processes: median and min."""
+    walls: dict[str, list[float]] = {name: [] for name in CLI_COMMANDS}
+    for _ in range(args.cli_rounds):
+        for name, argv in CLI_COMMANDS.items():
+            started = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, *argv], cwd=REPO, env=child_env(args.threads), capture_output=True
+            )
+            if proc.returncode != 0:
+                return {"error": f"{name}: exit {proc.returncode}: {proc.stderr.decode()[-300:]}"}
+            walls[name].append(time.perf_counter() - started)
+    out = {
+        name: {"median_s": statistics.median(w), "min_s": min(w), "runs": len(w)} for name, w in walls.items()
+    }
+    log("[cli] " + "  ".join(f"{name}: {v['median_s']:.3f}s" for name, v in out.items()))
+    return {"commands": out, "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def cli_markdown(cli: dict) -> tuple[list[str], list[str]]:
+    """(the Targets row, the section) for RESULTS.md."""
+    if "error" in cli:
+        return [], ["", "## CLI latency", "", f"Failed: {cli['error']}."]
+    validate = cli["commands"][f"peftrun validate {CLI_RECIPE}"]["median_s"]
+    row = [
+        f"| CLI: `peftrun validate` wall time, s | cli | {validate:.3f} | < {CLI_LIMIT_S:.2f} | "
+        f"{'met' if validate < CLI_LIMIT_S else 'MISSED'} |"
+    ]
+    section = [
+        "",
+        "## CLI latency",
+        "",
+        "Wall time of each command in a fresh process (interleaved; median and fastest of the runs), beside "
+        "the interpreter's own start. `validate`, `--help`, `methods` and `schema` import no torch, "
+        "transformers or datasets (tests/test_cli_imports.py).",
+        "",
+        "| command | median (s) | min (s) | runs |",
+        "|---|---|---|---|",
+    ]
+    section += [
+        f"| `{name}` | {v['median_s']:.3f} | {v['min_s']:.3f} | {v['runs']} |"
+        for name, v in cli["commands"].items()
+    ]
+    return row, section
+
+
 # ------------------------------------------------------------------ summary
 
 
@@ -419,6 +479,8 @@ def write_markdown(path: Path, report: dict) -> None:
             missed.append(("SST-2 wall time", "minilm", r["wall"], 0.6, "e2e:wall"))
         if r["rss"] > 0.9:
             missed.append(("SST-2 peak RSS", "minilm", r["rss"], 0.9, "e2e:rss"))
+    cli_row, cli_section = cli_markdown(report["cli"]) if "cli" in report else ([], [])
+    lines += cli_row
     if missed:
         lines += ["", "### Missed, by how much and why", ""]
         for name, model, ratio, limit, key in missed:
@@ -465,6 +527,7 @@ def write_markdown(path: Path, report: dict) -> None:
             for r in e2e.get("runs", []):
                 if "error" in r:
                     lines.append(f"\n{r['impl']} failed: {r['error']}")
+    lines += cli_section
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -498,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         "--e2e-train-samples", type=int, default=None, help="SST-2 training rows (default: the recipe's)"
     )
     parser.add_argument("--tiny", action="store_true", help="tiny models: a smoke run of the code paths")
+    parser.add_argument("--cli-rounds", type=int, default=7, help="fresh processes per CLI command (0: none)")
+    parser.add_argument("--cli-only", action="store_true", help="only the CLI latency rows")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per process")
     parser.add_argument("--out-dir", default=str(HERE))
     args = parser.parse_args(argv)
@@ -515,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     if load_before is not None and load_before > 2.0 and not args.tiny:
         log(f"warning: 1-minute load average is {load_before:.1f}; timings on a busy machine are noise")
     started = time.perf_counter()
-    runs = run_micro(args)
+    runs = [] if args.cli_only else run_micro(args)
     report = {
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -525,8 +590,10 @@ def main(argv: list[str] | None = None) -> int:
         "models": summarise(runs),
         "runs": runs,
     }
-    if not args.no_e2e:
+    if not (args.no_e2e or args.cli_only):
         report["e2e"] = run_e2e(args)
+    if args.cli_rounds > 0:
+        report["cli"] = run_cli_latency(args)
     report["elapsed_s"] = time.perf_counter() - started
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

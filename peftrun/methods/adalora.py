@@ -35,56 +35,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from peftrun.errors import PeftrunError
-from peftrun.methods import Method
+from peftrun.methods.configs import SPECS, AdaLoraConfig, check_schedule
 from peftrun.methods.inject import Injected, inject
 from peftrun.methods.layers import AdapterLayer
-from peftrun.methods.lora import LoraConfig
 from peftrun.methods.targets import ADALORA_TARGETS
 
 RANKNUM_EPS = 1e-5  # peft's guard in alpha / (ranknum + eps); kept so outputs agree to the last bit
-
-
-class AdaLoraConfig(LoraConfig):
-    target_r: int = Field(default=8, ge=0)
-    init_r: int = Field(default=12, ge=1)
-    tinit: int = Field(default=0, ge=0)
-    tfinal: int = Field(default=0, ge=0)
-    deltaT: int = Field(default=1, ge=1)
-    beta1: float = Field(default=0.85, gt=0.0, lt=1.0)
-    beta2: float = Field(default=0.85, gt=0.0, lt=1.0)
-    orth_reg_weight: float = Field(default=0.5, ge=0.0)
-    # None: the training loop's number of optimizer steps (written into the saved config).
-    total_step: int | None = Field(default=None, ge=1)
-    # peft's layout: "<module path>.lora_E" -> init_r flags, True where the triplet was kept.
-    rank_pattern: dict[str, list[bool]] | None = None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> AdaLoraConfig:
-        if self.use_dora:
-            raise ValueError("AdaLoRA has no DoRA variant: set use_dora: false")
-        if self.use_rslora:
-            raise ValueError("AdaLoRA scales by lora_alpha / init_r; use_rslora does not apply to it")
-        if self.alpha_pattern:
-            raise ValueError(
-                "AdaLoRA uses one lora_alpha for every layer; alpha_pattern does not apply to it"
-            )
-        if self.target_r > self.init_r:
-            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
-        if self.total_step is not None:
-            check_schedule(self.tinit, self.tfinal, self.total_step)
-        return self
-
-
-def check_schedule(tinit: int, tfinal: int, total_step: int) -> None:
-    if tinit >= total_step - tfinal:
-        raise ValueError(
-            f"tinit ({tinit}) must be below total_step - tfinal ({total_step} - {tfinal}): "
-            "no step is left for moving the rank budget"
-        )
 
 
 class AdaLoraLayer(AdapterLayer):
@@ -403,13 +362,7 @@ def apply(peft_model, config: AdaLoraConfig, adapter_name: str) -> Injected:
     )
 
 
-METHOD = Method(
-    name="adalora",
-    peft_type="ADALORA",
-    kind="reparameterisation",
-    summary="SVD-form low-rank update P·Λ·Q whose rank budget is pruned to the most important triplets",
-    mergeable=True,
-    Config=AdaLoraConfig,
+METHOD = SPECS["adalora"].implement(
     apply=apply,
     load_state=load_state,
     extra_loss=extra_loss,

@@ -19,50 +19,16 @@ The adapter is nonlinear in h, so it cannot be folded into W_o: merging is refus
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from peftrun.errors import PeftrunError
-from peftrun.methods import Method, TunerConfig
+from peftrun.methods.configs import SPECS, BottleneckConfig
 from peftrun.methods.inject import Injected, inject
 from peftrun.methods.layers import AdapterLayer
 from peftrun.methods.targets import SUBLAYER_OUTPUTS
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-DEFAULT_REDUCTION = 16
-
-
-class BottleneckConfig(TunerConfig):
-    reduction_factor: float | None = Field(default=None, gt=0)
-    bottleneck_size: int | None = Field(default=None, ge=1)
-    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    # Which sub-layers get an adapter (ignored when target_modules names the output projections itself).
-    sublayers: list[Literal["attention", "ffn"]] = Field(
-        default_factory=lambda: ["attention", "ffn"], min_length=1
-    )
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    init_weights: bool = True
-
-    @model_validator(mode="after")
-    def _one_size(self) -> BottleneckConfig:
-        if self.reduction_factor is not None and self.bottleneck_size is not None:
-            raise ValueError("give reduction_factor or bottleneck_size, not both")
-        return self
-
-    def peft_fields(self) -> dict:
-        """Left to defaults, the adapted modules follow from model type and `sublayers`; saved that way."""
-        body = super().peft_fields()
-        if body.get("target_modules") is None:
-            body.pop("target_modules", None)
-        return body
-
-    def size_for(self, hidden: int) -> int:
-        if self.bottleneck_size is not None:
-            return self.bottleneck_size
-        return max(1, int(hidden // (self.reduction_factor or DEFAULT_REDUCTION)))
 
 
 class BottleneckLayer(AdapterLayer):
@@ -123,12 +89,4 @@ def apply(peft_model, config: BottleneckConfig, adapter_name: str) -> Injected:
     )
 
 
-METHOD = Method(
-    name="bottleneck",
-    peft_type="BOTTLENECK",
-    kind="additive",
-    summary="Houlsby adapters: down-project, nonlinearity, up-project, residual, after attention and feed-forward",
-    mergeable=False,
-    Config=BottleneckConfig,
-    apply=apply,
-)
+METHOD = SPECS["bottleneck"].implement(apply=apply)

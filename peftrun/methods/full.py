@@ -14,13 +14,9 @@ from __future__ import annotations
 import torch
 
 from peftrun.errors import PeftrunError
-from peftrun.methods import Method, MethodConfig
+from peftrun.methods.configs import SPECS, FullConfig
 
 KEY_PREFIX = "base_model.model."
-
-
-class FullConfig(MethodConfig):
-    """No parameters: everything trains."""
 
 
 def apply(peft_model, config: FullConfig, name: str) -> None:
@@ -56,16 +52,4 @@ def load_state(peft_model, name: str, tensors: dict[str, torch.Tensor]) -> None:
     peft_model.model.load_state_dict(saved, strict=True)
 
 
-METHOD = Method(
-    name="full",
-    peft_type="FULL",
-    kind="selective/hybrid",
-    summary="full fine-tuning (not PEFT): every base parameter trains; saves the whole model, the baseline "
-    "adapters are compared with",
-    mergeable=True,
-    Config=FullConfig,
-    apply=apply,
-    state=state,
-    load_state=load_state,
-    trains_base_weights=True,
-)
+METHOD = SPECS["full"].implement(apply=apply, state=state, load_state=load_state)

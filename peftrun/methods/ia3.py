@@ -17,36 +17,12 @@ import re
 from collections.abc import Iterable, Sequence
 
 import torch
-from pydantic import model_validator
 from torch import nn
 
-from peftrun.methods import Method, TunerConfig
+from peftrun.methods.configs import SPECS, IA3Config
 from peftrun.methods.inject import Injected, inject
 from peftrun.methods.layers import AdapterLayer
 from peftrun.methods.targets import IA3_FEEDFORWARD, IA3_TARGETS, default_targets
-
-
-class IA3Config(TunerConfig):
-    feedforward_modules: list[str] | str | None = None
-    fan_in_fan_out: bool = False  # each layer knows its orientation; saved True for GPT-2-style Conv1D
-    init_ia3_weights: bool = True
-
-    @model_validator(mode="after")
-    def _feedforward_are_targets(self) -> IA3Config:
-        ff, targets = self.feedforward_modules, self.target_modules
-        if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):
-            raise ValueError(
-                f"feedforward_modules {sorted(set(ff) - set(targets))} are not in target_modules; "
-                "a feed-forward module must also be a target"
-            )
-        return self
-
-    def peft_fields(self):
-        body = super().peft_fields()
-        for key in ("layers_to_transform", "layers_pattern"):  # not IA3Config fields in peft
-            if body.get(key) is None:
-                body.pop(key, None)
-        return body
 
 
 def is_feedforward(name: str, feedforward_modules: str | Sequence[str]) -> bool:
@@ -131,12 +107,4 @@ def apply(peft_model, config: IA3Config, adapter_name: str) -> Injected:
     )
 
 
-METHOD = Method(
-    name="ia3",
-    peft_type="IA3",
-    kind="additive",
-    summary="learned vectors rescaling attention keys/values and the feed-forward input ((IA)³)",
-    mergeable=True,
-    Config=IA3Config,
-    apply=apply,
-)
+METHOD = SPECS["ia3"].implement(apply=apply)

@@ -17,24 +17,13 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from peftrun.errors import PeftrunError
-from peftrun.methods import Method, MethodConfig
+from peftrun.methods.configs import LLAMA_FAMILY, SPECS, AdaptionPromptConfig
 from peftrun.methods.inject import freeze_base, model_type_of
 from peftrun.methods.layers import AdapterLayer, adapter_dtype, row_groups
 from peftrun.methods.targets import set_module
-from peftrun.tasks import CAUSAL_LM
-
-# Architectures whose attention block is Llama's: q/k/v/o projections, rotary queries, grouped keys/values.
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-
-
-class AdaptionPromptConfig(MethodConfig):
-    adapter_len: int = Field(default=10, ge=1)
-    adapter_layers: int = Field(default=30, ge=1)
-    target_modules: str = "self_attn"
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -132,24 +121,5 @@ def apply(peft_model, config: AdaptionPromptConfig, adapter_name: str) -> None:
     freeze_base(model)
 
 
-def check_model(model_type: str | None, name_or_path: str) -> str | None:
-    """Refuse, before loading anything, a base whose declared architecture (None: unknown) is not Llama's."""
-    if model_type is None or model_type in LLAMA_FAMILY:
-        return None
-    return (
-        f"LLaMA-Adapter needs a Llama-family model ({', '.join(LLAMA_FAMILY)}), and "
-        f"{name_or_path} is a '{model_type}'"
-    )
 
-
-METHOD = Method(
-    name="llama_adapter",
-    peft_type="ADAPTION_PROMPT",
-    kind="additive",
-    summary="adaption prompts with zero-initialised gated attention on the top layers of Llama-family models",
-    mergeable=False,
-    Config=AdaptionPromptConfig,
-    apply=apply,
-    task_types=(CAUSAL_LM,),
-    check_model=check_model,
-)
+METHOD = SPECS["llama_adapter"].implement(apply=apply)

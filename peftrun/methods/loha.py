@@ -19,14 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftrun.methods import Method
+from peftrun.methods.configs import SPECS, LoHaConfig
 from peftrun.methods.inject import Injected
-from peftrun.methods.lycoris import LycorisConfig, LycorisLayer, apply_lycoris
-from peftrun.tasks import TASK_TYPES
-
-
-class LoHaConfig(LycorisConfig):
-    pass
+from peftrun.methods.lycoris import LycorisLayer, apply_lycoris
 
 
 class LoHaLayer(LycorisLayer):
@@ -68,13 +63,4 @@ def apply(peft_model, config: LoHaConfig, adapter_name: str) -> Injected:
     return apply_lycoris(peft_model, config, adapter_name, LoHaLayer, "loha")
 
 
-METHOD = Method(
-    name="loha",
-    peft_type="LOHA",
-    kind="reparameterisation",
-    summary="low-rank Hadamard product update (W1a·W1b)⊙(W2a·W2b) added to frozen weights (FedPara/LyCORIS)",
-    mergeable=True,
-    task_types=TASK_TYPES,
-    Config=LoHaConfig,
-    apply=apply,
-)
+METHOD = SPECS["loha"].implement(apply=apply)

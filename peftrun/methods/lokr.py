@@ -18,22 +18,12 @@ kernel), or low rank W2 = W2a W2b with W2b ∈ R^{r×d·kh·kw}, or with use_eff
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
-from peftrun.methods import Method
+from peftrun.methods.configs import SPECS, LoKrConfig
 from peftrun.methods.inject import Injected
-from peftrun.methods.lycoris import LycorisConfig, LycorisLayer, apply_lycoris
-from peftrun.tasks import TASK_TYPES
-
-
-class LoKrConfig(LycorisConfig):
-    decompose_both: bool = False
-    decompose_factor: int = -1
-    rank_dropout_scale: bool = False
-    init_weights: bool | Literal["lycoris"] = True
+from peftrun.methods.lycoris import LycorisLayer, apply_lycoris
 
 
 def factorize(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -116,13 +106,4 @@ def apply(peft_model, config: LoKrConfig, adapter_name: str) -> Injected:
     return apply_lycoris(peft_model, config, adapter_name, LoKrLayer, "lokr")
 
 
-METHOD = Method(
-    name="lokr",
-    peft_type="LOKR",
-    kind="reparameterisation",
-    summary="Kronecker-product update W1⊗W2 (optionally low-rank factors) added to frozen weights (LyCORIS)",
-    mergeable=True,
-    task_types=TASK_TYPES,
-    Config=LoKrConfig,
-    apply=apply,
-)
+METHOD = SPECS["lokr"].implement(apply=apply)

@@ -19,31 +19,16 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from peftrun.errors import PeftrunError
-from peftrun.methods import Method, TunerConfig, lora_kernels
+from peftrun.methods import lora_kernels
+from peftrun.methods.configs import SPECS, LoraConfig
 from peftrun.methods.inject import Injected, inject
 from peftrun.methods.layers import AdapterLayer
 from peftrun.methods.targets import LORA_TARGETS
-from peftrun.tasks import TASK_TYPES
-
-
-class LoraConfig(TunerConfig):
-    r: int = Field(default=8, ge=1)
-    lora_alpha: float = Field(default=8, gt=0)
-    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    fan_in_fan_out: bool = False
-    bias: Literal["none", "all", "lora_only"] = "none"
-    use_rslora: bool = False
-    use_dora: bool = False
-    init_lora_weights: bool | Literal["gaussian"] = True
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
 
 
 def pattern_value(patterns: dict, name: str, default):
@@ -183,13 +168,4 @@ def use_fused(model: nn.Module, enabled: bool) -> None:
             module.fast_path = enabled
 
 
-METHOD = Method(
-    name="lora",
-    peft_type="LORA",
-    kind="reparameterisation",
-    summary="low-rank update B·A added to frozen weights (rsLoRA scaling and DoRA magnitude/direction options)",
-    mergeable=True,
-    task_types=TASK_TYPES,
-    Config=LoraConfig,
-    apply=apply,
-)
+METHOD = SPECS["lora"].implement(apply=apply)

@@ -18,27 +18,13 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from peftrun.methods import TunerConfig
+from peftrun.methods.configs import LycorisConfig
 from peftrun.methods.inject import Injected, inject
 from peftrun.methods.layers import AdapterLayer
 from peftrun.methods.lora import pattern_value
 from peftrun.methods.targets import LORA_TARGETS
-
-
-class LycorisConfig(TunerConfig):
-    """peft's LycorisConfig fields (LoHaConfig and LoKrConfig add theirs)."""
-
-    r: int = Field(default=8, ge=1)
-    alpha: float = Field(default=8, gt=0)
-    rank_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    module_dropout: float = Field(default=0.0, ge=0.0, le=1.0)
-    use_effective_conv2d: bool = False  # Conv2d layers with a kernel over 1x1: a CP core per factor
-    init_weights: bool = True
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
 
 
 class LycorisLayer(AdapterLayer):

@@ -18,46 +18,22 @@ generation uses the encoder prompt only, so a seq2seq recipe is clearer with num
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field, model_validator
 from safetensors.torch import load_file
 from torch import nn
 
 from peftrun.errors import PeftrunError
-from peftrun.methods.prompt_tuning import PromptTuningConfig, init_prompt_table
+from peftrun.methods.configs import SOURCE_INITS, MultitaskPromptTuningConfig
+from peftrun.methods.prompt_tuning import init_prompt_table
 from peftrun.methods.prompting import (
     PromptEncoder,
     adapter_weights_file,
     attach,
-    check_geometry,
     fill_geometry,
     soft_prompt_method,
     take,
     word_embeddings,
 )
-
-SOURCE_INITS = ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
-
-
-class MultitaskPromptTuningConfig(PromptTuningConfig):
-    prompt_tuning_init: Literal[  # type: ignore[assignment]
-        "RANDOM", "TEXT", "AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"
-    ] = "RANDOM"
-    prompt_tuning_init_state_dict_path: str | None = None
-    prompt_tuning_init_task: int | None = Field(default=0, ge=0)
-    num_ranks: int = Field(default=1, ge=1)
-    num_tasks: int = Field(default=1, ge=1)
-
-    @model_validator(mode="after")
-    def _source_needs_a_path(self):
-        if self.prompt_tuning_init in SOURCE_INITS and not self.prompt_tuning_init_state_dict_path:
-            raise ValueError(
-                f"prompt_tuning_init {self.prompt_tuning_init} needs prompt_tuning_init_state_dict_path "
-                "(the source run's adapter folder or adapter_model.safetensors)"
-            )
-        return self
 
 
 class MultitaskPromptEncoder(PromptEncoder):
@@ -149,11 +125,4 @@ def apply(peft_model, config: MultitaskPromptTuningConfig, adapter_name: str) ->
     attach(peft_model, config, adapter_name, encoder)
 
 
-METHOD = soft_prompt_method(
-    name="multitask_prompt_tuning",
-    peft_type="MULTITASK_PROMPT_TUNING",
-    summary="a shared prompt rescaled per task by low-rank factors u_k v_k^T; source-trained, then transferred",
-    Config=MultitaskPromptTuningConfig,
-    apply=apply,
-    check=check_geometry,
-)
+METHOD = soft_prompt_method("multitask_prompt_tuning", apply=apply)

@@ -14,29 +14,18 @@ The MLP always has the three layers above (encoder_num_layers applies to the LST
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
 from peftrun.errors import PeftrunError
-from peftrun.methods import PromptConfig
+from peftrun.methods.configs import PromptEncoderConfig
 from peftrun.methods.prompting import (
     PromptEncoder,
     attach,
-    check_geometry,
     fill_geometry,
     soft_prompt_method,
     take,
 )
-
-
-class PromptEncoderConfig(PromptConfig):
-    encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
-    encoder_hidden_size: int | None = Field(default=None, ge=1)
-    encoder_num_layers: int = Field(default=2, ge=1)
-    encoder_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
 class PTuningEncoder(PromptEncoder):
@@ -106,23 +95,5 @@ def after_step(peft_model, name: str, step: int, total_steps: int) -> None:
         )
 
 
-def check(task_type: str, config: PromptEncoderConfig) -> str | None:
-    if config.encoder_reparameterization_type == "MLP" and config.encoder_num_layers != 2:
-        return (
-            f"encoder_num_layers={config.encoder_num_layers} sets the LSTM's depth; the MLP encoder always has "
-            "3 layers (d -> h -> h -> d): use encoder_reparameterization_type LSTM or leave encoder_num_layers out"
-        )
-    if config.encoder_reparameterization_type == "MLP" and config.encoder_dropout > 0:
-        return "encoder_dropout applies between LSTM layers; the MLP encoder has no dropout"
-    return check_geometry(task_type, config)
 
-
-METHOD = soft_prompt_method(
-    name="p_tuning",
-    peft_type="P_TUNING",
-    summary="virtual tokens produced by a prompt encoder (MLP or BiLSTM+MLP) from n learned embeddings",
-    Config=PromptEncoderConfig,
-    apply=apply,
-    check=check,
-    after_step=after_step,
-)
+METHOD = soft_prompt_method("p_tuning", apply=apply, after_step=after_step)

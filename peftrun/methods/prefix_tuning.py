@@ -22,23 +22,15 @@ in front, and the real tokens' positions start at n, as the cache length says.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from peftrun.errors import PeftrunError
-from peftrun.methods import Method, PromptConfig
+from peftrun.methods.configs import SPECS, PrefixTuningConfig
 from peftrun.methods.inject import add_modules_to_save, freeze_base
 from peftrun.tasks import SEQ_2_SEQ_LM
-
-
-class PrefixTuningConfig(PromptConfig):
-    encoder_hidden_size: int | None = Field(default=None, ge=1)
-    prefix_projection: bool = False
-    init_weights: Literal["zero"] | None = None
-
 
 # ------------------------------------------------------------------ geometry
 
@@ -315,25 +307,12 @@ def after_step(peft_model, name: str, step: int, total_steps: int) -> None:
         )
 
 
-def check(task_type: str, config: PrefixTuningConfig) -> str | None:
-    expected = 2 if task_type == SEQ_2_SEQ_LM else 1
-    if config.num_transformer_submodules not in (None, expected):
-        return f"num_transformer_submodules is {expected} for {task_type} (prefixes for the decoder only, or the one stack)"
-    return None
 
-
-METHOD = Method(
-    name="prefix_tuning",
-    peft_type="PREFIX_TUNING",
-    kind="soft prompt",
-    summary="learned key/value prefixes in every attention layer, optionally through a reparameterisation MLP",
-    mergeable=False,
-    Config=PrefixTuningConfig,
+METHOD = SPECS["prefix_tuning"].implement(
     apply=apply,
     forward=forward,
     generate=generate,
     state=state,
     load_state=load_state,
-    check=check,
     after_step=after_step,
 )

@@ -12,13 +12,10 @@ num_transformer_submodules is 2 (peft's default for SEQ_2_SEQ_LM), of which the 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import model_validator
 from torch import nn
 
-from peftrun.methods import PromptConfig
+from peftrun.methods.configs import PromptTuningConfig
 from peftrun.methods.prompting import (
     PromptEncoder,
     attach,
@@ -29,24 +26,6 @@ from peftrun.methods.prompting import (
     text_init_ids,
     word_embeddings,
 )
-
-
-class PromptTuningConfig(PromptConfig):
-    prompt_tuning_init: Literal["RANDOM", "TEXT", "SAMPLE_VOCAB"] = "RANDOM"
-    prompt_tuning_init_text: str | None = None
-    tokenizer_name_or_path: str | None = None
-    tokenizer_kwargs: dict | None = None
-
-    @model_validator(mode="after")
-    def _text_needs_text_and_tokenizer(self):
-        if self.prompt_tuning_init == "TEXT":
-            if not self.prompt_tuning_init_text:
-                raise ValueError("prompt_tuning_init TEXT needs prompt_tuning_init_text")
-            if not self.tokenizer_name_or_path:
-                raise ValueError(
-                    "prompt_tuning_init TEXT needs tokenizer_name_or_path (the base model's tokenizer)"
-                )
-        return self
 
 
 def init_prompt_table(table: nn.Embedding, config: PromptTuningConfig, words: nn.Module) -> None:
@@ -74,10 +53,4 @@ def apply(peft_model, config: PromptTuningConfig, adapter_name: str) -> None:
     attach(peft_model, config, adapter_name, encoder)
 
 
-METHOD = soft_prompt_method(
-    name="prompt_tuning",
-    peft_type="PROMPT_TUNING",
-    summary="n learned virtual-token embeddings prepended to the input (init random, from vocab or from a text)",
-    Config=PromptTuningConfig,
-    apply=apply,
-)
+METHOD = soft_prompt_method("prompt_tuning", apply=apply)

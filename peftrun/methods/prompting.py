@@ -25,12 +25,12 @@ from torch import nn
 
 from peftrun.errors import PeftrunError
 from peftrun.methods import Method, PromptConfig
+from peftrun.methods.configs import SPECS
 from peftrun.methods.inject import add_modules_to_save, freeze_base
 from peftrun.methods.layers import gathered
 from peftrun.tasks import (
     CAUSAL_LM,
     IGNORE_INDEX,
-    LANGUAGE_TASKS,
     SEQ_2_SEQ_LM,
     SEQ_CLS,
     TOKEN_CLS,
@@ -74,18 +74,6 @@ def fill_geometry(config: PromptConfig, model: nn.Module, task_type: str) -> Non
             where="method.token_dim",
             hint=f"leave token_dim out (it is read from the model) or set it to {width}",
         )
-
-
-def check_geometry(task_type: str, config: PromptConfig) -> str | None:
-    """Refusals every soft-prompt method shares (Method.check)."""
-    if config.num_transformer_submodules not in (None, 1) and task_type != SEQ_2_SEQ_LM:
-        return (
-            f"num_transformer_submodules={config.num_transformer_submodules} means separate encoder and decoder "
-            "prompts, which only an encoder-decoder model (SEQ_2_SEQ_LM) has; leave it out or set 1"
-        )
-    if config.num_transformer_submodules not in (None, 1, 2):
-        return "num_transformer_submodules is 1 (encoder) or 2 (encoder and decoder)"
-    return None
 
 
 # ------------------------------------------------------------------ the encoder
@@ -361,16 +349,7 @@ def load_state(peft_model, name: str, tensors: dict[str, torch.Tensor]) -> None:
         peft_model.prompt_encoders[name].load_saved(tensors)
 
 
-def soft_prompt_method(**fields: Any) -> Method:
-    """A Method record with the shared soft-prompt forward, generate and state."""
-    defaults: dict[str, Any] = dict(
-        kind="soft prompt",
-        mergeable=False,
-        task_types=LANGUAGE_TASKS,
-        forward=forward,
-        generate=generate,
-        state=state,
-        load_state=load_state,
-        check=check_geometry,
-    )
-    return Method(**{**defaults, **fields})
+def soft_prompt_method(name: str, **functions: Any) -> Method:
+    """A soft-prompt method: its spec (configs.py) with the shared forward, generate and state."""
+    defaults: dict[str, Any] = dict(forward=forward, generate=generate, state=state, load_state=load_state)
+    return SPECS[name].implement(**{**defaults, **functions})
