@@ -97,9 +97,10 @@ RATIOS = [
     "time:infer-peft-unmerged/infer-base",
 ]
 WHY = {
-    "time:peftrun-lora-d0.1/limit": "at dropout 0.1 each adapted layer draws its mask in the forward (a counter "
-    "hash over x, ~12 int32 passes, kept as one byte an element for the backward) and multiplies x by it twice; "
-    "these passes are memory-bound, so they weigh most where the layer's matmul is small (hidden 384-576, r=8)",
+    "time:peftrun-lora-d0.1/limit": "at dropout 0.1 each adapted layer draws its mask in the forward (on CPU "
+    "the positions of the dropped elements: a counter hash over ~p·N·D Geometric gaps, kept as 4 bytes a "
+    "dropped element) and zeroes them in a copy of x in the forward and the backward, and in the low-rank "
+    "term of ∂L/∂x: memory-bound passes that weigh most where the layer's matmul is small (hidden 384-576, r=8)",
     "time:peftrun-lora-d0/limit": "the rank-r products read x, and ∂L/∂y twice, in the forward and backward: "
     "memory-bound passes that a frozen layer does not make",
     "rss:peftrun-lora-d0.1/limit": "∂L/∂A needs each adapted layer's input x: the limit keeps no input of a "
