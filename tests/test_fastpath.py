@@ -68,8 +68,15 @@ def test_dropped_positions_match_their_reference(p):
     mult = K.dropout_multiplier(37, 53, p, keys)
     assert (mult.flatten() == 0).nonzero().squeeze(1).tolist() == positions.tolist()
     assert set(mult.unique().tolist()) == {0.0, torch.tensor(1 / (1 - p)).item()}
-    # far past the expected count of gaps (a draw that needs more than one batch of them)
     assert K.dropped_positions(5, 0.2, keys).tolist() == K.reference_dropped(5, 0.2, keys)
+
+
+def test_dropped_positions_draw_more_gaps_where_the_first_batch_falls_short(monkeypatch):
+    keys = (2 * 987654321 + 1, 12345)
+    expected = K.reference_dropped(2000, 0.1, keys)
+    monkeypatch.setattr(K, "_SIGMAS", -3.0)  # a first batch of gaps well short of the 2000 elements
+    monkeypatch.setattr(K, "_EXTRA_GAPS", 0)
+    assert K.dropped_positions(2000, 0.1, keys).tolist() == expected and len(expected) > 150
 
 
 def test_positions_and_dense_masks_keep_every_element_alike():

@@ -102,11 +102,15 @@ def _gaps(count: int, p: float, keys: tuple[int, int], offset: int) -> torch.Ten
     return u.log_().mul_(1.0 / math.log1p(-p)).floor_().add_(1.0).to(torch.int64)
 
 
+_SIGMAS, _EXTRA_GAPS = 12.0, 32
+
+
 def dropped_positions(total: int, p: float, keys: tuple[int, int]) -> torch.Tensor:
     """The sorted flat positions (int64, CPU) of the elements dropped among `total`, a pure function of
     (total, p, keys): the running sums of Geometric(p) gaps, minus one."""
     mean = total * p
-    count = int(mean + 12.0 * math.sqrt(mean * (1.0 - p))) + 32  # 12 standard deviations: one draw, always
+    # gaps enough for 12 standard deviations past the mean count: one draw, in practice always
+    count = max(1, int(mean + _SIGMAS * math.sqrt(mean * (1.0 - p))) + _EXTRA_GAPS)
     positions = _gaps(count, p, keys, 0).cumsum_(0).sub_(1)
     drawn = count
     while positions[-1].item() < total:  # never seen; kept so that the mask is exact whatever the draw
