@@ -10,7 +10,8 @@ mask), so q, k and v reading the same x keep three copies and three masks. The b
     ∂L/∂B = s · g h^T,   ∂L/∂A = s · (B^T g) (m ⊙ x)^T / (1 - p),   ∂L/∂x += s · m ⊙ (A^T B^T g) / (1 - p),
 
 with g = ∂L/∂y and h = A (m ⊙ x) / (1 - p) (rank r: small). So this function saves x itself (one tensor,
-shared by every adapter that reads it), h, and m as one byte an element (a quarter of an fp32 x).
+shared by every adapter that reads it), h, and m: on CPU the positions of the dropped elements (0.4 bytes an
+element at p = 0.1), else one byte an element (a quarter of an fp32 x).
 
 The mask comes from a counter-based hash in int32 tensor ops, cheaper than drawing Bernoulli variables from
 the global generator on CPU; the keys are drawn from torch's default generator, so `torch.manual_seed` makes
