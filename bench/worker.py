@@ -2,7 +2,7 @@
 
     python -m bench.worker MODEL CONFIG [--steps N] [--warmup N] [--threads N] [--tiny]
 
-MODEL: minilm | llama | t5. CONFIG: limit | full | peftrun-lora-d0.1 | peft-lora-d0.1 | ... (see CONFIGS),
+MODEL: minilm | llama | t5 | mt0. CONFIG: limit | full | peftrun-lora-d0.1 | peft-lora-d0.1 | ... (see CONFIGS),
 infer-base | infer-peftrun-unmerged | infer-peftrun-merged | infer-peft-unmerged | infer-peft-merged.
 Every process builds the same weights (seeded) and the same batch, so configurations differ only in
 what they measure. Peak RSS is the high-water mark of the timed steps alone (reset through
@@ -37,6 +37,9 @@ MODELS = {
     "minilm": ModelSpec("minilm", "SEQ_CLS", 16, 128),
     "llama": ModelSpec("llama", "CAUSAL_LM", 4, 256),
     "t5": ModelSpec("t5", "SEQ_2_SEQ_LM", 8, 128, target_length=32),
+    # mt0-large's architecture (bundled config: mT5, 24+24 layers, d_model 1024, an untied head over 250,112
+    # tokens), random weights, a short batch: what the seq2seq chunked loss saves where the vocabulary is large
+    "mt0": ModelSpec("mt0", "SEQ_2_SEQ_LM", 2, 32, target_length=64),
 }
 # SmolLM2-135M's shape, random weights
 LLAMA_SHAPE = dict(
@@ -82,6 +85,7 @@ TINY = {
         pad_token_id=0,
     ),
 }
+TINY["mt0"] = dict(TINY["t5"], model_type="mt5", feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 TRAIN_CONFIGS = (
     "limit",
     "full",
@@ -90,6 +94,7 @@ TRAIN_CONFIGS = (
     "peftrun-lora-d0",
     "peft-lora-d0",
     "peftrun-plain-d0.1",
+    "peftrun-nochunk-d0.1",  # peftrun's LoRA with transformers' loss (the full logits): what the chunked loss saves
 )
 INFER_CONFIGS = (
     "infer-base",
@@ -163,6 +168,10 @@ def build_model(spec: ModelSpec, tiny: bool):
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    if spec.name == "mt0" and not tiny:
+        from peftrun.models import build_from_config
+
+        return build_from_config("bigscience/mt0-large", spec.task_type)  # the head untied, as mt0's checkpoint
     if tiny:
         config = transformers.AutoConfig.for_model(**TINY[spec.name])
     elif spec.name == "minilm":
@@ -220,8 +229,10 @@ def prepare(model, spec: ModelSpec, config: str):
         if merged:
             model.merge_adapter() if impl == "peft" else model.merge()
         return model, None
-    impl, dropout = lora_params(config.replace("-plain", "-lora"))
+    impl, dropout = lora_params(config.replace("-plain", "-lora").replace("-nochunk", "-lora"))
     model = apply_lora(model, spec, impl, dropout)
+    if "-nochunk-" in config:
+        model.chunked_loss = False
     if "-plain-" in config:  # peftrun's plain modules, without the fused function or the chunked loss
         from peftrun.methods.lora import LoraLayer
 

@@ -14,7 +14,7 @@ from peftrun import lm_loss
 from peftrun.errors import PeftrunError
 from peftrun.methods import Method, MethodConfig, get_method
 from peftrun.methods.layers import AdapterLayer, ModulesToSave
-from peftrun.tasks import CAUSAL_LM
+from peftrun.tasks import CAUSAL_LM, SEQ_2_SEQ_LM
 
 
 class PeftrunModel(nn.Module):
@@ -30,7 +30,7 @@ class PeftrunModel(nn.Module):
         self.active_adapter: str | None = None
         self.adapter_folders: dict[str, Path] = {}  # where each adapter loaded with load_adapter came from
         self._disabled = False
-        self.chunked_loss = True  # a causal LM's training loss without the full logits (lm_loss), where exact
+        self.chunked_loss = True  # an LM's training loss without the full logits (lm_loss), where exact
 
     # -- adapters ------------------------------------------------------------------------------
     def add_adapter(self, name: str, method: str | Method, config: MethodConfig) -> None:
@@ -149,9 +149,13 @@ class PeftrunModel(nn.Module):
         return self.run_base(*args, **kwargs)
 
     def run_base(self, *args, **kwargs):
-        """The base model's forward; a causal LM's training loss in chunks (peftrun.lm_loss) where it applies."""
-        if self.chunked_loss and self.task_type == CAUSAL_LM and lm_loss.applies(self.model, kwargs):
-            return lm_loss.causal_lm_forward(self.model, *args, **kwargs)
+        """The base model's forward; a causal or seq2seq LM's training loss in chunks (peftrun.lm_loss) where
+        it applies."""
+        if self.chunked_loss:
+            if self.task_type == CAUSAL_LM and lm_loss.applies(self.model, kwargs):
+                return lm_loss.causal_lm_forward(self.model, *args, **kwargs)
+            if self.task_type == SEQ_2_SEQ_LM and lm_loss.applies(self.model, kwargs, seq2seq=True):
+                return lm_loss.seq2seq_lm_forward(self.model, *args, **kwargs)
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):

@@ -29,7 +29,7 @@ master copy of the trainable weights that DeepSpeed's optimizer partition holds.
 
 Where it errs: transients are left out (the attention-score gradient during backward, the loss's fp32
 copy of the logits, allocator fragmentation), so plain figures run a few percent low on small models
-(the method rows of a causal LM count peftrun's chunked loss, peftrun.lm_loss, which keeps no logits);
+(the method rows of a causal or seq2seq LM count peftrun's chunked loss, peftrun.lm_loss, which keeps no logits);
 activations are counted in the weights' dtype even under autocast mixed precision (an over-count up to
 2x for A), and autocast's cached half-precision copy of trainable weights (2·N_t) is not counted;
 FlashAttention/SDPA kernels save less than the eager attention counted on the meta device; the ZeRO-3
@@ -245,7 +245,7 @@ def estimate(
     adapted.train()
     adapted.chunked_loss = recipe.training.chunked_loss
     a_method = a_zero3 = saved_activation_bytes(adapted, inputs, m.gradient_checkpointing)
-    if adapted.chunked_loss and task == CAUSAL_LM:
+    if adapted.chunked_loss and task in (CAUSAL_LM, SEQ_2_SEQ_LM):
         adapted.chunked_loss = False  # ZeRO-3 partitions the output head, which keeps transformers' loss
         a_zero3 = saved_activation_bytes(adapted, inputs, m.gradient_checkpointing)
     w_method, n_method, n_t = weight_bytes(adapted)

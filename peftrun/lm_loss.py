@@ -23,6 +23,14 @@ It applies while training (grad enabled, model in train mode) a causal LM whose 
 `lm_head(hidden)` then transformers' causal-LM loss, with a plain unsharded `nn.Linear` head; elsewhere
 (eval, generation, ZeRO-3/FSDP-sharded heads, torch.compile, heads with soft-capping or logit scales)
 the model runs as it is. The output then carries the loss and no logits.
+
+Seq2seq LMs (T5, mT5, umT5, BART, mBART: `seq2seq_lm_forward`) take the same loss over the decoder's
+positions, with the labels unshifted (the decoder reads them shifted right) and a plain mean over the counted
+tokens, as their forward computes it. The encoder-decoder runs as it is up to the head, so what the forward
+does to the decoder's last hidden state on the way (T5's d_model**-0.5 when the head is tied to the embedding)
+is in the state the head's pre-hook sees; BART's and mBART's `final_logits_bias` buffer, added after the head,
+joins the head's bias in the chunks. Soft-prompt methods that put virtual tokens in front of the decoder pass
+labels already padded with -100 over them.
 """
 
 from __future__ import annotations
@@ -37,20 +45,30 @@ from peftrun.tasks import IGNORE_INDEX
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "gpt2", "bloom", "opt", "gpt_neox", "phi"})
 # config fields that change the logits after the head; a model that sets any keeps transformers' loss
 _LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits")
+# seq2seq LMs whose logits are `lm_head(decoder's last hidden state, as the forward leaves it)`, plus a
+# `final_logits_bias` buffer where the model has one, and whose loss is the plain token mean of
+# CrossEntropyLoss(ignore_index=-100) over the unshifted labels; each checked in tests/test_lm_loss.py
+SEQ2SEQ_MODEL_TYPES = frozenset({"t5", "mt5", "umt5", "bart", "mbart"})
+# those whose forward turns the decoder's cache off when it is given labels (so must the chunked forward)
+_NO_CACHE_WITH_LABELS = frozenset({"bart", "mbart"})
 CHUNK_ELEMENTS = 1 << 23  # logits of one chunk: 8M fp32 values (32 MiB)
 
 
-def applies(model: nn.Module, kwargs: dict) -> bool:
-    """Whether `model(**kwargs)` may take its loss from `causal_lm_forward` (see the module docstring)."""
+def applies(model: nn.Module, kwargs: dict, *, seq2seq: bool = False) -> bool:
+    """Whether `model(**kwargs)` may take its loss from `causal_lm_forward` (or with `seq2seq`, from
+    `seq2seq_lm_forward`; see the module docstring)."""
     if kwargs.get("labels") is None or not model.training or not torch.is_grad_enabled():
         return False
-    return plain_head(model)
+    if seq2seq and (kwargs.get("return_dict") is False or not hasattr(model, "prepare_decoder_input_ids_from_labels")):
+        return False
+    return plain_head(model, SEQ2SEQ_MODEL_TYPES if seq2seq else MODEL_TYPES)
 
 
-def plain_head(model: nn.Module) -> bool:
-    """Whether the model's logits are exactly `lm_head(last hidden state)` with a whole, plain Linear head."""
+def plain_head(model: nn.Module, model_types: frozenset[str] = MODEL_TYPES) -> bool:
+    """Whether the model's logits are exactly `lm_head(last hidden state)` with a whole, plain Linear head
+    (for one of `model_types`)."""
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in MODEL_TYPES:
+    if getattr(config, "model_type", None) not in model_types:
         return False
     if any(getattr(config, field, None) for field in _LOGIT_CHANGES):
         return False
@@ -90,14 +108,45 @@ def causal_lm_forward(model: nn.Module, *args, labels: torch.Tensor, **kwargs):
     return out
 
 
+def seq2seq_lm_forward(model: nn.Module, *args, labels: torch.Tensor, **kwargs):
+    """`model(*args, labels=labels, **kwargs)` for a seq2seq LM (SEQ2SEQ_MODEL_TYPES) with the loss from
+    `chunked_loss`; the output has no logits. The model runs without labels: the decoder's input is the labels
+    shifted right as the model's own forward would shift them (unless decoder inputs are given)."""
+    if kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None:
+        kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels)
+    if model.config.model_type in _NO_CACHE_WITH_LABELS:
+        kwargs["use_cache"] = False
+    head = model.get_output_embeddings()
+    seen: list[torch.Tensor] = []
+
+    def keep_hidden(module, inputs):
+        seen.append(inputs[0])
+        return (inputs[0][..., :0, :],)  # the head then computes no logits at all
+
+    handle = head.register_forward_pre_hook(keep_hidden)
+    try:
+        out = model(*args, **kwargs)
+    finally:
+        handle.remove()
+    if len(seen) != 1:  # a model whose forward is not what SEQ2SEQ_MODEL_TYPES promises
+        raise RuntimeError(f"the output head ran {len(seen)} times in one forward")
+    hidden = seen[0]
+    extra = getattr(model, "final_logits_bias", None)  # (1, V): added to the logits after the head
+    out.loss = chunked_loss(hidden, head, labels.to(hidden.device), None, IGNORE_INDEX, extra_bias=extra)
+    out.logits = None
+    return out
+
+
 def chunked_loss(
     hidden: torch.Tensor,
     head: nn.Linear,
     targets: torch.Tensor,
     num_items: torch.Tensor | int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    extra_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean (or sum / num_items) cross-entropy of `head(hidden)` against `targets`, chunk by chunk."""
+    """Mean (or sum / num_items) cross-entropy of `head(hidden) + extra_bias` against `targets`, chunk by
+    chunk."""
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     if hidden.is_meta:  # `peftrun estimate`: every row counted, the most this can keep
@@ -109,7 +158,11 @@ def chunked_loss(
     else:
         denominator = float(num_items.item() if torch.is_tensor(num_items) else num_items)
     chunk = max(1, CHUNK_ELEMENTS // head.out_features)
-    return _ChunkedCrossEntropy.apply(hidden2d, head.weight, head.bias, targets, rows, denominator, chunk)
+    bias = head.bias
+    if extra_bias is not None:
+        extra_bias = extra_bias.reshape(-1).to(head.weight.dtype)
+        bias = extra_bias if bias is None else bias + extra_bias
+    return _ChunkedCrossEntropy.apply(hidden2d, head.weight, bias, targets, rows, denominator, chunk)
 
 
 def _through_head(grad, h, idx, weight, grad_hidden, grad_weight, grad_bias) -> None:

@@ -281,7 +281,7 @@ class TrainingSection(Section):
     num_workers: int = Field(default=0, ge=0, le=MAX_WORKERS)
     # torch.compile of the base model's forward: true (inductor) or a backend name; the first steps compile.
     compile: bool | Literal["inductor", "aot_eager", "eager"] = False
-    # a causal LM's loss in chunks, never holding the batch's full logits (peftrun/lm_loss.py)
+    # a causal or seq2seq LM's loss in chunks, never holding the batch's full logits (peftrun/lm_loss.py)
     chunked_loss: bool = True
     # LoRA's update as one fused function (peftrun/methods/lora_kernels.py); false runs the plain modules
     fused_lora: bool = True

@@ -43,6 +43,25 @@ def test_plain_configuration_turns_the_fast_path_off_on_its_own_model():
     assert sum(p.numel() for p in params) == 2 * (8 * 32 + 32 * 8 + 8 * 32 + 16 * 8)
 
 
+def test_nochunk_configuration_keeps_transformers_loss_and_mt0_runs_only_that_pair():
+    import torch
+
+    spec = worker.MODELS["t5"]
+    base = worker.build_model(spec, tiny=True)
+    batch, _ = worker.make_batch(spec, base.config.vocab_size)
+    chunked, _ = worker.prepare(base, spec, "peftrun-lora-d0.1")
+    plain, _ = worker.prepare(worker.build_model(spec, tiny=True), spec, "peftrun-nochunk-d0.1")
+    assert chunked.chunked_loss and not plain.chunked_loss
+    torch.manual_seed(0)
+    assert chunked.train()(**batch).logits is None  # the T5 row's LoRA takes the chunked loss
+    assert plain.train()(**batch).logits is not None
+    assert bench_run.runs_on("mt0", "peftrun-nochunk-d0.1") and not bench_run.runs_on("mt0", "full")
+    assert bench_run.runs_on("t5", "peftrun-nochunk-d0.1") and bench_run.runs_on("t5", "full")
+    assert not bench_run.runs_on("minilm", "peftrun-nochunk-d0.1")
+    tiny_mt0 = worker.build_model(worker.MODELS["mt0"], tiny=True)
+    assert tiny_mt0.config.model_type == "mt5"
+
+
 def test_worker_runs_in_its_own_process():
     proc = subprocess.run(
         [

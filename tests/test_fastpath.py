@@ -58,6 +58,40 @@ def test_mask_keep_rate_and_independence(p):
     assert abs(corr(masks[0], masks[1])) < bound
 
 
+@pytest.mark.parametrize("p", [0.02, 0.1, 0.25])
+def test_dropped_positions_match_their_reference(p):
+    """On CPU up to POSITIONS_MAX_P the mask is drawn as the positions of the dropped elements."""
+    keys = (2 * 0x7FFFFFFF + 1, (1 << 31) - 5)
+    assert K.by_positions(torch.device("cpu"), 37 * 53, p) and not K.by_positions(torch.device("meta"), 10, p)
+    positions = K.dropped_positions(37 * 53, p, keys)
+    assert positions.tolist() == K.reference_dropped(37 * 53, p, keys)
+    mult = K.dropout_multiplier(37, 53, p, keys)
+    assert (mult.flatten() == 0).nonzero().squeeze(1).tolist() == positions.tolist()
+    assert set(mult.unique().tolist()) == {0.0, torch.tensor(1 / (1 - p)).item()}
+    assert K.dropped_positions(5, 0.2, keys).tolist() == K.reference_dropped(5, 0.2, keys)
+
+
+def test_dropped_positions_draw_more_gaps_where_the_first_batch_falls_short(monkeypatch):
+    keys = (2 * 987654321 + 1, 12345)
+    expected = K.reference_dropped(2000, 0.1, keys)
+    monkeypatch.setattr(K, "_SIGMAS", -3.0)  # a first batch of gaps well short of the 2000 elements
+    monkeypatch.setattr(K, "_EXTRA_GAPS", 0)
+    assert K.dropped_positions(2000, 0.1, keys).tolist() == expected and len(expected) > 150
+
+
+def test_positions_and_dense_masks_keep_every_element_alike():
+    """Over many keys each element is dropped with probability p in both forms, and the dense one (GPUs, p
+    above POSITIONS_MAX_P) is what the positions form would be in distribution."""
+    torch.manual_seed(1)
+    rows, cols, p, n = 4, 25, 0.1, 4000
+    for draw in (lambda k: K.dropout_multiplier(rows, cols, p, k), lambda k: K._multiplier(K.dropout_keep(rows, cols, p, k), p)):
+        dropped = torch.stack([(draw(K.draw_keys()) == 0).flatten().float() for _ in range(n)])
+        rate = dropped.mean(0)  # per element, over n independent masks
+        assert (rate - p).abs().max() < 4.5 * math.sqrt(p * (1 - p) / n) * 1.5
+        counts = dropped.sum(1)  # dropped per mask: Binomial(100, p)
+        assert abs(counts.mean().item() - rows * cols * p) < 0.2 and abs(counts.var().item() - rows * cols * p * (1 - p)) < 1.0
+
+
 def test_mask_is_a_function_of_keys_and_shape():
     a = K.dropout_multiplier(64, 96, 0.1, KEYS)
     assert torch.equal(a, K.dropout_multiplier(64, 96, 0.1, KEYS))
@@ -250,10 +284,12 @@ def _saved_activation_bytes(model_fn) -> int:
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_q_and_v_keep_one_copy_of_their_input(p):
-    """q and v read the same x: the fast path keeps x once, and h (r×N) and with dropout the mask (one byte
-    an element) each; the plain path keeps x's cast and dropped-out copies and masks per layer."""
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_q_and_v_keep_one_copy_of_their_input(p, monkeypatch):
+    """q and v read the same x: the fast path keeps x once, and h (r×N) and with dropout the mask each (on
+    CPU at p <= 0.25 the dropped positions, 4 bytes each: 0.4 bytes an element at p = 0.1; else one byte an
+    element); the plain path keeps x's cast and dropped-out copies and masks per layer."""
+    monkeypatch.setattr(K, "draw_keys", lambda: KEYS)
     n_tokens, hidden, r = 64, 48, 4
     q, v = nn.Linear(hidden, hidden).requires_grad_(False), nn.Linear(hidden, 16).requires_grad_(False)
     x = torch.randn(n_tokens, hidden, requires_grad=True)
@@ -263,6 +299,9 @@ def test_q_and_v_keep_one_copy_of_their_input(p):
         saved[fast] = _saved_activation_bytes(lambda lq=lq, lv=lv: (lq(x) + lv(x).sum()).sum())
     x_bytes = n_tokens * hidden * 4
     mask_bytes = n_tokens * hidden if p else 0
+    if 0 < p <= K.POSITIONS_MAX_P:
+        mask_bytes = 4 * len(K.dropped_positions(n_tokens * hidden, p, KEYS))
+        assert mask_bytes < 0.6 * n_tokens * hidden
     assert saved[True] == x_bytes + 2 * r * n_tokens * 4 + 2 * mask_bytes
     if p:
         assert saved[False] >= 2 * x_bytes + 2 * n_tokens * hidden  # dropped-out copies and bool masks

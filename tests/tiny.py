@@ -30,6 +30,19 @@ ARCH_CONFIGS.update(
     gpt_neox=dict(_DECODER, model_type="gpt_neox", intermediate_size=64),
     phi=dict(_DECODER, model_type="phi", intermediate_size=64),
 )
+# more seq2seq families (the chunked seq2seq loss is checked on each: tests/test_lm_loss.py)
+_T5ISH = dict(vocab_size=384, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
+              decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, feed_forward_proj="gated-gelu",
+              relative_attention_num_buckets=8)
+_BARTISH = dict(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2)
+ARCH_CONFIGS.update(
+    mt5=dict(_T5ISH, model_type="mt5", tie_word_embeddings=False),
+    umt5=dict(_T5ISH, model_type="umt5", tie_word_embeddings=False),
+    bart=dict(_BARTISH, model_type="bart"),
+    mbart=dict(_BARTISH, model_type="mbart"),
+)
 TASK_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",

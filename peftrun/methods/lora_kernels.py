@@ -10,23 +10,38 @@ mask), so q, k and v reading the same x keep three copies and three masks. The b
     ∂L/∂B = s · g h^T,   ∂L/∂A = s · (B^T g) (m ⊙ x)^T / (1 - p),   ∂L/∂x += s · m ⊙ (A^T B^T g) / (1 - p),
 
 with g = ∂L/∂y and h = A (m ⊙ x) / (1 - p) (rank r: small). So this function saves x itself (one tensor,
-shared by every adapter that reads it), h, and m as one byte an element (a quarter of an fp32 x).
+shared by every adapter that reads it), h, and m: on CPU the positions of the dropped elements (0.4 bytes an
+element at p = 0.1), else one byte an element (a quarter of an fp32 x).
 
-The mask comes from a counter-based hash of (key, element index) in int32 tensor ops, cheaper than drawing
-Bernoulli variables from the global generator on CPU; the keys are drawn from torch's default generator, so
-`torch.manual_seed` makes runs repeatable. The keep probability is exact to 2^-24. The backward reads the
-kept bytes (two cheap passes) rather than running the hash's ~13 int32 passes again.
+The mask comes from a counter-based hash in int32 tensor ops, cheaper than drawing Bernoulli variables from
+the global generator on CPU; the keys are drawn from torch's default generator, so `torch.manual_seed` makes
+runs repeatable. Two forms, each a pure function of (p, keys, shape):
+
+- on CPU with p <= POSITIONS_MAX_P, the flat positions of the dropped elements: the gaps between them are
+  independent Geometric(p) draws, G = floor(log u / log(1 - p)) + 1 with u uniform from the hash of the
+  gap's index, so every element is dropped independently with probability p (to 2^-24, u's resolution),
+  as Bernoulli draws per element would give. That hashes ~p·N·D counters instead of N·D, and keeps 4 bytes
+  per dropped element (0.4 bytes an element at p = 0.1) for the backward. The forward and backward zero
+  those positions of a copy of x (and of the low-rank term of ∂L/∂x in place); 1/(1 - p) goes on the rank-r
+  products instead of on x.
+- elsewhere (GPUs, where the hash's passes are cheap and a data-dependent length would need a sync;
+  larger p), a dense mask: the hash of every element index, kept when its top 24 bits fall below
+  (1 - p)·2^24 (the keep probability exact to 2^-24), saved as one byte an element.
 Every matmul is laid out so that the large operand is read along its rows (the skinny (N×r)·(r×D) shapes
 are 4-5x slower on CPU in the other layout).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 # The fused path's default (LoraLayer.fast_path); a recipe turns it off per model with training.fused_lora.
 ENABLED = True
+# up to this dropout rate a CPU mask is drawn as the positions of the dropped elements (module docstring)
+POSITIONS_MAX_P = 0.25
 
 # lowbias32's multipliers (C. Wellons, "Prospecting for hash functions"), as signed int32
 _M1 = 0x7FEB352D
@@ -52,8 +67,76 @@ def _int32(values: torch.Tensor) -> torch.Tensor:
 
 
 def dropout_multiplier(rows: int, cols: int, p: float, keys: tuple[int, int], device=None) -> torch.Tensor:
-    """A (rows, cols) float32 tensor of 0 and 1/(1-p), a pure function of (p, keys, shape)."""
+    """A (rows, cols) float32 tensor of 0 and 1/(1-p), a pure function of (p, keys, shape): the mask the fused
+    functions apply to a (rows, cols) input on `device`."""
+    if by_positions(torch.device(device or "cpu"), rows * cols, p):
+        mult = torch.full((rows * cols,), 1.0 / (1.0 - p), dtype=torch.float32, device=device)
+        return mult.index_fill_(0, dropped_positions(rows * cols, p, keys), 0.0).view(rows, cols)
     return _multiplier(dropout_keep(rows, cols, p, keys, device), p)
+
+
+def by_positions(device: torch.device, numel: int, p: float) -> bool:
+    """Whether a mask for `numel` elements on `device` is drawn as dropped positions (module docstring)."""
+    return device.type == "cpu" and 0.0 < p <= POSITIONS_MAX_P and numel < 1 << 31
+
+
+def _signed32(value: int) -> int:
+    value %= _INT32
+    return value - _INT32 if value >= 1 << 31 else value
+
+
+def _lowbias32_(h: torch.Tensor) -> torch.Tensor:
+    """lowbias32's rounds on int32 h, in place: h ^= h >>> 16, h *= M1, h ^= h >>> 15, h *= M2."""
+    t = torch.bitwise_right_shift(h, 16)
+    h.bitwise_xor_(t.bitwise_and_(0xFFFF)).mul_(_M1)  # a logical shift: the arithmetic one copies the sign bit
+    torch.bitwise_right_shift(h, 15, out=t)
+    return h.bitwise_xor_(t.bitwise_and_(0x1FFFF)).mul_(_M2)
+
+
+def _gaps(count: int, p: float, keys: tuple[int, int], offset: int) -> torch.Tensor:
+    """Gaps offset .. offset + count - 1 between dropped positions: floor(log u / log(1 - p)) + 1 (int64),
+    u = (the top 24 bits of lowbias32(i·k1 + k2) + 1/2) / 2^24 for gap index i."""
+    k1, k2 = keys
+    h = torch.arange(count, dtype=torch.int32).mul_(_signed32(k1)).add_(_signed32(offset * k1 + k2))
+    top = torch.bitwise_right_shift(_lowbias32_(h), 8).bitwise_and_(0xFFFFFF)
+    u = top.to(torch.float64).add_(0.5).mul_(1.0 / (1 << 24))
+    return u.log_().mul_(1.0 / math.log1p(-p)).floor_().add_(1.0).to(torch.int64)
+
+
+_SIGMAS, _EXTRA_GAPS = 12.0, 32
+
+
+def dropped_positions(total: int, p: float, keys: tuple[int, int]) -> torch.Tensor:
+    """The sorted flat positions (int64, CPU) of the elements dropped among `total`, a pure function of
+    (total, p, keys): the running sums of Geometric(p) gaps, minus one."""
+    mean = total * p
+    # gaps enough for 12 standard deviations past the mean count: one draw, in practice always
+    count = max(1, int(mean + _SIGMAS * math.sqrt(mean * (1.0 - p))) + _EXTRA_GAPS)
+    positions = _gaps(count, p, keys, 0).cumsum_(0).sub_(1)
+    drawn = count
+    while positions[-1].item() < total:  # never seen; kept so that the mask is exact whatever the draw
+        more = _gaps(count, p, keys, drawn).cumsum_(0).add_(positions[-1])
+        positions, drawn = torch.cat((positions, more)), drawn + count
+    return positions[: int(torch.searchsorted(positions, total))]
+
+
+def reference_dropped(total: int, p: float, keys: tuple[int, int]) -> list[int]:
+    """dropped_positions in plain Python integers and floats (for tests)."""
+    k1, k2 = keys
+    mask = _INT32 - 1
+    out, position, i = [], -1, 0
+    while True:
+        h = (i * k1 + k2) & mask
+        h ^= h >> 16
+        h = h * _M1 & mask
+        h ^= h >> 15
+        h = h * (_M2 & mask) & mask
+        u = ((h >> 8) + 0.5) / (1 << 24)
+        position += math.floor(math.log(u) / math.log1p(-p)) + 1
+        if position >= total:
+            return out
+        out.append(position)
+        i += 1
 
 
 def dropout_keep(rows: int, cols: int, p: float, keys: tuple[int, int], device=None) -> torch.Tensor:
@@ -66,14 +149,8 @@ def dropout_keep(rows: int, cols: int, p: float, keys: tuple[int, int], device=N
     k1, k2 = keys
     rows_part = _int32(torch.arange(rows, dtype=torch.int64, device=device) * (cols * k1) + k2)
     cols_part = _int32(torch.arange(cols, dtype=torch.int64, device=device) * k1)
-    h = rows_part[:, None] + cols_part[None, :]
-    t = torch.bitwise_right_shift(h, 16)
-    h.bitwise_xor_(t.bitwise_and_(0xFFFF)).mul_(
-        _M1
-    )  # a logical shift: the arithmetic one copies the sign bit
-    torch.bitwise_right_shift(h, 15, out=t)
-    h.bitwise_xor_(t.bitwise_and_(0x1FFFF)).mul_(_M2)
-    torch.bitwise_right_shift(h, 8, out=t)
+    h = _lowbias32_(rows_part[:, None] + cols_part[None, :])
+    t = torch.bitwise_right_shift(h, 8)
     # t < T  <=>  (t - T) < 0: an arithmetic shift by 31 turns that into all-ones; no overflow since
     # |t - T| < 2^24.
     return t.sub_(keep_threshold(p)).bitwise_right_shift_(31)
@@ -112,6 +189,7 @@ def _mask_and_bytes(p: float, keys, x2: torch.Tensor, dtype: torch.dtype):
     if p == 0.0 or keys is None:
         return None, None
     keep = dropout_keep(x2.shape[0], x2.shape[1], p, keys, x2.device)
+    # (the dense form; _low_rank takes the positions form first where by_positions says so)
     kept = keep.to(torch.int8).neg_()  # one byte an element, a quarter of an fp32 x
     return _multiplier(keep, p).to(dtype), kept
 
@@ -129,25 +207,44 @@ def _dropped(x2: torch.Tensor, dtype: torch.dtype, mult: torch.Tensor | None) ->
     return xc if mult is None else xc * mult
 
 
+def _zeroed(x2: torch.Tensor, dtype: torch.dtype, positions: torch.Tensor) -> torch.Tensor:
+    """A copy of x2 in `dtype` with the dropped positions zeroed (no 1/(1-p): the caller scales)."""
+    return x2.to(dtype).reshape(-1).index_fill(0, positions, 0.0).view(x2.shape)
+
+
 def _low_rank(ctx, x2, weight_a, p, keys) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """h^T = A drop(x) (r×N), and the mask as int8 for the backward to rebuild drop(x)."""
+    """h^T = A drop(x) (r×N), and the mask for the backward to rebuild drop(x): the dropped positions
+    (1-D int32) or the dense mask as int8 (2-D)."""
     ctx.p = p
+    if keys is not None and by_positions(x2.device, x2.numel(), p):
+        positions = dropped_positions(x2.numel(), p, keys)
+        h_t = weight_a @ _zeroed(x2, weight_a.dtype, positions).t()
+        return h_t.mul_(1.0 / (1.0 - p)), positions.to(torch.int32)  # kept in 4 bytes a dropped element
     mult, kept = _mask_and_bytes(p, keys, x2, weight_a.dtype)
     return weight_a @ _dropped(x2, weight_a.dtype, mult).t(), kept
 
 
 def _adapter_grads(ctx, g2, x, h_t, kept, weight_a, weight_b, ia: int):
-    """s · B^T g (r×N), ∂L/∂A, ∂L/∂B and the mask; A and B are the function's inputs ia and ia + 1."""
+    """s · B^T g (r×N; with dropped positions, s/(1-p) · B^T g), ∂L/∂A, ∂L/∂B and `mask_`, which applies
+    the rest of the mask to the low-rank term of ∂L/∂x in place; A and B are the function's inputs ia, ia + 1."""
     s = ctx.scaling
-    gb_t = (weight_b.t() @ g2.t()).mul_(s)  # (r, N)
     x2 = x.reshape(-1, x.shape[-1])
-    mult = _mask_from_bytes(kept, ctx.p, weight_a.dtype)
+    positions = kept is not None and kept.dim() == 1
+    gb_t = (weight_b.t() @ g2.t()).mul_(s / (1.0 - ctx.p) if positions else s)  # (r, N)
     grad_a = grad_b = None
-    if ctx.needs_input_grad[ia]:
-        grad_a = gb_t @ _dropped(x2, weight_a.dtype, mult)
+    if positions:
+        dropped = kept.to(torch.int64)
+        if ctx.needs_input_grad[ia]:
+            grad_a = gb_t @ _zeroed(x2, weight_a.dtype, dropped)
+        mask_ = lambda t: t.view(-1).index_fill_(0, dropped, 0.0).view(t.shape)  # noqa: E731
+    else:
+        mult = _mask_from_bytes(kept, ctx.p, weight_a.dtype)
+        if ctx.needs_input_grad[ia]:
+            grad_a = gb_t @ _dropped(x2, weight_a.dtype, mult)
+        mask_ = None if mult is None else (lambda t: t.mul_(mult))
     if ctx.needs_input_grad[ia + 1]:
         grad_b = (h_t @ g2).mul_(s).t()  # (out, r)
-    return gb_t, grad_a, grad_b, mult
+    return gb_t, grad_a, grad_b, mask_
 
 
 class LoraLinear(torch.autograd.Function):
@@ -172,13 +269,13 @@ class LoraLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, h_t, kept, weight, weight_a, weight_b = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        gb_t, grad_a, grad_b, mult = _adapter_grads(ctx, g2, x, h_t, kept, weight_a, weight_b, ia=3)
+        gb_t, grad_a, grad_b, mask_ = _adapter_grads(ctx, g2, x, h_t, kept, weight_a, weight_b, ia=3)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if mult is None:
+            if mask_ is None:
                 grad_x = (g2 @ weight).addmm_(gb_t.t(), weight_a)
             else:  # the masked low-rank term first, then g W accumulated onto it inside the matmul
-                grad_x = (gb_t.t() @ weight_a).mul_(mult).addmm_(g2, weight)
+                grad_x = mask_(gb_t.t() @ weight_a).addmm_(g2, weight)
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
@@ -198,12 +295,12 @@ class LoraUpdate(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, h_t, kept, weight_a, weight_b = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(weight_b.dtype)
-        gb_t, grad_a, grad_b, mult = _adapter_grads(ctx, g2, x, h_t, kept, weight_a, weight_b, ia=2)
+        gb_t, grad_a, grad_b, mask_ = _adapter_grads(ctx, g2, x, h_t, kept, weight_a, weight_b, ia=2)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = gb_t.t() @ weight_a  # (N, in)
-            if mult is not None:
-                grad_x.mul_(mult)
+            if mask_ is not None:
+                grad_x = mask_(grad_x)
             grad_x = grad_x.to(x.dtype).view(x.shape)
         return grad_x, grad_out, grad_a, grad_b, None, None, None
 

@@ -299,7 +299,7 @@ def _seq2seq_forward(peft_model, encoder, prompts, inputs_embeds, attention_mask
             kwargs["decoder_attention_mask"] = _prepend(1, batch, n, kwargs["decoder_attention_mask"])
         if labels is not None:
             labels = _prepend(IGNORE_INDEX, batch, n, labels)
-    return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+    return peft_model.run_base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
 
 @torch.no_grad()
