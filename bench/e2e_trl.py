@@ -90,8 +90,15 @@ def data_override(kind: str) -> list[str]:
     return [f"data.train_file={Path(shared) / name}"]
 
 
-def side_command(kind: str, impl: str, out: Path, tiny: bool) -> list[str]:
-    rows, epochs = (TINY_CUTS if tiny else CUTS)[kind]
+def cut(kind: str, args) -> tuple[int, int]:
+    """(training rows, epochs) of the cut; --trl-train-samples overrides the rows (a quicker check)."""
+    rows, epochs = (TINY_CUTS if args.tiny else CUTS)[kind]
+    return getattr(args, "trl_train_samples", None) or rows, epochs
+
+
+def side_command(kind: str, impl: str, out: Path, args) -> list[str]:
+    tiny = args.tiny
+    rows, epochs = cut(kind, args)
     recipe = SFT_RECIPE if kind == "sft" else DPO_RECIPE
     if impl == "peftrun":
         sets = {
@@ -136,8 +143,8 @@ def side_metrics(kind: str, impl: str, res: dict, out: Path) -> dict:
     return json.loads(line.split(" ", 1)[1])
 
 
-def run_once(kind: str, impl: str, out: Path, env: dict[str, str], tiny: bool) -> dict:
-    cmd = side_command(kind, impl, out, tiny)
+def run_once(kind: str, impl: str, out: Path, env: dict[str, str], args) -> dict:
+    cmd = side_command(kind, impl, out, args)
     res = measure(cmd, env)
     stdout, stderr = res.pop("stdout"), res.pop("stderr")
     res["impl"] = impl
@@ -162,7 +169,7 @@ def run_trl(kind: str, args, env: dict[str, str], log) -> dict:
     runs = []
     for rnd in range(args.e2e_rounds):
         for impl in ("peftrun", "trl") if rnd % 2 == 0 else ("trl", "peftrun"):
-            res = run_once(kind, impl, base / f"{impl}-{rnd}", env, args.tiny)
+            res = run_once(kind, impl, base / f"{impl}-{rnd}", env, args)
             res["round"] = rnd
             runs.append(res)
             if "error" in res:
@@ -177,7 +184,7 @@ def run_trl(kind: str, args, env: dict[str, str], log) -> dict:
                 log(
                     f"[{kind} {rnd}] {impl:8s} wall {res['wall_s']:.1f}s  peak RSS {res['peak_rss_mib']:.0f} MiB  {shown}"
                 )
-    rows, epochs = (TINY_CUTS if args.tiny else CUTS)[kind]
+    rows, epochs = cut(kind, args)
     summary: dict = {"runs": runs, "cut": {"max_train_samples": rows, "num_epochs": epochs}}
     med: dict = {}
     for impl in ("peftrun", "trl"):

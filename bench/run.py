@@ -568,6 +568,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--e2e-train-samples", type=int, default=None, help="SST-2 training rows (default: the recipe's)"
     )
+    parser.add_argument(
+        "--trl-train-samples",
+        type=int,
+        default=None,
+        help="training rows of the trl comparisons (default: the cut)",
+    )
+    parser.add_argument(
+        "--scaling-lengths", default=None, help="sequence lengths of the scaling sweep (256,...)"
+    )
+    parser.add_argument("--scaling-batches", default=None, help="batch sizes of the scaling sweep (1,2,4,8)")
     parser.add_argument("--tiny", action="store_true", help="tiny models: a smoke run of the code paths")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per process")
     parser.add_argument("--out-dir", default=str(HERE))

@@ -22,12 +22,12 @@ MODEL = "llama"
 SLOPE_TARGET = 0.8
 
 
-def points(tiny: bool) -> list[tuple[str, int, int]]:
+def points(tiny: bool, lengths=None, batches=None) -> list[tuple[str, int, int]]:
     """(sweep, batch, length) for every point; the batch-1 point at the batch sweep's length is shared."""
-    lengths = TINY_LENGTHS if tiny else LENGTHS
+    lengths = lengths or (TINY_LENGTHS if tiny else LENGTHS)
     at = TINY_BATCH_LENGTH if tiny else BATCH_LENGTH
     out = [("length", 1, n) for n in lengths]
-    out += [("batch", b, at) for b in BATCHES if (b, at) not in [(1, n) for n in lengths]]
+    out += [("batch", b, at) for b in (batches or BATCHES) if (b, at) not in [(1, n) for n in lengths]]
     return out
 
 
@@ -43,7 +43,13 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
 def run_scaling(args, run_job, log) -> dict:
     """Every point for both sides, interleaved (peftrun, peft at each point), one process each."""
     runs = []
-    for sweep, batch, length in points(args.tiny):
+    lengths = (
+        [int(v) for v in args.scaling_lengths.split(",")] if getattr(args, "scaling_lengths", None) else None
+    )
+    batches = (
+        [int(v) for v in args.scaling_batches.split(",")] if getattr(args, "scaling_batches", None) else None
+    )
+    for sweep, batch, length in points(args.tiny, lengths, batches):
         for config in CONFIGS:
             res = run_job(MODEL, config, args, batch=batch, length=length, steps=2, warmup=1)
             res["sweep"] = sweep
