@@ -132,9 +132,14 @@ def side_metrics(kind: str, impl: str, res: dict, out: Path) -> dict:
         evals = [r for r in records if "eval_loss" in r]
         last = evals[-1]
         got = {k: v for k, v in last.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+        epoch_losses = [
+            r["train_epoch_loss"] for r in records if isinstance(r.get("train_epoch_loss"), (int, float))
+        ]
+        if epoch_losses:  # the mean over the last epoch's steps (the cut runs one epoch: the whole run)
+            got["train_loss"] = epoch_losses[-1]
         losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
         if losses:
-            got["train_loss"] = losses[-1]
+            got["last_logged_loss"] = losses[-1]
         steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
         if steps:
             got["steps"] = max(steps)
@@ -279,13 +284,13 @@ def markdown(kind: str, summary: dict) -> list[str]:
     ]
     if "skipped" in summary:
         return lines + [f"Skipped: {summary['skipped']}."]
-    keys = (("eval_loss", "held-out loss"), ("train_loss", "last train loss"), ("steps", "steps"))
+    keys = (("eval_loss", "held-out loss"), ("train_loss", "mean train loss"), ("steps", "steps"))
     if kind == "dpo":
         keys = (
             ("eval_loss", "held-out loss"),
             ("eval_rewards/accuracies", "rewards/accuracies"),
             ("eval_rewards/margins", "rewards/margins"),
-            ("train_loss", "last train loss"),
+            ("train_loss", "mean train loss"),
             ("steps", "steps"),
         )
     lines += [

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_dataset=datasets.Dataset.from_list(eval_rows),
         processing_class=tokenizer,
     )
-    trainer.train()
+    train_output = trainer.train()
     trained = time.perf_counter() - started
     metrics = trainer.evaluate()
     trainer.save_model(args.output_dir)
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         "eval_rewards/margins": metrics.get("eval_rewards/margins"),
         "eval_rewards/chosen": metrics.get("eval_rewards/chosen"),
         "eval_rewards/rejected": metrics.get("eval_rewards/rejected"),
-        "train_loss": losses[-1] if losses else None,
+        "train_loss": train_output.training_loss,  # the mean over the run's steps
+        "last_logged_loss": losses[-1] if losses else None,
         "steps": trainer.state.global_step,
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = trl.SFTTrainer(
         model=model, args=config, train_dataset=train_ds, processing_class=tokenizer, peft_config=lora
     )
-    trainer.train()
+    train_output = trainer.train()
     trained = time.perf_counter() - started
     loss = held_out_loss(
         trainer.model,
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     out = {
         "eval_loss": loss,
-        "train_loss": losses[-1] if losses else None,
+        "train_loss": train_output.training_loss,  # the mean over the run's steps
+        "last_logged_loss": losses[-1] if losses else None,
         "steps": trainer.state.global_step,
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
