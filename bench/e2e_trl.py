@@ -140,6 +140,8 @@ def side_metrics(kind: str, impl: str, res: dict, out: Path) -> dict:
         losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
         if losses:
             got["last_logged_loss"] = losses[-1]
+        if isinstance(last.get("train_cpu_mem_peak_total_mb"), (int, float)):  # peftrun's own memory line
+            got["train_peak_mib"] = last["train_cpu_mem_peak_total_mb"]
         steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
         if steps:
             got["steps"] = max(steps)
@@ -305,6 +307,13 @@ def markdown(kind: str, summary: dict) -> list[str]:
         lines.append(
             f"| {impl} | {med['wall_s']:.1f} | {med['peak_rss_mib']:.0f} | " + " | ".join(cells) + " |"
         )
+    ours = summary.get("median", {}).get("peftrun", {})
+    if ours.get("train_peak_mib") and ours.get("eval_cpu_mem_peak_total_mb"):
+        lines += [
+            "",
+            f"peftrun's own memory lines (metrics.jsonl): the process peaked at {ours['train_peak_mib']:.0f} MiB "
+            f"while training and {ours['eval_cpu_mem_peak_total_mb']:.0f} MiB while evaluating.",
+        ]
     for r in summary.get("runs", []):
         if "error" in r:
             lines.append(f"\n{r['impl']} failed: {r['error']}")
