@@ -1,12 +1,14 @@
 """The reference for the end-to-end comparison: HF peft + transformers Trainer on SST-2.
 
-Trainer's defaults plus dynamic padding (DataCollatorWithPadding), with the data, epochs and
+Trainer's defaults plus dynamic padding (DataCollatorWithPadding) and fused AdamW (`optim=adamw_torch_fused`,
+transformers 5's default, named), with --group-by-length Trainer's own length-grouped batches
+(`train_sampling_strategy="group_by_length"`, transformers 5's name for `group_by_length=True`), with the data, epochs and
 hyper-parameters read from the peftrun recipe (recipes/offline/minilm_sst2_lora.yaml): the first
 max_train_samples rows of train_full.tsv, dev.tsv, max_length, LoRA r / alpha / dropout / targets,
 epochs, learning rate, batch sizes, warm-up ratio (linear decay, as peftrun's default), seed; evaluated
 after each epoch, as peftrun does. Prints one JSON line (BENCH_E2E) with the last evaluation's accuracy.
 
-    python bench/peft_trainer_sst2.py [--recipe R] [--data ../shared/data/glue_sst2] [--output-dir D]
+    python bench/peft_trainer_sst2.py [--recipe R] [--data ../shared/data/glue_sst2] [--output-dir D] [--group-by-length]
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default="out/bench_sst2_peft")
     parser.add_argument("--max-train-samples", type=int, default=None, help="override the recipe's")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's")
+    parser.add_argument(
+        "--group-by-length", action="store_true", help="Trainer's length-grouped sampler (its speed setting)"
+    )
     args = parser.parse_args(argv)
 
     import datasets
@@ -81,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         warmup_steps=training.get("warmup_ratio", 0.0),  # a float below 1: a ratio of the steps
         seed=training["seed"],
         eval_strategy="epoch",
+        optim="adamw_torch_fused",
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         report_to="none",
         use_cpu=True,
         disable_tqdm=True,

@@ -5,12 +5,18 @@ rounds in reverse order, so a drift in the machine's speed falls on both sides),
 steal exceeds --max-steal, or where other processes took more than --max-others of the CPUs, are run again
 once, then left out (before each run the harness waits, up to --wait-quiet seconds, for a quiet machine). Medians over the kept runs, ratios to the
 frozen forward+backward (the limit) and to peft, and the targets met or missed, go to bench/RESULTS.md
-and bench/results.json. Then the end-to-end run: recipes/offline/minilm_sst2_lora.yaml (+ group_by_length) through the
-peftrun CLI against bench/peft_trainer_sst2.py (HF peft + Trainer): wall time, peak RSS, accuracy.
+and bench/results.json. Then the end-to-end runs, each side in its own process (wall time, peak RSS, held-out
+metrics), every peer with its own documented speed settings for the same work:
+  - sst2: recipes/offline/minilm_sst2_lora.yaml (+ group_by_length) through the peftrun CLI against
+    bench/peft_trainer_sst2.py (HF peft + Trainer with its own length grouping and fused AdamW);
+  - sft / dpo: the SmolLM2 chat SFT and DPO recipes against trl's SFTTrainer / DPOTrainer + peft (bench/e2e_trl.py);
+and the cost of a LoRA step as sequence length and batch size grow, peftrun beside peft (bench/scaling.py,
+with bench/scaling.png).
 
 Last, the CLI's latency: `peftrun validate` and `--help` in fresh processes beside `python -c pass`.
 
-    python -m bench.run [--quick] [--rounds N] [--models minilm,llama,t5,mt0] [--no-e2e] [--tiny] [--cli-only]
+    python -m bench.run [--quick] [--rounds N] [--models minilm,llama,t5,mt0] [--no-e2e] [--skip PARTS] [--tiny]
+        [--cli-only]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import e2e_trl, scaling
 from bench.worker import INFER_CONFIGS, MODELS, TRAIN_CONFIGS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,6 +57,16 @@ ORDER = (
 E2E_RECIPE = REPO / "recipes" / "offline" / "minilm_sst2_lora.yaml"
 # peftrun's side: the recipe as it is, plus the length-grouped batches it offers (one recipe key)
 E2E_SETTINGS = {"data.group_by_length": "true", "training.progress_bar": "false"}
+# the peer's side: HF Trainer's own length grouping (transformers 5: train_sampling_strategy="group_by_length",
+# which replaced group_by_length=True) and fused AdamW
+E2E_PEER_FLAGS = ["--group-by-length"]
+E2E_PEER_SETTINGS = '`train_sampling_strategy="group_by_length"` (transformers 5\'s `group_by_length=True`), `optim="adamw_torch_fused"`'
+# the figure before the peer had its own length grouping (2026-11-29, same machine, 8,000 rows, 2 epochs)
+SST2_BEFORE = {
+    "peftrun": {"wall_s": 148.0, "peak_rss_mib": 1603, "accuracy": 0.8624},
+    "peft": {"wall_s": 425.1, "peak_rss_mib": 1943, "accuracy": 0.8601},
+}
+PARTS = ("micro", "sst2", "sft", "dpo", "scaling")
 OPT_IN = ("peftrun-plain-d0.1",)  # peftrun's plain modules: what the fused path saves (adds ~1 min a round)
 QUICK_SKIP = ("full", "peftrun-plain-d0.1")
 STEPS = {"minilm": (2, 5), "llama": (1, 3), "t5": (1, 4), "mt0": (1, 2)}  # (warm-up, timed) steps per process
@@ -151,11 +168,21 @@ def spoiled(res: dict, args) -> bool:
     return res.get("steal", 0.0) > args.max_steal or res.get("others", 0.0) > args.max_others
 
 
-def run_job(model: str, config: str, args) -> dict:
+def run_job(
+    model: str,
+    config: str,
+    args,
+    *,
+    batch: int | None = None,
+    length: int | None = None,
+    steps: int | None = None,
+    warmup: int | None = None,
+) -> dict:
     infer = config.startswith("infer-")
-    warmup, steps = (INFER_STEPS if infer else STEPS)[model]
-    if args.quick:
-        steps = max(2, steps - 1)
+    default_warmup, default_steps = (INFER_STEPS if infer else STEPS)[model]
+    warmup = default_warmup if warmup is None else warmup
+    if steps is None:
+        steps = max(2, default_steps - 1) if args.quick else default_steps
     cmd = [
         sys.executable,
         "-m",
@@ -169,6 +196,7 @@ def run_job(model: str, config: str, args) -> dict:
         "--threads",
         str(args.threads),
     ] + (["--tiny"] if args.tiny else [])
+    cmd += (["--batch", str(batch)] if batch else []) + (["--length", str(length)] if length else [])
     if not args.tiny:
         wait_for_quiet(args)
     started = time.perf_counter()
@@ -292,6 +320,7 @@ def e2e_once(impl: str, data: Path, out: Path, args) -> dict:
             str(data),
             "--output-dir",
             str(out),
+            *E2E_PEER_FLAGS,
         ]
         if args.tiny:
             cmd += ["--max-train-samples", "64", "--epochs", "1"]
@@ -418,6 +447,13 @@ def machine() -> dict:
     import torch
     import transformers
 
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+
     cpu = ""
     try:
         cpu = next(
@@ -436,6 +472,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
+        "trl": trl_version,
         "platform": platform.platform(),
     }
 
@@ -451,7 +488,7 @@ def write_markdown(path: Path, report: dict) -> None:
         "",
         f"Written by `{report['command']}` on {report['date']}.",
         f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}; torch {m['torch']}, "
-        f"transformers {m['transformers']}, peft {m['peft']}, Python {m['python']}; {a['threads']} torch threads; "
+        f"transformers {m['transformers']}, peft {m['peft']}, trl {m.get('trl')}, Python {m['python']}; {a['threads']} torch threads; "
         f"1-minute load average before the run {fmt(report['load_before'], '.2f')}.",
         f"{a['rounds']} interleaved round(s), each configuration in its own process; runs with CPU steal above "
         f"{a['max_steal']:.0%}, or where other processes used more than {a.get('max_others', 1):.0%} of the CPUs, "
@@ -498,7 +535,18 @@ def write_markdown(path: Path, report: dict) -> None:
             missed.append(("SST-2 peak RSS", "minilm", r["rss"], 0.9, "e2e:rss"))
     cli_row, cli_section = cli_markdown(report["cli"]) if "cli" in report else ([], [])
     lines += cli_row
-    if missed:
+    other_missed = []
+    for kind in ("sft", "dpo"):
+        for name, model, value, limit, ok in e2e_trl.target_rows(kind, report.get(kind, {})):
+            lines.append(f"| {name} | {model} | {value} | {limit} | {'met' if ok else 'MISSED'} |")
+            if not ok:
+                other_missed.append(f"- {name} ({model}): {value} against {limit}.")
+    for name, model, ratio, limit in scaling.target_rows(report.get("scaling", {"slopes": {}})):
+        ok = ratio <= limit
+        lines.append(f"| {name} | {model} | {ratio:.3f} | ≤ {limit:.2f} | {'met' if ok else 'MISSED'} |")
+        if not ok:
+            other_missed.append(f"- {name} ({model}): {ratio:.3f} against ≤ {limit:.2f}.")
+    if missed or other_missed:
         lines += ["", "### Missed, by how much and why", ""]
         for name, model, ratio, limit, key in missed:
             why = WHY.get(key, "see the per-configuration table below")
@@ -506,6 +554,7 @@ def write_markdown(path: Path, report: dict) -> None:
                 f"- {name} ({model}): {ratio:.3f} against ≤ {limit:.2f}, "
                 f"{100 * (ratio / limit - 1):.1f}% over. {why}."
             )
+        lines += other_missed
     for model, data in report["models"].items():
         lines += [
             "",
@@ -529,8 +578,9 @@ def write_markdown(path: Path, report: dict) -> None:
             "## End to end: SST-2, MiniLM + LoRA",
             "",
             f"recipes/offline/minilm_sst2_lora.yaml through `peftrun train` with {settings}, against "
-            "bench/peft_trainer_sst2.py (HF peft + Trainer: its defaults plus dynamic padding, the recipe's data, "
-            "epochs and hyper-parameters). Wall time of the whole process; peak RSS from wait4.",
+            "bench/peft_trainer_sst2.py (HF peft + Trainer: its defaults plus dynamic padding and its own speed "
+            f"settings for the same work, {E2E_PEER_SETTINGS}; the recipe's data, epochs and hyper-parameters). "
+            "Wall time of the whole process; peak RSS from wait4.",
             "",
         ]
         if "skipped" in e2e:
@@ -544,6 +594,23 @@ def write_markdown(path: Path, report: dict) -> None:
             for r in e2e.get("runs", []):
                 if "error" in r:
                     lines.append(f"\n{r['impl']} failed: {r['error']}")
+            lines += [
+                "",
+                "Before (2026-11-29, the same machine, 8,000 rows, 2 epochs), when the peer ran without its own "
+                "length grouping (Trainer's random sampler) — kept for reference, not a fair comparison:",
+                "",
+                "| | wall (s) | peak RSS (MiB) | accuracy |",
+                "|---|---|---|---|",
+            ]
+            for impl, med in SST2_BEFORE.items():
+                lines.append(
+                    f"| {impl} (before) | {med['wall_s']:.1f} | {med['peak_rss_mib']:.0f} | {med['accuracy']:.4f} |"
+                )
+    for kind in ("sft", "dpo"):
+        if kind in report:
+            lines += e2e_trl.markdown(kind, report[kind])
+    if "scaling" in report:
+        lines += scaling.markdown(report["scaling"], report["scaling"].get("plot"))
     lines += cli_section
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -572,11 +639,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wait-quiet", type=float, default=300, help="seconds to wait for a quiet machine per run"
     )
-    parser.add_argument("--no-e2e", action="store_true", help="skip the SST-2 end-to-end comparison")
+    parser.add_argument(
+        "--no-e2e", action="store_true", help="skip the end-to-end comparisons (sst2, sft, dpo)"
+    )
+    parser.add_argument(
+        "--skip", default="", help=f"comma-separated parts to leave out, of: {', '.join(PARTS)}"
+    )
     parser.add_argument("--e2e-rounds", type=int, default=1)
     parser.add_argument(
         "--e2e-train-samples", type=int, default=None, help="SST-2 training rows (default: the recipe's)"
     )
+    parser.add_argument(
+        "--trl-train-samples",
+        type=int,
+        default=None,
+        help="training rows of the trl comparisons (default: the cut)",
+    )
+    parser.add_argument(
+        "--scaling-lengths", default=None, help="sequence lengths of the scaling sweep (256,...)"
+    )
+    parser.add_argument("--scaling-batches", default=None, help="batch sizes of the scaling sweep (1,2,4,8)")
     parser.add_argument("--tiny", action="store_true", help="tiny models: a smoke run of the code paths")
     parser.add_argument("--cli-rounds", type=int, default=7, help="fresh processes per CLI command (0: none)")
     parser.add_argument("--cli-only", action="store_true", help="only the CLI latency rows")
@@ -586,6 +668,11 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (1 if args.quick else 2)
     args.models = [m for m in args.models.split(",") if m]
     args.configs = [c for c in args.configs.split(",") if c]
+    args.skip = [p for p in args.skip.split(",") if p] + (["sst2", "sft", "dpo"] if args.no_e2e else [])
+    if args.cli_only:
+        args.skip = list(PARTS)
+    if [p for p in args.skip if p not in PARTS]:
+        parser.error(f"--skip takes parts of: {', '.join(PARTS)}")
     if args.quick:
         args.configs = [c for c in args.configs if c not in QUICK_SKIP]
     unknown = [m for m in args.models if m not in MODELS] + [
@@ -597,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     if load_before is not None and load_before > 2.0 and not args.tiny:
         log(f"warning: 1-minute load average is {load_before:.1f}; timings on a busy machine are noise")
     started = time.perf_counter()
-    runs = [] if args.cli_only else run_micro(args)
+    runs = run_micro(args) if "micro" not in args.skip else []
     report = {
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -607,17 +694,28 @@ def main(argv: list[str] | None = None) -> int:
         "models": summarise(runs),
         "runs": runs,
     }
-    if not (args.no_e2e or args.cli_only):
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if "sst2" not in args.skip:
         report["e2e"] = run_e2e(args)
+    for kind in ("sft", "dpo"):
+        if kind not in args.skip:
+            report[kind] = e2e_trl.run_trl(kind, args, child_env(args.threads), log)
+    if "scaling" not in args.skip:
+        report["scaling"] = scaling.run_scaling(args, run_job, log)
+        png = scaling.plot(report["scaling"], out / "scaling.png", args.tiny)
+        report["scaling"]["plot"] = png.name if png else None
     if args.cli_rounds > 0:
         report["cli"] = run_cli_latency(args)
     report["elapsed_s"] = time.perf_counter() - started
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     write_markdown(out / "RESULTS.md", report)
     log(f"wrote {out / 'RESULTS.md'} and results.json in {report['elapsed_s']:.0f}s")
-    return 0 if all("error" not in r for r in runs) else 1
+    failed = [r for r in runs if "error" in r] + [
+        r for kind in ("e2e", "sft", "dpo") for r in report.get(kind, {}).get("runs", []) if "error" in r
+    ]
+    failed += report.get("scaling", {}).get("errors", [])
+    return 0 if not failed else 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One benchmark configuration in its own process: build the model, run the steps, print one JSON line.
 
-    python -m bench.worker MODEL CONFIG [--steps N] [--warmup N] [--threads N] [--tiny]
+    python -m bench.worker MODEL CONFIG [--steps N] [--warmup N] [--threads N] [--tiny] [--batch B] [--length L]
 
 MODEL: minilm | llama | t5 | mt0. CONFIG: limit | full | peftrun-lora-d0.1 | peft-lora-d0.1 | ... (see CONFIGS),
 infer-base | infer-peftrun-unmerged | infer-peftrun-merged | infer-peft-unmerged | infer-peft-merged.
@@ -259,11 +259,24 @@ def apply_lora(model, spec: ModelSpec, impl: str, dropout: float):
 # ------------------------------------------------------------------ timing
 
 
-def run(model_name: str, config: str, steps: int, warmup: int, threads: int, tiny: bool) -> dict:
+def run(
+    model_name: str,
+    config: str,
+    steps: int,
+    warmup: int,
+    threads: int,
+    tiny: bool,
+    batch_size: int | None = None,
+    length: int | None = None,
+) -> dict:
+    import dataclasses
+
     import torch
 
     torch.set_num_threads(threads)
     spec = MODELS[model_name]
+    if batch_size or length:  # the scaling sweep: the same model at another batch size or sequence length
+        spec = dataclasses.replace(spec, batch=batch_size or spec.batch, length=length or spec.length)
     base = build_model(spec, tiny)
     batch, tokens = make_batch(spec, base.config.vocab_size)
     model, params = prepare(base, spec, config)
@@ -306,6 +319,8 @@ def run(model_name: str, config: str, steps: int, warmup: int, threads: int, tin
     return {
         "model": model_name,
         "config": config,
+        "batch": spec.batch,
+        "length": spec.length,
         "tiny": tiny,
         "threads": threads,
         "step_s": step_s,
@@ -331,8 +346,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="tiny random models (smoke tests)")
+    parser.add_argument("--batch", type=int, default=None, help="override the model's batch size")
+    parser.add_argument("--length", type=int, default=None, help="override the model's sequence length")
     args = parser.parse_args(argv)
-    result = run(args.model, args.config, args.steps, args.warmup, args.threads, args.tiny)
+    result = run(
+        args.model, args.config, args.steps, args.warmup, args.threads, args.tiny, args.batch, args.length
+    )
     sys.stdout.write("BENCH_RESULT " + json.dumps(result) + "\n")
 
 

@@ -169,3 +169,125 @@ def test_cli_latency_rows(tmp_path):
     assert row[0].startswith("| CLI: `peftrun validate` wall time, s | cli | ")
     assert "| `python -c pass` |" in "\n".join(section)
     assert f"| `peftrun validate {bench_run.CLI_RECIPE}` |" in "\n".join(section)
+
+
+def test_worker_takes_another_batch_size_and_length():
+    result = worker.run(
+        "llama", "peft-lora-d0.1", steps=1, warmup=0, threads=1, tiny=True, batch_size=2, length=48
+    )
+    assert (result["batch"], result["length"], result["tokens"]) == (2, 48, 96)
+
+
+def _scaling_runs():
+    from bench import scaling
+
+    runs = []
+    for sweep, batch, length in scaling.points(tiny=False):
+        tokens = batch * length
+        for config, per_token in (("peftrun-lora-d0.1", 0.5), ("peft-lora-d0.1", 1.0)):
+            runs.append(
+                {
+                    "config": config,
+                    "sweep": sweep,
+                    "batch": batch,
+                    "length": length,
+                    "step_s": 0.001 * tokens,
+                    "peak_rss_mib": 1000 + per_token * tokens,
+                }
+            )
+    return runs
+
+
+def test_scaling_points_slopes_table_and_plot(tmp_path):
+    from bench import scaling
+
+    pts = scaling.points(tiny=False)
+    assert [(b, n) for s, b, n in pts if s == "length"] == [(1, 256), (1, 512), (1, 1024), (1, 2048)]
+    assert [(b, n) for s, b, n in pts if s == "batch"] == [(2, 256), (4, 256), (8, 256)]  # 1 x 256 is shared
+    summary = scaling.summarise(_scaling_runs(), tiny=False)
+    assert summary["slopes"]["length:peftrun:rss"] == pytest.approx(0.5)
+    assert summary["slopes"]["length:peft:rss"] == pytest.approx(1.0)
+    assert summary["slopes"]["length:rss_ratio"] == pytest.approx(0.5)
+    assert summary["slopes"]["batch:rss_ratio"] == pytest.approx(0.5)
+    assert len(summary["table"]) == 7
+    assert scaling.target_rows(summary) == [
+        ("peak RSS per token (length sweep): peftrun slope / peft slope", "llama", pytest.approx(0.5), 0.8)
+    ]
+    png = scaling.plot(summary, tmp_path / "scaling.png", tiny=False)
+    assert png is not None and png.stat().st_size > 1000
+    text = "\n".join(scaling.markdown(summary, png.name))
+    assert "| 1 × 2048 | 2048 | 2.05 | 2.05 | 2024 | 3048 | 0.664 |" in text
+    assert "| length | 0.500 | 1.000 | 0.500 |" in text and "![LoRA step cost" in text
+
+
+def test_trl_comparisons_in_the_targets_and_sections(tmp_path):
+    from bench import e2e_trl, scaling
+
+    sft = {
+        "cut": {"max_train_samples": 256, "num_epochs": 1},
+        "median": {
+            "peftrun": {"wall_s": 100.0, "peak_rss_mib": 1500, "eval_loss": 1.505, "steps": 20},
+            "trl": {"wall_s": 200.0, "peak_rss_mib": 2500, "eval_loss": 1.5, "steps": 20},
+        },
+        "ratios": {"wall": 0.5, "rss": 0.6, "metric": 1.505 / 1.5 - 1},
+        "runs": [],
+    }
+    dpo = {
+        "cut": {"max_train_samples": 128, "num_epochs": 1},
+        "median": {
+            "peftrun": {"wall_s": 150.0, "peak_rss_mib": 2000, "eval_rewards/accuracies": 0.6},
+            "trl": {"wall_s": 200.0, "peak_rss_mib": 2500, "eval_rewards/accuracies": 0.55},
+        },
+        "ratios": {"wall": 0.75, "rss": 0.8, "metric": 0.05},
+        "runs": [{"impl": "trl", "error": "boom"}],
+    }
+    rows = e2e_trl.target_rows("dpo", dpo)
+    assert [ok for *_, ok in rows] == [False, False, True]
+    report = {
+        "command": "python -m bench.run",
+        "date": "today",
+        "load_before": 0.1,
+        "models": {},
+        "machine": {
+            "cpu": "cpu",
+            "cores": 2,
+            "gpu": None,
+            "torch": "t",
+            "transformers": "x",
+            "peft": "p",
+            "python": "3",
+        },
+        "args": {"threads": 2, "rounds": 2, "max_steal": 0.05, "max_others": 0.1, "tiny": False},
+        "sft": sft,
+        "dpo": dpo,
+        "scaling": dict(scaling.summarise(_scaling_runs(), tiny=False), plot="scaling.png"),
+    }
+    bench_run.write_markdown(tmp_path / "RESULTS.md", report)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert (
+        "| chat SFT end to end: wall time vs trl SFTTrainer + peft | smollm2 | 0.500 | ≤ 0.60 | met |" in text
+    )
+    assert "| chat SFT end to end: held-out loss difference | smollm2 | +0.33% | within ±1% | met |" in text
+    assert (
+        "| DPO end to end: wall time vs trl DPOTrainer + peft | smollm2 | 0.750 | ≤ 0.70 | MISSED |" in text
+    )
+    assert (
+        "| peak RSS per token (length sweep): peftrun slope / peft slope | llama | 0.500 | ≤ 0.80 | met |"
+        in text
+    )
+    assert "- DPO end to end: peak RSS vs trl DPOTrainer + peft (smollm2): 0.800 against ≤ 0.75." in text
+    assert "packing=True" in text and "adamw_torch_fused" in text and "trl failed: boom" in text
+
+
+@pytest.mark.slow
+def test_trl_pairs_run_on_a_slice(tmp_path):
+    from bench import e2e_trl
+
+    args = bench_run.argparse.Namespace(tiny=True, threads=2, e2e_rounds=1, trl_train_samples=None)
+    for kind in ("sft", "dpo"):
+        summary = e2e_trl.run_trl(kind, args, bench_run.child_env(2), print)
+        if "skipped" in summary:
+            pytest.skip(summary["skipped"])
+        errors = [r["error"] for r in summary["runs"] if "error" in r]
+        assert not errors, errors
+        assert set(summary["ratios"]) == {"wall", "rss", "metric"}
