@@ -8,6 +8,8 @@ on a 2-core CPU. Both sides run with their own speed settings for the same work:
   - SFT: peftrun packs (`data.packing=true`), trl packs too (`packing=True`, best-fit decreasing, which turns on
     its padding-free batches); fused AdamW on both sides; bf16 autocast as the recipe says.
   - DPO: pairs are batched whole on both sides (neither packs preference pairs); fused AdamW; bf16 autocast.
+  - both: gradient checkpointing, trl's default for SFTConfig and DPOConfig (it trades time for memory), set
+    on peftrun's side too (`model.gradient_checkpointing=true`), so the two make the same trade.
 """
 
 from __future__ import annotations
@@ -37,13 +39,18 @@ TARGETS = {
 PEER_SETTINGS = {
     "sft": "trl.SFTTrainer + peft LoRA, `packing=True` (best-fit decreasing: padding-free batches, position_ids "
     "per example), `completion_only_loss=True` on a tokenized prompt-completion dataset, "
-    "`optim=adamw_torch_fused`, `bf16=True`",
+    "`optim=adamw_torch_fused`, `bf16=True`, `gradient_checkpointing=True` (trl's default)",
     "dpo": "trl.DPOTrainer + peft LoRA, `ref_model=None` (the adapter switched off), `optim=adamw_torch_fused`, "
-    "`bf16=True`, same `beta`, `loss_type`, `label_smoothing`, `max_length`",
+    "`bf16=True`, `gradient_checkpointing=True` (trl's default), same `beta`, `loss_type`, `label_smoothing`, "
+    "`max_length`",
 }
 PEFTRUN_SETTINGS = {
-    "sft": {"data.packing": "true" if SFT_PACKING else "false", "training.progress_bar": "false"},
-    "dpo": {"training.progress_bar": "false"},
+    "sft": {
+        "data.packing": "true" if SFT_PACKING else "false",
+        "model.gradient_checkpointing": "true",
+        "training.progress_bar": "false",
+    },
+    "dpo": {"model.gradient_checkpointing": "true", "training.progress_bar": "false"},
 }
 
 

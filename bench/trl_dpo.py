@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=training.seed,
         bf16=training.mixed_precision == "bf16",
         optim="adamw_torch_fused",
+        gradient_checkpointing=True,  # trl's own default, stated: peftrun's side sets it too
         beta=pref.beta,
         loss_type=[pref.loss_type],
         label_smoothing=pref.label_smoothing,

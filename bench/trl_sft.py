@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=training.seed,
         bf16=bf16,
         optim="adamw_torch_fused",
+        gradient_checkpointing=True,  # trl's own default, stated: peftrun's side sets it too
         max_length=data_cfg.max_length,
         packing=args.packing,
         completion_only_loss=True,

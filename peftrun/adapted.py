@@ -31,6 +31,7 @@ class PeftrunModel(nn.Module):
         self.adapter_folders: dict[str, Path] = {}  # where each adapter loaded with load_adapter came from
         self._disabled = False
         self.chunked_loss = True  # an LM's training loss without the full logits (lm_loss), where exact
+        self.loss_only = False  # the caller reads only the loss (evaluation): the chunks apply without gradients
 
     # -- adapters ------------------------------------------------------------------------------
     def add_adapter(self, name: str, method: str | Method, config: MethodConfig) -> None:
@@ -152,11 +153,21 @@ class PeftrunModel(nn.Module):
         """The base model's forward; a causal or seq2seq LM's training loss in chunks (peftrun.lm_loss) where
         it applies."""
         if self.chunked_loss:
-            if self.task_type == CAUSAL_LM and lm_loss.applies(self.model, kwargs):
+            only = self.loss_only
+            if self.task_type == CAUSAL_LM and lm_loss.applies(self.model, kwargs, loss_only=only):
                 return lm_loss.causal_lm_forward(self.model, *args, **kwargs)
-            if self.task_type == SEQ_2_SEQ_LM and lm_loss.applies(self.model, kwargs, seq2seq=True):
+            if self.task_type == SEQ_2_SEQ_LM and lm_loss.applies(self.model, kwargs, seq2seq=True, loss_only=only):
                 return lm_loss.seq2seq_lm_forward(self.model, *args, **kwargs)
         return self.model(*args, **kwargs)
+
+    @contextmanager
+    def reading_loss_only(self):
+        """Within it, forwards with labels return the loss without logits where lm_loss applies (evaluation)."""
+        before, self.loss_only = self.loss_only, True
+        try:
+            yield self
+        finally:
+            self.loss_only = before
 
     def generate(self, *args, **kwargs):
         if self.active_adapter and self.method.generate and not self._disabled:

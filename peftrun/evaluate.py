@@ -7,6 +7,7 @@ constrained to them by default (`data.constrain_labels`), so every prediction is
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -106,9 +107,12 @@ def evaluate(
     options = label_options(tokenizer, data_cfg)
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     loss_sums, weights, preds, refs = [], [], [], []
+    # an LM's evaluation reads the loss alone: no held-out batch's full logits (lm_loss)
+    loss_only = is_lm(task_type) and hasattr(unwrapped, "reading_loss_only")
     for batch in loader:
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
-        out = model(**inputs)
+        with unwrapped.reading_loss_only() if loss_only else contextlib.nullcontext():
+            out = model(**inputs)
         if has_label_names(task_type):
             weight = batch["input_ids"].shape[0]
         else:

@@ -19,7 +19,8 @@ incoming gradient. Rows whose label is -100 (prompt tokens, padding, each sequen
 nothing. The result equals transformers' loss and gradients up to the order of fp32 sums, except for a
 batch with no counted token at all: 0 here (no gradient), NaN from transformers' mean over nothing.
 
-It applies while training (grad enabled, model in train mode) a causal LM whose forward is exactly
+It applies while training (grad enabled, model in train mode), and to evaluation that reads the loss alone
+(PeftrunModel.loss_only: no logits of a held-out batch either), a causal LM whose forward is exactly
 `lm_head(hidden)` then transformers' causal-LM loss, with a plain unsharded `nn.Linear` head; elsewhere
 (eval, generation, ZeRO-3/FSDP-sharded heads, torch.compile, heads with soft-capping or logit scales)
 the model runs as it is. The output then carries the loss and no logits.
@@ -54,10 +55,13 @@ _NO_CACHE_WITH_LABELS = frozenset({"bart", "mbart"})
 CHUNK_ELEMENTS = 1 << 23  # logits of one chunk: 8M fp32 values (32 MiB)
 
 
-def applies(model: nn.Module, kwargs: dict, *, seq2seq: bool = False) -> bool:
+def applies(model: nn.Module, kwargs: dict, *, seq2seq: bool = False, loss_only: bool = False) -> bool:
     """Whether `model(**kwargs)` may take its loss from `causal_lm_forward` (or with `seq2seq`, from
-    `seq2seq_lm_forward`; see the module docstring)."""
-    if kwargs.get("labels") is None or not model.training or not torch.is_grad_enabled():
+    `seq2seq_lm_forward`; see the module docstring). `loss_only`: the caller reads the loss and never the
+    logits (evaluation of an LM's loss), so the chunks apply in eval mode and without gradients too."""
+    if kwargs.get("labels") is None:
+        return False
+    if not loss_only and (not model.training or not torch.is_grad_enabled()):
         return False
     if seq2seq and (kwargs.get("return_dict") is False or not hasattr(model, "prepare_decoder_input_ids_from_labels")):
         return False

@@ -345,3 +345,34 @@ def test_seq2seq_runs_as_it_is_where_the_chunked_loss_does_not_apply():
     # a causal model type is not a seq2seq one, nor the other way round
     assert not lm_loss.applies(tiny_model("llama", "CAUSAL_LM").train(), inputs, seq2seq=True)
     assert not lm_loss.applies(model.model, inputs)
+
+
+@pytest.mark.parametrize("task", ["CAUSAL_LM", "SEQ_2_SEQ_LM"])
+def test_evaluation_reads_the_loss_without_the_full_logits(task, monkeypatch):
+    """peftrun.evaluate on an LM: each held-out batch's loss through the chunks (no logits built), equal to the
+    loss from transformers' full logits; a plain forward in eval mode still returns logits."""
+    from peftrun.evaluate import evaluate
+    from peftrun.recipe import DataSection
+
+    if task == "CAUSAL_LM":
+        model, inputs = lora_model("llama"), batch()
+    else:
+        model = seq2seq_lora(seq2seq_base("t5"))
+        inputs = seq2seq_batch(model.model.config.vocab_size)
+    model.eval()
+    with torch.no_grad():
+        plain = model(**inputs)
+        with model.reading_loss_only():
+            chunked = model(**inputs)
+    assert plain.logits is not None and chunked.logits is None
+    assert abs(chunked.loss.item() - plain.loss.item()) <= 1e-6 * max(1.0, plain.loss.item())
+    assert model(**inputs).logits is not None and not model.loss_only  # only within the block
+
+    name = "causal_lm_forward" if task == "CAUSAL_LM" else "seq2seq_lm_forward"
+    real, outputs = getattr(lm_loss, name), []
+    monkeypatch.setattr(lm_loss, name, lambda *a, **kw: outputs.append(real(*a, **kw)) or outputs[-1])
+    tokenizer = type("Tokenizer", (), {"eos_token_id": 2})()
+    result = evaluate(model, [inputs], task_type=task, tokenizer=tokenizer, label_names=None,
+                      data_cfg=DataSection(path="unused"), generate=False)
+    assert len(outputs) == 1 and outputs[0].logits is None  # the batch went through the chunks
+    assert result.metrics["eval_loss"] == pytest.approx(plain.loss.item(), rel=1e-6)
