@@ -40,10 +40,12 @@ def length_reward(min_chars: int, max_chars: int) -> RewardFn:
 
 class ClassifierReward:
     """A saved sequence-classification adapter as a reward: P(label), or a one-output model's score.
-    Loaded once, frozen, in eval mode; scores in batches without gradients."""
+    Loaded once, frozen, in eval mode; scores in batches without gradients. The class names are those the
+    classifier was trained with (its saved recipe's data.label_names, as `peftrun predict` reads them), else
+    its config's id2label."""
 
     def __init__(self, folder: str, label: str | None, with_prompt: bool, batch_size: int = 16):
-        from peftrun.io.loading import load_adapted
+        from peftrun.io.loading import load_adapted, saved_section
 
         if not Path(folder).is_dir():
             raise PeftrunError("reward classifier adapter folder not found", where=f"grpo.rewards ({folder})")
@@ -53,6 +55,9 @@ class ClassifierReward:
             p.requires_grad_(False)
         labels = getattr(self.model.model.config, "id2label", None) or {}
         names = [str(labels[i]) for i in sorted(labels)] if labels else []
+        trained = saved_section(folder, "data").get("label_names")
+        if isinstance(trained, list) and len(trained) == self.model.model.config.num_labels:
+            names = [str(n) for n in trained]
         outputs = self.model.model.config.num_labels
         if outputs == 1:
             self.index = None  # a reward model: its raw score

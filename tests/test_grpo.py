@@ -98,6 +98,21 @@ def test_classifier_reward_is_the_probability_of_its_label(tmp_path):
     assert (got - expected).abs().max().item() < 1e-5
     assert len(set(got.tolist())) == 3  # the texts differ in score: not a constant
 
+    # a classifier whose base config keeps transformers' LABEL_0/LABEL_1 (as training on 0/1 labels with a
+    # verbalizer leaves it): the class names come from the recipe saved beside the adapter
+    model.model.config.id2label, model.model.config.label2id = {0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
+    model.model.config.save_pretrained(tmp_path / "bert")
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(tmp_path / "bert"), "task_type": "SEQ_CLS"},
+        "method": {"name": "lora", "r": 2, "lora_alpha": 4, "target_modules": ["query", "value"]},
+        "data": {"path": "unused", "verbalizer": {0: "negative", 1: "positive"},
+                 "label_names": ["negative", "positive"]},
+    })
+    save_adapter(model, tmp_path / "clf2", base_model=str(tmp_path / "bert"), tokenizer=tok, recipe=recipe)
+    [(_, _, saved)] = build_rewards(grpo_recipe(tmp_path, rewards=[
+        {"type": "classifier", "adapter": str(tmp_path / "clf2"), "label": "positive"}]).grpo.rewards)
+    assert (saved(["p"] * 3, texts) - expected).abs().max().item() < 1e-5
+
 
 # ================================================================== sampling
 
