@@ -85,12 +85,8 @@ def plain_head(model: nn.Module, model_types: frozenset[str] = MODEL_TYPES) -> b
     return all(type(p) in (torch.Tensor, nn.Parameter) and not hasattr(p, "ds_id") for p in head.parameters())
 
 
-def causal_lm_forward(model: nn.Module, *args, labels: torch.Tensor, **kwargs):
-    """`model(*args, labels=labels, **kwargs)` with the loss from `chunked_loss`; the output has no logits."""
-    num_items = kwargs.pop("num_items_in_batch", None)
-    shift_labels = kwargs.pop("shift_labels", None)
-    ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
-    head = model.get_output_embeddings()
+def _run_to_head(model: nn.Module, head: nn.Module, *args, **kwargs):
+    """`model(*args, **kwargs)` with the output head computing nothing: (the output, the head's input)."""
     seen: list[torch.Tensor] = []
 
     def keep_hidden(module, inputs):
@@ -102,9 +98,18 @@ def causal_lm_forward(model: nn.Module, *args, labels: torch.Tensor, **kwargs):
         out = model(*args, **kwargs)
     finally:
         handle.remove()
-    if len(seen) != 1:  # a model whose forward is not what MODEL_TYPES promises
+    if len(seen) != 1:  # a model whose forward is not what MODEL_TYPES / SEQ2SEQ_MODEL_TYPES promise
         raise RuntimeError(f"the output head ran {len(seen)} times in one forward")
-    hidden = seen[0]
+    return out, seen[0]
+
+
+def causal_lm_forward(model: nn.Module, *args, labels: torch.Tensor, **kwargs):
+    """`model(*args, labels=labels, **kwargs)` with the loss from `chunked_loss`; the output has no logits."""
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
+    head = model.get_output_embeddings()
+    out, hidden = _run_to_head(model, head, *args, **kwargs)
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     out.loss = chunked_loss(hidden, head, shift_labels.to(hidden.device), num_items, ignore_index)
@@ -121,20 +126,7 @@ def seq2seq_lm_forward(model: nn.Module, *args, labels: torch.Tensor, **kwargs):
     if model.config.model_type in _NO_CACHE_WITH_LABELS:
         kwargs["use_cache"] = False
     head = model.get_output_embeddings()
-    seen: list[torch.Tensor] = []
-
-    def keep_hidden(module, inputs):
-        seen.append(inputs[0])
-        return (inputs[0][..., :0, :],)  # the head then computes no logits at all
-
-    handle = head.register_forward_pre_hook(keep_hidden)
-    try:
-        out = model(*args, **kwargs)
-    finally:
-        handle.remove()
-    if len(seen) != 1:  # a model whose forward is not what SEQ2SEQ_MODEL_TYPES promises
-        raise RuntimeError(f"the output head ran {len(seen)} times in one forward")
-    hidden = seen[0]
+    out, hidden = _run_to_head(model, head, *args, **kwargs)
     extra = getattr(model, "final_logits_bias", None)  # (1, V): added to the logits after the head
     out.loss = chunked_loss(hidden, head, labels.to(hidden.device), None, IGNORE_INDEX, extra_bias=extra)
     out.logits = None
