@@ -5,18 +5,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 from tinyrun import tiny_model_dir, tiny_recipe_dict, write_recipe, write_rows
 
 from peftrun.recipe import recipe_from_dict
 from peftrun.training.loop import train
 from peftrun.training.tracking import flat_config, numbers
 
-INSTALLED = [n for n in ("tensorboard", "mlflow", "wandb") if importlib.util.find_spec(n) is not None]
+INSTALLED = [n for n in ("tensorboard", "mlflow", "wandb", "trackio") if importlib.util.find_spec(n) is not None]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,15 @@ def tracked(tmp_path_factory):
     data = tiny_recipe_dict(
         tiny_model_dir(root), write_rows(root / "data" / "train.csv", 24).parent, out, num_epochs=2, report_to=INSTALLED
     )
-    train(recipe_from_dict(data))
+    home = root / "home"  # an empty home folder for the run: trackers must leave it empty
+    home.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        for var in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "TRACKIO_DIR", "WANDB_DIR",
+                    "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "MLFLOW_TRACKING_URI"):
+            mp.delenv(var, raising=False)
+        train(recipe_from_dict(data))
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return out, records
 
@@ -115,6 +126,23 @@ def test_wandb_offline_run_holds_the_logged_numbers(tracked):
         assert all(math.isclose(g, w, rel_tol=1e-6) for (_, g), (_, w) in zip(got, want)), key
 
 
+def test_trackio_database_in_output_dir_holds_the_logged_numbers(tracked):
+    if "trackio" not in INSTALLED:
+        pytest.skip("trackio is not installed (pip install 'peftrun[trackio]')")
+    from trackio.sqlite_storage import SQLiteStorage
+
+    out, records = tracked
+    # the run's database is under output_dir, not under the home folder
+    assert SQLiteStorage.get_project_db_path("peftrun").resolve().parent == (out / "trackio").resolve()
+    assert SQLiteStorage.get_runs("peftrun") == ["run"]
+    logs = SQLiteStorage.get_logs("peftrun", "run")
+    for key in ("loss", "eval_loss", "accuracy"):
+        got = [(r["step"], r[key]) for r in logs if key in r]
+        want = expected(records, key)
+        assert [s for s, _ in got] == [s for s, _ in want], key
+        assert all(math.isclose(g, w, rel_tol=1e-6) for (_, g), (_, w) in zip(got, want)), key
+
+
 def test_the_run_draws_loss_png_and_plot_overlays_runs(tracked, tmp_path):
     from PIL import Image
 
@@ -142,17 +170,29 @@ def test_plot_refuses_a_file_without_losses_in_one_line(tmp_path):
     assert "holds no loss to draw" in result.stderr and not (tmp_path / "x.png").exists()
 
 
-def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path):
+# the CLI's main with one tracker package hidden from importlib, as on a machine without it
+HIDDEN = """
+import importlib.util, sys
+find, hidden = importlib.util.find_spec, sys.argv.pop(1)
+importlib.util.find_spec = lambda name, *a, **k: None if name == hidden else find(name, *a, **k)
+from peftrun.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("name", ["tensorboard", "mlflow", "wandb", "trackio"])
+def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path, name):
     root = tmp_path
     data = tiny_recipe_dict(root / "model", write_rows(root / "data" / "train.csv").parent, root / "out")
-    data["training"]["report_to"] = ["trackio"]
+    data["training"]["report_to"] = [name]
     recipe = write_recipe(root / "r.yaml", data)
-    if importlib.util.find_spec("trackio") is not None:
-        pytest.skip("trackio is installed here")
-    result = run_cli("train", str(recipe))
+    result = subprocess.run(
+        [sys.executable, "-c", HIDDEN, name, "train", str(recipe)], capture_output=True, text=True, timeout=300,
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pip install 'peftrun[trackio]'" in lines[0]
+    assert len(lines) == 1 and f"pip install 'peftrun[{name}]'" in lines[0], lines
     assert not (root / "out").exists()  # stopped before anything was built
 
 

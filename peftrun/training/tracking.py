@@ -5,12 +5,13 @@ all of them, so every tracker holds the numbers metrics.jsonl holds, at the same
 Each tracker's package is an optional extra (`pip install 'peftrun[tensorboard]'`); a recipe naming one that
 is not installed stops before any model loads. Files stay in output_dir: TensorBoard's event files under
 tb/, MLflow's local file store under mlruns/ (unless MLFLOW_TRACKING_URI says otherwise), W&B's run under
-wandb/ (offline unless WANDB_MODE says otherwise; `wandb sync` uploads it later). trackio keeps its own local
-database (TRACKIO_DIR).
+wandb/ (offline unless WANDB_MODE says otherwise; `wandb sync` uploads it later), trackio's local database under
+trackio/ (unless TRACKIO_DIR says otherwise; `trackio show --project peftrun` with that TRACKIO_DIR opens it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -29,6 +30,8 @@ TRACKERS = {
     "trackio": ("trackio", "trackio"),
 }
 PROJECT = "peftrun"
+# W&B's folders outside the run folder, each kept under output_dir/wandb/ unless its variable is set
+WANDB_FOLDERS = {"WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config", "WANDB_DATA_DIR": "data"}
 
 
 def check_installed(names: list[str]) -> None:
@@ -49,10 +52,43 @@ def start_trackers(names: list[str], out: Path, run_name: str, config: dict[str,
     trackers = []
     for name in names:
         tracker = _make(name, out, run_name)
-        tracker.start()
+        if name == "trackio" and not os.environ.get("TRACKIO_DIR"):
+            _start_trackio(tracker, (out / "trackio").resolve())
+        elif name == "wandb":
+            # W&B's service keeps its logs and caches under the home folder unless told otherwise
+            folders = {v: (out / "wandb" / sub).resolve() for v, sub in WANDB_FOLDERS.items()}
+            with _environ({v: str(f) for v, f in folders.items() if not os.environ.get(v)}):
+                tracker.start()
+        else:
+            tracker.start()
         tracker.store_init_configuration(config)
         trackers.append(tracker)
     return trackers
+
+
+def _start_trackio(tracker, folder: Path) -> None:
+    """trackio fixes its folder when first imported (its default is under the home folder): the first run of a
+    process logs under its output_dir; a later run of the same process logs beside the first, and says so."""
+    utils = sys.modules.get("trackio.utils")
+    if utils is not None:
+        if Path(utils.TRACKIO_DIR) != folder:
+            print(f"trackio logs to {utils.TRACKIO_DIR} (fixed by this process's first run; set TRACKIO_DIR "
+                  "to choose)", file=sys.stderr)
+        tracker.start()
+        return
+    with _environ({"TRACKIO_DIR": str(folder)}):
+        tracker.start()
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Environment variables set for the block only (none of them set before it)."""
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key in values:
+            os.environ.pop(key, None)
 
 
 def _make(name: str, out: Path, run_name: str):
