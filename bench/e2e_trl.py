@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-HERE = Path(__file__).resolve().parent
 SFT_RECIPE = REPO / "recipes" / "offline" / "smollm2_alpaca_chat_lora.yaml"
 DPO_RECIPE = REPO / "recipes" / "offline" / "smollm2_dpo_lora.yaml"
 # the cut, the same on both sides: (training rows, epochs); --tiny cuts further
@@ -120,8 +119,8 @@ def side_command(kind: str, impl: str, out: Path, args) -> list[str]:
         cmd += [f"--set={k}={v}" for k, v in sets.items()]
         cmd += [f"--set={o}" for o in data_override(kind)]
         return cmd
-    script = HERE / ("trl_sft.py" if kind == "sft" else "trl_dpo.py")
-    cmd = [sys.executable, str(script), "--recipe", str(recipe), "--output-dir", str(out)]
+    script = "bench.trl_sft" if kind == "sft" else "bench.trl_dpo"
+    cmd = [sys.executable, "-m", script, "--recipe", str(recipe), "--output-dir", str(out)]
     cmd += ["--max-train-samples", str(rows), "--epochs", str(epochs)]
     if kind == "sft" and SFT_PACKING:
         cmd.append("--packing")

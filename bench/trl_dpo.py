@@ -10,22 +10,24 @@ ref_model=None, as peftrun's. Same beta, loss type, label smoothing, LoRA, batch
 ratio, linear decay, seed, bf16 autocast; fused AdamW. The eval pairs are scored by trl's own evaluate() after
 training (eval_loss, eval_rewards/accuracies, eval_rewards/margins...). Prints one BENCH_E2E line.
 
-    python bench/trl_dpo.py --recipe R --output-dir D [--max-train-samples N] [--epochs N] [--max-steps N]
+    python -m bench.trl_dpo --recipe R --output-dir D [--max-train-samples N] [--epochs N] [--max-steps N]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from bench.trl_common import (
+    base_model,
+    overrides_of,
+    parser,
+    peft_lora,
+    read_setup,
+    report,
+    trainer_arguments,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "offline" / "smollm2_dpo_lora.yaml"
 
@@ -52,78 +54,29 @@ def pairs_as_text(ds, data_cfg, tokenizer) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", default=str(RECIPE))
-    parser.add_argument("--output-dir", default="out/bench_trl_dpo")
-    parser.add_argument("--max-train-samples", type=int, default=None)
-    parser.add_argument("--max-eval-samples", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--max-steps", type=int, default=None)
-    args = parser.parse_args(argv)
+    cli = parser(__doc__, str(RECIPE), "out/bench_trl_dpo")
+    cli.add_argument("--max-eval-samples", type=int, default=None)
+    args = cli.parse_args(argv)
     started = time.perf_counter()
 
     import datasets
     import peft
-    import torch
-    import transformers
     import trl
 
-    from peftrun.data import load_splits
-    from peftrun.models import resolve_model_path
-    from peftrun.recipe import load_recipe
+    setup = read_setup(args.recipe, overrides_of(args))
+    recipe, tokenizer = setup.recipe, setup.tokenizer
+    pref = recipe.preference
+    train_rows = pairs_as_text(setup.splits.train, recipe.data, tokenizer)
+    eval_rows = pairs_as_text(setup.splits.eval, recipe.data, tokenizer)
 
-    overrides = []
-    if args.max_train_samples:
-        overrides.append(f"data.max_train_samples={args.max_train_samples}")
-    if args.max_eval_samples:
-        overrides.append(f"data.max_eval_samples={args.max_eval_samples}")
-    recipe = load_recipe(args.recipe, overrides)
-    data_cfg, training, method, pref = recipe.data, recipe.training, recipe.method, recipe.preference
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    path = str(resolve_model_path(recipe.model.name_or_path))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    splits = load_splits(data_cfg, training.seed)
-    train_rows = pairs_as_text(splits.train, data_cfg, tokenizer)
-    eval_rows = pairs_as_text(splits.eval, data_cfg, tokenizer)
-
-    transformers.set_seed(training.seed)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    lora = peft.LoraConfig(
-        task_type="CAUSAL_LM",
-        r=method.r,
-        lora_alpha=method.lora_alpha,
-        lora_dropout=method.lora_dropout,
-        target_modules="all-linear"
-        if method.target_modules in ("all-linear", None)
-        else method.target_modules,
-    )
-    model = peft.get_peft_model(model, lora)
+    model = peft.get_peft_model(base_model(setup), peft_lora(recipe.method))
     config = trl.DPOConfig(
-        output_dir=args.output_dir,
-        num_train_epochs=args.epochs or training.num_epochs,
-        max_steps=args.max_steps or -1,
-        learning_rate=training.learning_rate,
-        per_device_train_batch_size=training.batch_size,
-        per_device_eval_batch_size=training.eval_batch_size or training.batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        warmup_steps=training.warmup_ratio,  # a float below 1: a ratio of the steps
-        weight_decay=training.weight_decay,
-        lr_scheduler_type=training.lr_scheduler,
-        seed=training.seed,
-        bf16=training.mixed_precision == "bf16",
-        optim="adamw_torch_fused",
-        gradient_checkpointing=True,  # trl's own default, stated: peftrun's side sets it too
+        **trainer_arguments(args, setup),
+        per_device_eval_batch_size=recipe.training.eval_batch_size or recipe.training.batch_size,
         beta=pref.beta,
         loss_type=[pref.loss_type],
         label_smoothing=pref.label_smoothing,
-        max_length=data_cfg.max_length,
-        eval_strategy="no",
-        save_strategy="no",
         logging_steps=5,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
     )
     trainer = trl.DPOTrainer(
         model=model,
@@ -137,23 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     trained = time.perf_counter() - started
     metrics = trainer.evaluate()
     trainer.save_model(args.output_dir)
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    out = {
-        "eval_loss": metrics.get("eval_loss"),
-        "eval_rewards/accuracies": metrics.get("eval_rewards/accuracies"),
-        "eval_rewards/margins": metrics.get("eval_rewards/margins"),
-        "eval_rewards/chosen": metrics.get("eval_rewards/chosen"),
-        "eval_rewards/rejected": metrics.get("eval_rewards/rejected"),
-        "train_loss": train_output.training_loss,  # the mean over the run's steps
-        "last_logged_loss": losses[-1] if losses else None,
-        "steps": trainer.state.global_step,
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
-        "train_s": trained,
-        "trl": trl.__version__,
-        "peft": peft.__version__,
-    }
-    sys.stdout.write("BENCH_E2E " + json.dumps(out) + "\n")
+    keys = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen",
+            "eval_rewards/rejected")
+    figures = {k: metrics.get(k) for k in keys}
+    report(trainer, train_output, {**figures, "train_rows": len(train_rows), "eval_rows": len(eval_rows)}, trained)
 
 
 if __name__ == "__main__":

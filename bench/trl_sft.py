@@ -13,31 +13,26 @@ counterpart of peftrun's data.packing.
 The held-out loss is measured after training the way peftrun's evaluation measures it: the answer tokens'
 cross-entropy averaged per token over the whole eval set, under the same autocast. Prints one BENCH_E2E line.
 
-    python bench/trl_sft.py --recipe R --output-dir D [--max-train-samples N] [--epochs N] [--max-steps N] [--packing]
+    python -m bench.trl_sft --recipe R --output-dir D [--max-train-samples N] [--epochs N] [--max-steps N] [--packing]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from bench.trl_common import (
+    base_model,
+    overrides_of,
+    parser,
+    peft_lora,
+    read_setup,
+    report,
+    trainer_arguments,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "offline" / "smollm2_alpaca_chat_lora.yaml"
-
-
-def load_recipe_with(path: str, overrides: list[str]):
-    """The recipe as peftrun reads it, with --set style overrides."""
-    from peftrun.recipe import load_recipe
-
-    return load_recipe(path, overrides)
 
 
 def held_out_loss(model, rows: list[dict], pad_id: int, batch_size: int, bf16: bool) -> float:
@@ -66,44 +61,25 @@ def held_out_loss(model, rows: list[dict], pad_id: int, batch_size: int, bf16: b
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", default=str(RECIPE))
-    parser.add_argument("--output-dir", default="out/bench_trl_sft")
-    parser.add_argument("--max-train-samples", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--packing", action="store_true", help="trl's packing (bfd: padding-free batches)")
-    parser.add_argument("--train-file", default=None, help="override the recipe's data.train_file")
-    args = parser.parse_args(argv)
+    cli = parser(__doc__, str(RECIPE), "out/bench_trl_sft")
+    cli.add_argument("--packing", action="store_true", help="trl's packing (bfd: padding-free batches)")
+    cli.add_argument("--train-file", default=None, help="override the recipe's data.train_file")
+    args = cli.parse_args(argv)
     started = time.perf_counter()
 
     import datasets
-    import peft
-    import torch
-    import transformers
     import trl
 
-    from peftrun.data import load_splits, tokenize_split
-    from peftrun.models import resolve_model_path
+    from peftrun.data import tokenize_split
 
-    overrides = []
-    if args.max_train_samples:
-        overrides.append(f"data.max_train_samples={args.max_train_samples}")
-    if args.train_file:
-        overrides.append(f"data.train_file={args.train_file}")
-    recipe = load_recipe_with(args.recipe, overrides)
-    data_cfg, training, method = recipe.data, recipe.training, recipe.method
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    path = str(resolve_model_path(recipe.model.name_or_path))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    splits = load_splits(data_cfg, training.seed)
+    setup = read_setup(args.recipe, overrides_of(args))
+    data_cfg, training, tokenizer = setup.recipe.data, setup.recipe.training, setup.tokenizer
 
     def rows_of(ds, for_eval: bool) -> list[dict]:
         tok = tokenize_split(ds, data_cfg, tokenizer, "CAUSAL_LM", None, for_eval=for_eval)
         return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in tok]
 
-    train_rows, eval_rows = rows_of(splits.train, False), rows_of(splits.eval, True)
+    train_rows, eval_rows = rows_of(setup.splits.train, False), rows_of(setup.splits.eval, True)
     train_ds = datasets.Dataset.from_list(
         [
             {"input_ids": r["input_ids"], "completion_mask": [int(x != -100) for x in r["labels"]]}
@@ -111,44 +87,16 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
 
-    transformers.set_seed(training.seed)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    lora = peft.LoraConfig(
-        task_type="CAUSAL_LM",
-        r=method.r,
-        lora_alpha=method.lora_alpha,
-        lora_dropout=method.lora_dropout,
-        target_modules="all-linear"
-        if method.target_modules in ("all-linear", None)
-        else method.target_modules,
-    )
-    bf16 = training.mixed_precision == "bf16"
+    model = base_model(setup)
     config = trl.SFTConfig(
-        output_dir=args.output_dir,
-        num_train_epochs=args.epochs or training.num_epochs,
-        max_steps=args.max_steps or -1,
-        learning_rate=training.learning_rate,
-        per_device_train_batch_size=training.batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        warmup_steps=training.warmup_ratio,  # a float below 1: a ratio of the steps
-        weight_decay=training.weight_decay,
-        lr_scheduler_type=training.lr_scheduler,
-        seed=training.seed,
-        bf16=bf16,
-        optim="adamw_torch_fused",
-        gradient_checkpointing=True,  # trl's own default, stated: peftrun's side sets it too
-        max_length=data_cfg.max_length,
-        packing=args.packing,
-        completion_only_loss=True,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_steps=10,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
+        **trainer_arguments(args, setup), packing=args.packing, completion_only_loss=True, logging_steps=10
     )
     trainer = trl.SFTTrainer(
-        model=model, args=config, train_dataset=train_ds, processing_class=tokenizer, peft_config=lora
+        model=model,
+        args=config,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        peft_config=peft_lora(setup.recipe.method),
     )
     train_output = trainer.train()
     trained = time.perf_counter() - started
@@ -157,22 +105,11 @@ def main(argv: list[str] | None = None) -> None:
         eval_rows,
         tokenizer.pad_token_id,
         training.eval_batch_size or training.batch_size,
-        bf16,
+        training.mixed_precision == "bf16",
     )
     trainer.save_model(args.output_dir)
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    out = {
-        "eval_loss": loss,
-        "train_loss": train_output.training_loss,  # the mean over the run's steps
-        "last_logged_loss": losses[-1] if losses else None,
-        "steps": trainer.state.global_step,
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
-        "train_s": trained,
-        "trl": trl.__version__,
-        "peft": peft.__version__,
-    }
-    sys.stdout.write("BENCH_E2E " + json.dumps(out) + "\n")
+    figures = {"eval_loss": loss, "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
+    report(trainer, train_output, figures, trained)
 
 
 if __name__ == "__main__":
