@@ -53,6 +53,14 @@ SEQ2SEQ_MODEL_TYPES = frozenset({"t5", "mt5", "umt5", "bart", "mbart"})
 # those whose forward turns the decoder's cache off when it is given labels (so must the chunked forward)
 _NO_CACHE_WITH_LABELS = frozenset({"bart", "mbart"})
 CHUNK_ELEMENTS = 1 << 23  # logits of one chunk: 8M fp32 values (32 MiB)
+# ... but never fewer rows than this: each chunk reads the whole head weight, and a matmul of a few rows
+# against a 250k-token vocabulary (mT5's 1 GB head) is bound by that read, not by its arithmetic
+MIN_CHUNK_ROWS = 256
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows of one chunk for a head with `vocab` outputs."""
+    return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)
 
 
 def applies(model: nn.Module, kwargs: dict, *, seq2seq: bool = False, loss_only: bool = False) -> bool:
@@ -153,7 +161,7 @@ def chunked_loss(
         denominator = float(max(rows.numel(), 1))
     else:
         denominator = float(num_items.item() if torch.is_tensor(num_items) else num_items)
-    chunk = max(1, CHUNK_ELEMENTS // head.out_features)
+    chunk = chunk_rows(head.out_features)
     bias = head.bias
     if extra_bias is not None:
         extra_bias = extra_bias.reshape(-1).to(head.weight.dtype)
@@ -244,12 +252,12 @@ def token_logps(
     `run_model(**inputs)` runs the (adapted) model; `base` is the transformers model whose head it calls.
     Preference and policy objectives (DPO, ORPO, GRPO) need log p(answer | prompt) = sum_t log softmax(h_t W^T)
     [y_{t+1}], a function of every logit of the answer. With `chunked` (and a plain head, `plain_head`) no
-    N x V logits are kept: the forward computes the values chunk by chunk and the backward recomputes each
-    chunk's softmax,
+    N x V logits are kept: the forward computes the values chunk by chunk, with
 
         d logp_t / d h_t = (onehot(y_t) - softmax(h_t W^T)) W,   d logp_t / dW = (onehot - softmax)^T h_t,
 
-    scaled by the incoming gradient of that token. Otherwise the model's own logits are read. Soft-prompt
+    scaled in the backward by the incoming gradient of that token (the first written by the forward when the
+    head is frozen, else both recomputed chunk by chunk in the backward). Otherwise the model's own logits are read. Soft-prompt
     methods prepend virtual tokens: the labels are aligned to the end of the sequence. A `temperature` T reads
     log softmax(logits / T), the distribution that sampling at T draws from (GRPO's policy and reference).
     """
@@ -276,7 +284,7 @@ def token_logps(
     flat_targets = targets.reshape(-1)
     rows = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     if use_chunks:
-        chunk = max(1, CHUNK_ELEMENTS // head.out_features)
+        chunk = chunk_rows(head.out_features)
         flat = states.reshape(-1, states.shape[-1])
         bias = head.bias
         if temperature != 1.0:  # (h W^T + b) / T = (h / T) W^T + b / T
@@ -292,20 +300,43 @@ def token_logps(
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
+    """log p of each counted token, chunk by chunk. With a frozen head (the adapter methods' case) the forward
+    also writes each token's d logp_t / d h_t = (onehot(y_t) - softmax_t) W, the size of h, so the backward
+    only scales it by the incoming gradient and never computes the logits again; a trained head's weight
+    gradient sums over tokens weighted by that gradient, so then the backward recomputes each chunk."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows, chunk):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        early = need_h and not need_w and not (need_b and bias is not None)
         out = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+        per_token = torch.empty(rows.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device) if early else None
         for start in range(0, rows.numel(), chunk):
             idx = rows[start : start + chunk]
-            logits = nn.functional.linear(hidden.index_select(0, idx), weight, bias).float()
+            h = hidden.index_select(0, idx)
+            logits = nn.functional.linear(h, weight, bias).float()
             y = targets.index_select(0, idx)
-            out[start : start + idx.numel()] = logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
-        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, rows)
-        ctx.has_bias, ctx.chunk = bias is not None, chunk
+            lse = torch.logsumexp(logits, -1)
+            out[start : start + idx.numel()] = logits.gather(1, y[:, None]).squeeze(1) - lse
+            if early:
+                grad = logits.sub_(lse[:, None]).exp_().neg_()  # -softmax, in the logits' memory
+                grad[torch.arange(idx.numel(), device=grad.device), y] += 1.0
+                per_token[start : start + idx.numel()] = grad.to(h.dtype) @ weight.to(h.dtype)
+        if early:
+            ctx.save_for_backward(per_token, rows)
+            ctx.hidden_shape = hidden.shape
+        else:
+            ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, rows)
+        ctx.early, ctx.has_bias, ctx.chunk = early, bias is not None, chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.early:
+            per_token, rows = ctx.saved_tensors
+            grad_hidden = per_token.new_zeros(ctx.hidden_shape)
+            grad_hidden.index_copy_(0, rows, per_token * grad_out[:, None].to(per_token.dtype))
+            return grad_hidden, None, None, None, None, None
         hidden, weight, bias, targets, rows = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

@@ -51,6 +51,7 @@ def loss_and_grads(model, inputs, chunked: bool):
 def test_chunked_loss_equals_transformers_loss_and_gradients(model_type, monkeypatch):
     assert model_type in ARCH_CONFIGS, "every listed model type is checked here"
     monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", 128 * 5)  # five rows a chunk: several chunks per batch
+    monkeypatch.setattr(lm_loss, "MIN_CHUNK_ROWS", 1)
     model = lora_model(model_type)
     inputs = batch()
     assert lm_loss.applies(model.model, inputs)
@@ -237,6 +238,7 @@ def assert_same(plain, plain_grads, chunked, chunked_grads, count: int = 4):
 def test_seq2seq_chunked_loss_equals_transformers_loss_and_gradients(model_type, monkeypatch):
     assert model_type in ARCH_CONFIGS, "every listed model type is checked here"
     monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", ARCH_CONFIGS[model_type]["vocab_size"] * 5)  # 5 rows a chunk
+    monkeypatch.setattr(lm_loss, "MIN_CHUNK_ROWS", 1)
     model = seq2seq_lora(seq2seq_base(model_type))
     inputs = seq2seq_batch(model.model.config.vocab_size)
     assert lm_loss.applies(model.model, inputs, seq2seq=True)
@@ -295,6 +297,7 @@ def test_bundled_t5_small_and_mt0_large_shapes(monkeypatch):
     assert mt0.config.vocab_size == 250112 and mt0.lm_head.weight is not mt0.shared.weight
     for base, rows in ((t5, 64), (mt0, 8)):
         monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", base.config.vocab_size * rows)
+        monkeypatch.setattr(lm_loss, "MIN_CHUNK_ROWS", 1)
         model = seq2seq_lora(base, config=LoraConfig(r=8, lora_alpha=16))
         inputs = seq2seq_batch(base.config.vocab_size, source=16, target=12)
         plain, plain_grads = loss_and_grads(model, inputs, chunked=False)

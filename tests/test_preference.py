@@ -306,21 +306,25 @@ def by_hand(model, inputs, labels, virtual=0):
 def run_logps(model, inputs, labels, how, weights):
     """(logps, counts, grads of sum(weights * logps) by parameter, grad of the head's input)."""
     model.zero_grad(set_to_none=True)
-    head = model.model.get_output_embeddings()
-    hidden = []
+    hidden, calls = [], []
 
-    def keep(module, args):
-        args[0].retain_grad()
-        hidden.append(args[0])
+    def keep(module, args, output):  # the final norm's output is the head's input
+        output.retain_grad()
+        hidden.append(output)
 
-    handle = head.register_forward_pre_hook(keep)
+    # a hook on the final norm, not on the head: a hooked head is not a plain one, and would keep its logits
+    handle = model.model.model.norm.register_forward_hook(keep)
+    chunks = lm_loss._ChunkedTokenLogps.apply
     try:
         if how == "hand":
             logps, counts = by_hand(model, inputs, labels, virtual=getattr(model, "_virtual", 0))
         else:
+            lm_loss._ChunkedTokenLogps.apply = lambda *a: calls.append(1) or chunks(*a)
             logps, counts = sequence_logps(model, model.model, labels, chunked=how == "chunked", **inputs)
     finally:
         handle.remove()
+        lm_loss._ChunkedTokenLogps.apply = chunks
+    assert len(calls) == (how == "chunked")  # the chunks ran where asked, and only there
     (logps * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return logps.detach(), counts, grads, hidden[0].grad.clone()
@@ -331,6 +335,7 @@ def assert_same_logps(model, inputs, labels, monkeypatch, chunk_rows: int):
     ref = run_logps(model, inputs, labels, "hand", weights)
     full = run_logps(model, inputs, labels, "full", weights)
     monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", 128 * chunk_rows)  # vocabulary 128: chunk_rows tokens a chunk
+    monkeypatch.setattr(lm_loss, "MIN_CHUNK_ROWS", 1)
     chunked = run_logps(model, inputs, labels, "chunked", weights)
     assert (ref[1] > 0).sum() >= 3 and ref[1][2] == 0  # the answerless row counts nothing ...
     assert ref[0][2] == 0 and chunked[0][2] == 0  # ... and scores 0
@@ -368,6 +373,16 @@ def test_sequence_logps_chunked_equals_full_logits_and_hand_computation(models, 
         assert 0 < part_counts.sum() < counts.sum()
     assert len(ref[2]) == 9  # LoRA A and B of q_proj and v_proj in 2 layers, and the head
     assert_same_logps(model, inputs, labels, monkeypatch, chunk_rows=1 << 16)  # everything in one chunk
+
+
+def test_sequence_logps_with_a_frozen_head_equal_by_hand(models, monkeypatch):
+    # the adapter methods' case: the forward writes d logp / d h and the backward only scales it
+    model = lora_llama(models["llama"]).train()
+    assert not model.model.lm_head.weight.requires_grad
+    inputs, labels = logps_batch()
+    ref = assert_same_logps(model, inputs, labels, monkeypatch, chunk_rows=3)
+    assert len(ref[2]) == 8  # LoRA A and B of q_proj and v_proj in 2 layers
+    assert_same_logps(model, inputs, labels, monkeypatch, chunk_rows=1 << 16)
 
 
 def test_sequence_logps_with_virtual_tokens_in_front(models, monkeypatch):
