@@ -16,7 +16,6 @@ from conftest import REPO, run_cli
 from tinyrun import tiny_model_dir, tiny_recipe_dict, write_recipe, write_rows
 
 from peftrun.recipe import recipe_from_dict
-from peftrun.training.loop import train
 from peftrun.training.tracking import flat_config, numbers
 
 INSTALLED = [n for n in ("tensorboard", "mlflow", "wandb", "trackio") if importlib.util.find_spec(n) is not None]
@@ -34,15 +33,21 @@ def tracked(tmp_path_factory):
     )
     home = root / "home"  # an empty home folder for the run: trackers must leave it empty
     home.mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(home))
-        for var in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "TRACKIO_DIR", "WANDB_DIR",
-                    "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "MLFLOW_TRACKING_URI"):
-            mp.delenv(var, raising=False)
-        train(recipe_from_dict(data))
+    # through the CLI in a fresh process, as users run it (in a process that imported trackio before, trackio
+    # keeps the folder it chose then: the run says so)
+    env = {k: v for k, v in os.environ.items() if k not in CACHE_VARIABLES}
+    env.update(HOME=str(home), PYTHONPATH=str(REPO))
+    recipe = write_recipe(root / "recipe.yaml", data)
+    result = subprocess.run([sys.executable, "-m", "peftrun", "train", str(recipe)], capture_output=True, text=True,
+                            timeout=600, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return out, records
+
+
+CACHE_VARIABLES = ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "TRACKIO_DIR", "WANDB_DIR",
+                   "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "MLFLOW_TRACKING_URI")
 
 
 def expected(records: list[dict], key: str) -> list[tuple[int, float]]:
@@ -129,13 +134,19 @@ def test_wandb_offline_run_holds_the_logged_numbers(tracked):
 def test_trackio_database_in_output_dir_holds_the_logged_numbers(tracked):
     if "trackio" not in INSTALLED:
         pytest.skip("trackio is not installed (pip install 'peftrun[trackio]')")
-    from trackio.sqlite_storage import SQLiteStorage
-
     out, records = tracked
-    # the run's database is under output_dir, not under the home folder
-    assert SQLiteStorage.get_project_db_path("peftrun").resolve().parent == (out / "trackio").resolve()
-    assert SQLiteStorage.get_runs("peftrun") == ["run"]
-    logs = SQLiteStorage.get_logs("peftrun", "run")
+    # trackio fixes its folder when first imported: read the run's database in a process of its own
+    read = (
+        "import json; from trackio.sqlite_storage import SQLiteStorage as S; "
+        "print(json.dumps([str(S.get_project_db_path('peftrun')), S.get_runs('peftrun'), "
+        "S.get_logs('peftrun', 'run')], default=str))"
+    )
+    env = {**os.environ, "TRACKIO_DIR": str(out / "trackio")}
+    result = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    db, runs, logs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(db).is_file() and Path(db).parent == out / "trackio"  # under output_dir, not the home folder
+    assert runs == ["run"]
     for key in ("loss", "eval_loss", "accuracy"):
         got = [(r["step"], r[key]) for r in logs if key in r]
         want = expected(records, key)
