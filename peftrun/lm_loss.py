@@ -257,8 +257,8 @@ def token_logps(
         d logp_t / d h_t = (onehot(y_t) - softmax(h_t W^T)) W,   d logp_t / dW = (onehot - softmax)^T h_t,
 
     scaled in the backward by the incoming gradient of that token (the first written by the forward when the
-    head is frozen, else both recomputed chunk by chunk in the backward). Otherwise the model's own logits are read. Soft-prompt
-    methods prepend virtual tokens: the labels are aligned to the end of the sequence. A `temperature` T reads
+    head is frozen, else both recomputed chunk by chunk in the backward). Otherwise the model's own logits are
+    read. Soft-prompt methods prepend virtual tokens: the labels are aligned to the end of the sequence. A `temperature` T reads
     log softmax(logits / T), the distribution that sampling at T draws from (GRPO's policy and reference).
     """
     head = base.get_output_embeddings()
@@ -310,7 +310,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         early = need_h and not need_w and not (need_b and bias is not None)
         out = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
-        per_token = torch.empty(rows.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device) if early else None
+        per_token = hidden.new_empty(rows.numel(), hidden.shape[-1]) if early else None
         for start in range(0, rows.numel(), chunk):
             idx = rows[start : start + chunk]
             h = hidden.index_select(0, idx)

@@ -14,6 +14,19 @@ bench_run = pytest.importorskip("bench.run")
 from bench import worker  # noqa: E402
 
 
+def fake_report(**parts) -> dict:
+    """A bench report as bench.run assembles it, with made-up machine facts and the given parts."""
+    machine = {"cpu": "cpu", "cores": 2, "gpu": None, "torch": "t", "transformers": "x", "peft": "p", "python": "3"}
+    return {
+        "command": "python -m bench.run",
+        "date": "today",
+        "load_before": 0.1,
+        "machine": machine,
+        "args": {"threads": 2, "rounds": 2, "max_steal": 0.05, "max_others": 0.1, "tiny": False},
+        **parts,
+    }
+
+
 @pytest.mark.parametrize(
     "model, config",
     [
@@ -23,6 +36,8 @@ from bench import worker  # noqa: E402
         ("llama", "infer-peftrun-merged"),
     ],
 )
+
+
 def test_worker_measures_a_configuration(model, config):
     result = worker.run(model, config, steps=2, warmup=1, threads=1, tiny=True)
     assert result["model"] == model and result["config"] == config
@@ -119,23 +134,10 @@ def test_summary_ratios_drop_stolen_runs_and_report_missed_targets(tmp_path):
     assert ratios["rss:peftrun-lora-d0.1/limit"] == pytest.approx(1.04)
     assert ratios["time:peftrun-lora-d0.1/peft-lora-d0.1"] == pytest.approx(1.2 / 1.3)
     assert ratios["time:infer-peftrun-merged/infer-base"] == pytest.approx(1.01)
-    report = {
-        "command": "python -m bench.run",
-        "date": "today",
-        "load_before": 0.1,
-        "models": {"llama": summary},
-        "machine": {
-            "cpu": "cpu",
-            "cores": 2,
-            "gpu": None,
-            "torch": "t",
-            "transformers": "x",
-            "peft": "p",
-            "python": "3",
-        },
-        "args": {"threads": 2, "rounds": 2, "max_steal": 0.05, "max_others": 0.1, "tiny": False},
-        "e2e": {"ratios": {"wall": 0.5, "rss": 0.95, "accuracy_points": -0.4}, "median": {}, "runs": []},
-    }
+    report = fake_report(
+        models={"llama": summary},
+        e2e={"ratios": {"wall": 0.5, "rss": 0.95, "accuracy_points": -0.4}, "median": {}, "runs": []},
+    )
     bench_run.write_markdown(tmp_path / "RESULTS.md", report)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| LoRA step time, dropout 0.1, vs the limit | llama | 1.091 | ≤ 1.05 | MISSED |" in text
@@ -243,25 +245,10 @@ def test_trl_comparisons_in_the_targets_and_sections(tmp_path):
     }
     rows = e2e_trl.target_rows("dpo", dpo)
     assert [ok for *_, ok in rows] == [False, False, True]
-    report = {
-        "command": "python -m bench.run",
-        "date": "today",
-        "load_before": 0.1,
-        "models": {},
-        "machine": {
-            "cpu": "cpu",
-            "cores": 2,
-            "gpu": None,
-            "torch": "t",
-            "transformers": "x",
-            "peft": "p",
-            "python": "3",
-        },
-        "args": {"threads": 2, "rounds": 2, "max_steal": 0.05, "max_others": 0.1, "tiny": False},
-        "sft": sft,
-        "dpo": dpo,
-        "scaling": dict(scaling.summarise(_scaling_runs(), tiny=False), plot="scaling.png"),
-    }
+    report = fake_report(
+        models={}, sft=sft, dpo=dpo,
+        scaling=dict(scaling.summarise(_scaling_runs(), tiny=False), plot="scaling.png"),
+    )
     bench_run.write_markdown(tmp_path / "RESULTS.md", report)
     text = (tmp_path / "RESULTS.md").read_text()
     assert (

@@ -30,8 +30,12 @@ TRACKERS = {
     "trackio": ("trackio", "trackio"),
 }
 PROJECT = "peftrun"
-# W&B's folders outside the run folder, each kept under output_dir/wandb/ unless its variable is set
-WANDB_FOLDERS = {"WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config", "WANDB_DATA_DIR": "data"}
+# folders a tracker's package keeps under the home folder unless told otherwise (an environment variable read
+# when it starts): each goes under output_dir instead, unless the user has set that variable
+RUN_FOLDERS = {
+    "wandb": {"WANDB_CACHE_DIR": "wandb/cache", "WANDB_CONFIG_DIR": "wandb/config", "WANDB_DATA_DIR": "wandb/data"},
+    "trackio": {"TRACKIO_DIR": "trackio"},
+}
 
 
 def check_installed(names: list[str]) -> None:
@@ -52,32 +56,25 @@ def start_trackers(names: list[str], out: Path, run_name: str, config: dict[str,
     trackers = []
     for name in names:
         tracker = _make(name, out, run_name)
-        if name == "trackio" and not os.environ.get("TRACKIO_DIR"):
-            _start_trackio(tracker, (out / "trackio").resolve())
-        elif name == "wandb":
-            # W&B's service keeps its logs and caches under the home folder unless told otherwise
-            folders = {v: (out / "wandb" / sub).resolve() for v, sub in WANDB_FOLDERS.items()}
-            with _environ({v: str(f) for v, f in folders.items() if not os.environ.get(v)}):
-                tracker.start()
-        else:
+        folders = {
+            var: str((out / sub).resolve()) for var, sub in RUN_FOLDERS.get(name, {}).items() if not os.environ.get(var)
+        }
+        if name == "trackio":
+            _say_if_trackio_is_fixed(folders.get("TRACKIO_DIR"))
+        with _environ(folders):
             tracker.start()
         tracker.store_init_configuration(config)
         trackers.append(tracker)
     return trackers
 
 
-def _start_trackio(tracker, folder: Path) -> None:
-    """trackio fixes its folder when first imported (its default is under the home folder): the first run of a
-    process logs under its output_dir; a later run of the same process logs beside the first, and says so."""
+def _say_if_trackio_is_fixed(folder: str | None) -> None:
+    """trackio reads TRACKIO_DIR once, when first imported: in a process that imported it before this run, it
+    logs where it decided then, and the run says so."""
     utils = sys.modules.get("trackio.utils")
-    if utils is not None:
-        if Path(utils.TRACKIO_DIR) != folder:
-            print(f"trackio logs to {utils.TRACKIO_DIR} (fixed by this process's first run; set TRACKIO_DIR "
-                  "to choose)", file=sys.stderr)
-        tracker.start()
-        return
-    with _environ({"TRACKIO_DIR": str(folder)}):
-        tracker.start()
+    if folder and utils is not None and Path(utils.TRACKIO_DIR) != Path(folder):
+        print(f"trackio logs to {utils.TRACKIO_DIR} (trackio was imported before this run; set TRACKIO_DIR "
+              "before importing it to choose)", file=sys.stderr)
 
 
 @contextlib.contextmanager
